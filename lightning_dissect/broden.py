@@ -1,0 +1,744 @@
+"""The Broden dataset on disk: read, validate, download (SEMANTICS §1).
+
+A Broden directory holds ``index.csv`` (one row per image), ``label.csv`` (one
+row per concept), ``category.csv`` (one row per category), one
+``c_<category>.csv`` per category, and ``images/`` with the JPEG images and the
+PNG label maps (label = R + 256 * G).
+
+:class:`Broden` reads and checks the csv files eagerly (one pass, well under a
+second for the released 63,305 rows) and the images lazily, in
+:meth:`Broden.read_image` and :meth:`Broden.read_segmentation`. Every problem a
+user can cause is a :class:`BrodenError` that names the file, the row and the
+way out.
+
+Example:
+    >>> broden = Broden(download_broden("~/data"))            # doctest: +SKIP
+    >>> broden.categories                                     # doctest: +SKIP
+    ['color', 'object', 'part', 'material', 'scene', 'texture']
+    >>> maps, image_labels = broden.read_segmentation(0)      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import operator
+import os
+import shutil
+import stat
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+__all__ = ["Broden", "BrodenError", "BrodenRow", "download_broden"]
+
+# The fixed columns of index.csv; every other column that category.csv names is a category.
+_INDEX_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
+_SIZE_COLUMNS = ("ih", "iw", "sh", "sw")
+
+_DEFAULT_BASE_URL = "http://netdissect.csail.mit.edu/data/"
+BASE_URL_ENV = "LIGHTNING_DISSECT_BRODEN_URL"
+_RESOLUTIONS = (224, 227)
+_COMPLETE_MARKER = ".complete"
+_CHUNK_BYTES = 1 << 20
+_TIMEOUT_SECONDS = 60.0
+
+# Sizes and sha256 of the released archives, by resolution. Deliberately empty: no value here has been
+# verified against the files on the NetDissect site, and a wrong entry would reject a good download.
+# Pass ``expected_size``/``sha256`` to download_broden to pin an archive; the byte count is always checked
+# against the server's Content-Length, and every zip member against its CRC.
+_KNOWN_ARCHIVES: dict[int, tuple[int | None, str | None]] = {}
+
+_FIX_CSV = "fix the file, or download the dataset again with download_broden()"
+_FIX_IMAGES = (
+    "restore the file (download the dataset again with download_broden()) or fix this row of index.csv"
+)
+
+
+class BrodenError(ValueError):
+    """A Broden directory or archive that cannot be used as it is.
+
+    The message names the file and, where one is at fault, the row
+    (``index.csv row 17 (line 19)``: the 0-based data row and the 1-based line
+    of the file), and says how to fix it.
+    """
+
+
+@dataclass(frozen=True)
+class BrodenRow:
+    """One row of ``index.csv``.
+
+    Attributes:
+        image: path of the JPEG image, relative to ``images/``.
+        split: the row's split (``train`` or ``val`` in the released sets).
+        image_size: ``(ih, iw)``.
+        segmentation_size: ``(sh, sw)``, the size of every label map of the row.
+        cells: per category (``category.csv`` order), the items of its cell: a PNG path relative to
+            ``images/`` (pixel-level) or a global label number (image-level). Each item is decided on its
+            own: all ASCII digits is a label number. An empty cell is an empty list.
+    """
+
+    image: str
+    split: str
+    image_size: tuple[int, int]
+    segmentation_size: tuple[int, int]
+    cells: dict[str, list[str | int]]
+
+
+@dataclass
+class _Table:
+    """A csv file as read: header positions, data rows, their 1-based line numbers."""
+
+    path: Path
+    columns: dict[str, int]
+    rows: list[list[str]]
+    lines: Sequence[int]
+    sha256: bytes
+
+    def where(self, row: int) -> str:
+        return f"{self.path} row {row} (line {self.lines[row]})"
+
+
+def _is_label_number(item: str) -> bool:
+    # str.isdigit alone accepts characters such as "²" that int() refuses.
+    return item.isascii() and item.isdigit()
+
+
+def _split_cell(cell: str) -> list[str | int]:
+    # Empty items ("a.png;" or ";;") carry nothing; dropping them keeps "empty cell -> empty list" simple.
+    return [int(item) if _is_label_number(item) else item for item in cell.split(";") if item]
+
+
+def _read_table(path: Path, required: Iterable[str], exact_width: bool) -> _Table:
+    """Reads one csv file with the csv module (real Broden quotes cells that hold commas).
+
+    The table keeps the sha256 of the bytes it parsed, so the fingerprint describes exactly what was read.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BrodenError(
+            f"{path} is missing; a Broden directory holds index.csv, label.csv, category.csv and one "
+            f"c_<category>.csv per category; pass the folder that holds them, or download it with "
+            f"download_broden()"
+        ) from None
+    except OSError as error:
+        raise BrodenError(f"{path} cannot be read ({error}); check its permissions") from error
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise BrodenError(f"{path} is not UTF-8 text ({error}); {_FIX_CSV}") from None
+
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if not header:
+        raise BrodenError(f"{path} is empty: its first line must be the header; {_FIX_CSV}")
+    columns = {name.strip(): position for position, name in enumerate(header)}
+    missing = [name for name in required if name not in columns]
+    if missing:
+        raise BrodenError(
+            f"{path} has no column {', '.join(repr(name) for name in missing)} (header: {','.join(header)}); "
+            f"{_FIX_CSV}"
+        )
+    # index.csv must align cell by cell with its header; the small files only need the columns read here
+    # (label.csv carries free-text columns after them).
+    width = len(header) if exact_width else max(columns[name] for name in required) + 1
+    rows = list(reader)  # in C: the per-row Python loop below would double the time on index.csv
+    lines: Sequence[int]
+    if reader.line_num == len(rows) + 1 and all(rows):
+        lines = range(2, len(rows) + 2)  # one line per row, no blank lines: row i is on line i + 2
+    else:  # a quoted cell spans lines, or blank lines: read again, noting where each row starts
+        reader = csv.reader(io.StringIO(text, newline=""))
+        next(reader)
+        rows, lines, start = [], [], 2
+        for row in reader:
+            if row:
+                rows.append(row)
+                lines.append(start)
+            start = reader.line_num + 1
+    widths = set(map(len, rows))
+    if widths - {width} and (exact_width or min(widths) < width):
+        row = next(
+            i for i, cells in enumerate(rows) if len(cells) != width and (exact_width or len(cells) < width)
+        )
+        raise BrodenError(
+            f"{path} row {row} (line {lines[row]}): {len(rows[row])} cells where the header has "
+            f"{len(header)}; {_FIX_CSV}"
+        )
+    return _Table(path, columns, rows, lines, hashlib.sha256(data).digest())
+
+
+def _parse_int(table: _Table, row: int, column: str, minimum: int) -> int:
+    cell = table.rows[row][table.columns[column]]
+    try:
+        value = int(cell)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise BrodenError(
+            f"{table.where(row)}: {column} is {cell!r}, not an integer >= {minimum}; {_FIX_CSV}"
+        )
+    return value
+
+
+class Broden:
+    """A Broden dataset directory (SEMANTICS §1).
+
+    The csv files are read and checked when the object is made; images and label maps are read, and
+    checked, when asked for.
+
+    Args:
+        root: the directory that holds ``index.csv``, ``label.csv``, ``category.csv``, the
+            ``c_<category>.csv`` files and ``images/``.
+
+    Attributes:
+        root: the dataset directory.
+        categories: category names in ``category.csv`` order.
+        label_names: name of each global label number (the list index); ``[0]`` is ``"-"``, numbers that
+            ``label.csv`` skips have name ``""``.
+        primary_category: per label, the category it is scored in among all categories (see
+            :meth:`primary_categories`).
+        coverage: per category, ``{label number: coverage}`` from ``c_<category>.csv`` (label 0 left out).
+        splits: the split of every ``index.csv`` row.
+
+    Raises:
+        BrodenError: a missing file or column, a malformed cell, a duplicate or unknown label number, or a
+            category of ``category.csv`` without its ``index.csv`` column; the message names file and row.
+
+    Example:
+        >>> broden = Broden("data/broden1_224")               # doctest: +SKIP
+        >>> broden.label_names[broden.row(0).cells["scene"][0]]  # doctest: +SKIP
+        'street-s'
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise BrodenError(
+                f"Broden directory {self.root} does not exist; download it with download_broden(dest) "
+                f"or pass the folder that holds index.csv"
+            )
+        tables = [self._read_categories(), self._read_labels(), *self._read_coverage(), self._read_index()]
+        hasher = hashlib.sha256()
+        for table in tables:  # the names keep "which file holds which bytes" part of the fingerprint
+            hasher.update(table.path.name.encode() + b"\0" + table.sha256)
+        self._fingerprint = hasher.hexdigest()
+        self.primary_category = self.primary_categories()
+
+    # ------------------------------------------------------------------ reading the csv files
+
+    def _read_categories(self) -> _Table:
+        table = _read_table(self.root / "category.csv", ["name"], exact_width=False)
+        names: list[str] = []
+        for row in range(len(table.rows)):
+            name = table.rows[row][table.columns["name"]].strip()
+            problem = None
+            if not name:
+                problem = "the category name is empty"
+            elif name in names:
+                problem = f"category {name!r} is listed twice"
+            elif name in _INDEX_COLUMNS:
+                problem = f"{name!r} cannot be a category: it is a fixed column of index.csv"
+            elif any(separator in name for separator in "/\\"):
+                problem = f"category {name!r} cannot name a file c_{name}.csv"
+            if problem:
+                raise BrodenError(f"{table.where(row)}: {problem}; {_FIX_CSV}")
+            names.append(name)
+        if not names:
+            raise BrodenError(f"{table.path} lists no categories; {_FIX_CSV}")
+        self.categories: list[str] = names
+        return table
+
+    def _read_labels(self) -> _Table:
+        table = _read_table(self.root / "label.csv", ["number", "name"], exact_width=False)
+        names: dict[int, str] = {}
+        for row in range(len(table.rows)):
+            number = _parse_int(table, row, "number", minimum=0)
+            if number in names:
+                raise BrodenError(f"{table.where(row)}: label number {number} is listed twice; {_FIX_CSV}")
+            names[number] = table.rows[row][table.columns["name"]]
+        label_names = [""] * (max(names, default=0) + 1)
+        for number, name in names.items():
+            label_names[number] = name
+        label_names[0] = "-"  # SEMANTICS §1: 0 is the unlabeled "-", whatever label.csv says about it
+        self.label_names: list[str] = label_names
+        # known[n]: n is a label of label.csv (or 0). One extra False slot lets read_segmentation clamp
+        # out-of-range pixel values onto it instead of indexing past the end.
+        known = np.zeros(len(label_names) + 1, dtype=bool)
+        known[list(names)] = True
+        known[0] = True
+        self._known_labels = known
+        return table
+
+    def _read_coverage(self) -> list[_Table]:
+        self.coverage: dict[str, dict[int, float]] = {}
+        tables = []
+        for category in self.categories:
+            table = _read_table(self.root / f"c_{category}.csv", ["number", "coverage"], exact_width=False)
+            tables.append(table)
+            coverage: dict[int, float] = {}
+            seen: set[int] = set()
+            for row in range(len(table.rows)):
+                number = _parse_int(table, row, "number", minimum=0)
+                if number in seen:
+                    raise BrodenError(
+                        f"{table.where(row)}: label number {number} is listed twice; {_FIX_CSV}"
+                    )
+                seen.add(number)
+                if number == 0:  # SEMANTICS §1: a row for label 0 may be present; it is ignored
+                    continue
+                if not self._is_known(number):
+                    raise BrodenError(
+                        f"{table.where(row)}: label number {number} is not in label.csv; {_FIX_CSV}"
+                    )
+                cell = table.rows[row][table.columns["coverage"]]
+                try:
+                    value = float(cell)
+                except ValueError:
+                    value = math.nan
+                if not math.isfinite(value):
+                    raise BrodenError(
+                        f"{table.where(row)}: coverage is {cell!r}, not a finite number; the primary "
+                        f"category of a label is decided by it (SEMANTICS §1); {_FIX_CSV}"
+                    )
+                coverage[number] = value
+            self.coverage[category] = coverage
+        return tables
+
+    def _read_index(self) -> _Table:
+        path = self.root / "index.csv"
+        table = _read_table(path, _INDEX_COLUMNS, exact_width=True)
+        missing = [category for category in self.categories if category not in table.columns]
+        if missing:
+            raise BrodenError(
+                f"{path} has no column for the categor{'ies' if len(missing) > 1 else 'y'} "
+                f"{', '.join(missing)} listed in {self.root / 'category.csv'}; the category names of "
+                f"category.csv must be index.csv columns: fix one of the two files"
+            )
+        rows = table.rows
+        try:
+            # column by column, so the loops run in C (map), not in the interpreter
+            columns = [
+                list(map(int, map(operator.itemgetter(table.columns[name]), rows))) for name in _SIZE_COLUMNS
+            ]
+            sizes: list[tuple[int, int, int, int]] = list(zip(*columns))
+            valid = not sizes or min(map(min, columns)) >= 1
+        except ValueError:
+            valid = False
+        if not valid:  # rare path: find the row and column at fault, for the message
+            for row in range(len(rows)):
+                for name in _SIZE_COLUMNS:
+                    _parse_int(table, row, name, minimum=1)
+        # Image-level label numbers are csv content, so they are checked here, once. Joining a column and
+        # splitting it once keeps the check in C: well under a second on the released 63,305 rows.
+        for category in self.categories:
+            get_cell = operator.itemgetter(table.columns[category])
+            items = set(";".join(map(get_cell, rows)).split(";"))
+            numbers = {item for item in filter(str.isdigit, items) if _is_label_number(item)}
+            unknown = {item for item in numbers if not self._is_known(int(item))}
+            if unknown:  # rare path: find the first row that holds one, for the message
+                row, item = next(
+                    (row, item)
+                    for row, cells in enumerate(rows)
+                    for item in get_cell(cells).split(";")
+                    if item in unknown
+                )
+                raise BrodenError(
+                    f"{table.where(row)}: {category} label number {item} is not in label.csv; {_FIX_CSV}"
+                )
+        self._index = table
+        self._sizes = sizes
+        self._image_column = table.columns["image"]
+        self._category_columns = {category: table.columns[category] for category in self.categories}
+        split_column = table.columns["split"]
+        self.splits: list[str] = [cells[split_column] for cells in rows]
+        return table
+
+    def _is_known(self, number: int) -> bool:
+        return number < len(self.label_names) and bool(self._known_labels[number])
+
+    # ------------------------------------------------------------------ labels and categories
+
+    def _select(self, categories: Iterable[str] | None) -> list[str]:
+        """The selected categories in ``category.csv`` order (SEMANTICS §1, selecting categories)."""
+        if categories is None:
+            return list(self.categories)
+        if isinstance(categories, str):
+            raise BrodenError(
+                f"categories must be a list of category names, got the string {categories!r}; "
+                f"write categories=[{categories!r}]"
+            )
+        wanted = set(categories)
+        unknown = sorted(name for name in wanted if name not in self.categories)
+        if unknown:
+            raise BrodenError(
+                f"categories has unknown name(s) {', '.join(map(repr, unknown))}; the categories of "
+                f"{self.root} are {', '.join(self.categories)}"
+            )
+        if not wanted:
+            raise BrodenError(
+                f"categories is empty; pass None for all, or some of {', '.join(self.categories)}"
+            )
+        return [name for name in self.categories if name in wanted]
+
+    def primary_categories(self, categories: Iterable[str] | None = None) -> list[str | None]:
+        """The category each label is scored in, among ``categories`` (SEMANTICS §1, primary category).
+
+        Among the selected categories whose ``c_<category>.csv`` lists the label, the one where its
+        coverage is largest; ties go to the category first in ``category.csv``.
+
+        Args:
+            categories: category names, in any order; ``None`` for all.
+
+        Returns:
+            Per global label number, the primary category, or ``None`` for label 0 and for a label that no
+            selected ``c_`` file lists (it is never scored).
+
+        Raises:
+            BrodenError: a name that is not a category of this dataset, or an empty selection.
+        """
+        selected = [(name, self.coverage[name]) for name in self._select(categories)]
+        primary: list[str | None] = [None] * len(self.label_names)
+        for number in range(1, len(self.label_names)):
+            best = None
+            for name, coverage in selected:
+                value = coverage.get(number)
+                # strict ">" keeps the first category of category.csv on a tie
+                if value is not None and (best is None or value > best):
+                    best = value
+                    primary[number] = name
+        return primary
+
+    # ------------------------------------------------------------------ rows
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def __repr__(self) -> str:
+        return (
+            f"Broden({str(self.root)!r}: {len(self)} images, {len(self.label_names) - 1} labels, "
+            f"categories {self.categories})"
+        )
+
+    def _row_index(self, i: int) -> int:
+        i = operator.index(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} is out of range: {self._index.path} has rows 0 to {len(self) - 1}")
+        return i
+
+    def row(self, i: int) -> BrodenRow:
+        """Row ``i`` (0-based data row) of ``index.csv``, parsed.
+
+        Raises:
+            IndexError: ``i`` is not in ``range(len(self))``.
+        """
+        i = self._row_index(i)
+        cells = self._index.rows[i]
+        ih, iw, sh, sw = self._sizes[i]
+        return BrodenRow(
+            image=cells[self._image_column],
+            split=self.splits[i],
+            image_size=(ih, iw),
+            segmentation_size=(sh, sw),
+            cells={name: _split_cell(cells[column]) for name, column in self._category_columns.items()},
+        )
+
+    def read_image(self, i: int) -> torch.Tensor:
+        """The image of row ``i`` as RGB, ``torch.uint8`` of shape ``(3, ih, iw)``.
+
+        Grayscale, palette and RGBA images are converted to RGB.
+
+        Raises:
+            BrodenError: the image is missing, unreadable, or not ``ih x iw``.
+        """
+        i = self._row_index(i)
+        path = self.root / "images" / self._index.rows[i][self._image_column]
+        pixels = self._decode(path, i)
+        ih, iw = self._sizes[i][:2]
+        if pixels.shape[:2] != (ih, iw):
+            raise BrodenError(
+                f"{self._index.where(i)}: image {path} is {pixels.shape[0]}x{pixels.shape[1]} (h x w) but "
+                f"ih, iw say {ih}x{iw}; {_FIX_IMAGES}"
+            )
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+    def read_segmentation(
+        self, i: int, categories: Iterable[str] | None = None
+    ) -> tuple[list[torch.Tensor], list[int]]:
+        """The labels of row ``i`` in the selected categories (SEMANTICS §1, §3).
+
+        Only the selected categories' cells are read.
+
+        Args:
+            i: 0-based data row of ``index.csv``.
+            categories: category names, in any order; ``None`` for all.
+
+        Returns:
+            ``(maps, image_labels)``: the pixel-level label maps, each ``torch.int32`` of shape
+            ``(sh, sw)`` holding global label numbers (R + 256 * G; 0 is no label), and the image-level
+            label numbers; both in ``category.csv`` order, then cell order, as written (no deduplication).
+
+        Raises:
+            BrodenError: a PNG is missing, unreadable or not ``sh x sw``, or holds a label number that is
+                not in ``label.csv``.
+        """
+        selected = self._select(categories)
+        i = self._row_index(i)
+        cells = self._index.rows[i]
+        maps: list[torch.Tensor] = []
+        image_labels: list[int] = []
+        for category in selected:
+            for item in _split_cell(cells[self._category_columns[category]]):
+                if isinstance(item, int):
+                    image_labels.append(item)  # checked against label.csv in __init__
+                else:
+                    maps.append(self._read_label_map(i, category, item))
+        return maps, image_labels
+
+    def _read_label_map(self, i: int, category: str, item: str) -> torch.Tensor:
+        path = self.root / "images" / item
+        rgb = self._decode(path, i)
+        sh, sw = self._sizes[i][2:]
+        if rgb.shape[:2] != (sh, sw):
+            raise BrodenError(
+                f"{self._index.where(i)}: {category} label map {path} is {rgb.shape[0]}x{rgb.shape[1]} "
+                f"(h x w) but sh, sw say {sh}x{sw}; {_FIX_IMAGES}"
+            )
+        labels = rgb[:, :, 0].astype(np.int32) + 256 * rgb[:, :, 1].astype(np.int32)
+        # Clamp onto the spare False slot so any value past the last label reads as unknown.
+        known = self._known_labels[np.minimum(labels, len(self._known_labels) - 1)]
+        if not known.all():
+            unknown = np.unique(labels[~known])
+            shown = ", ".join(str(number) for number in unknown[:10])
+            raise BrodenError(
+                f"{self._index.where(i)}: {category} label map {path} holds label number(s) {shown} that "
+                f"are not in label.csv; the label at a pixel is R + 256 * G; {_FIX_IMAGES}"
+            )
+        return torch.from_numpy(labels)
+
+    def _decode(self, path: Path, i: int) -> np.ndarray:
+        """Decodes ``path`` to an ``(h, w, 3)`` uint8 RGB array, naming the index.csv row on failure."""
+        try:
+            with Image.open(path) as image:
+                image.load()  # decode now, so a truncated file fails here and not later
+                rgb = image if image.mode == "RGB" else image.convert("RGB")
+                return np.array(rgb, dtype=np.uint8)  # a copy: torch wants writable memory
+        except FileNotFoundError:
+            problem = "is missing"
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            problem = f"cannot be decoded ({error})"
+        raise BrodenError(f"{self._index.where(i)}: {path} {problem}; {_FIX_IMAGES}")
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) over the bytes of the csv files, as read when this object was made.
+
+        Two datasets with the same fingerprint have the same rows, labels and categories, so caches keyed
+        by it (``ProbeSet``) stay valid; images are not hashed (that would read the whole dataset).
+        """
+        return self._fingerprint
+
+
+# ---------------------------------------------------------------------- download
+
+
+def download_broden(
+    dest: str | os.PathLike[str],
+    resolution: int = 224,
+    url: str | None = None,
+    progress: bool = True,
+    expected_size: int | None = None,
+    sha256: str | None = None,
+) -> Path:
+    """Downloads and extracts ``broden1_<resolution>.zip`` into ``dest/broden1_<resolution>``.
+
+    A finished download leaves the marker file ``.complete`` in the dataset directory, and a later call
+    returns at once, without touching the network. The archive streams to ``dest/broden1_<res>.zip.part``;
+    its byte count is checked against the server's Content-Length and ``expected_size``, its sha256
+    against ``sha256``; no size or checksum of the released archives is built in (none has been
+    verified), so pass them to pin an archive. The members are checked before anything is extracted
+    (none may be absolute, climb out with ``..`` or be a symlink), extracted into a temporary folder inside
+    ``dest``, checked with :class:`Broden`, and renamed into place; the marker is written last, and the
+    archive is deleted. An interrupted call leaves no dataset directory and no marker, so calling again
+    starts over (there is no resume).
+
+    The default URL is ``http://netdissect.csail.mit.edu/data/broden1_<res>.zip``; the environment
+    variable ``LIGHTNING_DISSECT_BRODEN_URL`` replaces its base (``.../data/``), e.g. for a mirror.
+
+    Args:
+        dest: folder to put the dataset in (made if missing).
+        resolution: 224 or 227, the image size of the release.
+        url: the archive's full URL; overrides the default and the environment variable.
+        progress: show tqdm progress bars.
+        expected_size: the archive's size in bytes, if known.
+        sha256: the archive's sha256 (hex), if known.
+
+    Returns:
+        The dataset directory ``dest/broden1_<resolution>``.
+
+    Raises:
+        ValueError: ``resolution`` is not 224 or 227.
+        BrodenError: the transfer failed or ended early, the size or checksum differs, the archive is not
+            a zip, holds an unsafe member or no Broden dataset, or ``dest/broden1_<res>`` exists without
+            the marker.
+
+    Example:
+        >>> root = download_broden("~/data", resolution=227)  # doctest: +SKIP
+        >>> Broden(root)                                      # doctest: +SKIP
+    """
+    if resolution not in _RESOLUTIONS or isinstance(resolution, bool):
+        raise ValueError(f"resolution must be one of {_RESOLUTIONS}, got {resolution!r}")
+    name = f"broden1_{resolution}"
+    dest = Path(dest).expanduser()
+    final = dest / name
+    if (final / _COMPLETE_MARKER).is_file():
+        return final
+    if final.exists():
+        raise BrodenError(
+            f"{final} exists but has no {_COMPLETE_MARKER} marker: an interrupted download, or a folder not "
+            f"made by download_broden(); remove it to download again, or pass it to Broden() yourself"
+        )
+    if url is None:
+        # A mirror serves the same file, so the known size and checksum still apply to it.
+        known_size, known_sha256 = _KNOWN_ARCHIVES.get(resolution, (None, None))
+        expected_size = expected_size if expected_size is not None else known_size
+        sha256 = sha256 or known_sha256
+        base = os.environ.get(BASE_URL_ENV) or _DEFAULT_BASE_URL
+        url = f"{base.rstrip('/')}/{name}.zip"
+    sha256 = sha256.lower() if sha256 else None
+
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = dest / f"{name}.zip.part"
+    try:
+        size, digest = _fetch(url, archive, expected_size, progress)
+        if sha256 is not None and digest != sha256:
+            raise BrodenError(
+                f"{url}: the archive's sha256 is {digest}, expected {sha256}; the file is corrupt or not "
+                f"the one expected: download again, or check the sha256 argument"
+            )
+        fingerprint = _extract(archive, dest, final, url, progress)
+    finally:
+        archive.unlink(missing_ok=True)
+    marker = {"url": url, "bytes": size, "sha256": digest, "fingerprint": fingerprint}
+    staging = final / f"{_COMPLETE_MARKER}.tmp"
+    staging.write_text(json.dumps(marker, indent=1) + "\n")
+    os.replace(staging, final / _COMPLETE_MARKER)
+    return final
+
+
+def _fetch(url: str, path: Path, expected_size: int | None, progress: bool) -> tuple[int, str]:
+    """Streams ``url`` to ``path``; returns (bytes, sha256 hex) after checking the byte count."""
+    request = urllib.request.Request(url, headers={"User-Agent": "lightning-dissect"})
+    hasher = hashlib.sha256()
+    received = 0
+    announced: int | None = None
+    try:
+        with urllib.request.urlopen(request, timeout=_TIMEOUT_SECONDS) as response, path.open("wb") as out:
+            length = response.headers.get("Content-Length")
+            announced = int(length) if length and length.isdigit() else None
+            if announced is not None and expected_size is not None and announced != expected_size:
+                raise BrodenError(
+                    f"{url}: the server announces {announced} bytes, expected {expected_size}; check the url "
+                    f"and expected_size arguments"
+                )
+            total = announced if announced is not None else expected_size
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=path.name[: -len(".part")],
+                disable=not progress,
+            ) as bar:
+                while chunk := response.read(_CHUNK_BYTES):
+                    out.write(chunk)
+                    hasher.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+    except BrodenError:
+        raise
+    except urllib.error.HTTPError as error:
+        raise BrodenError(
+            f"{url}: the server answered HTTP {error.code} {error.reason}; check the url (or the "
+            f"{BASE_URL_ENV} environment variable)"
+        ) from error
+    except (OSError, ValueError) as error:
+        # http.client's IncompleteRead is a ValueError; resets and timeouts are OSErrors.
+        raise BrodenError(
+            f"{url}: the transfer failed after {received} bytes ({error!r}); nothing was installed, "
+            f"call download_broden() again"
+        ) from error
+    for what, size in (("the server's Content-Length", announced), ("expected_size", expected_size)):
+        if size is not None and received != size:
+            raise BrodenError(
+                f"{url}: the transfer ended after {received} of {size} bytes ({what}); the connection was "
+                f"closed early; nothing was installed, call download_broden() again"
+            )
+    return received, hasher.hexdigest()
+
+
+def _check_member(info: zipfile.ZipInfo, archive: Path, folder: Path) -> None:
+    """Refuses a member that could be written outside ``folder`` (resolved), the extraction folder."""
+    name = info.filename.replace("\\", "/")
+    problem = None
+    if name.startswith("/") or PureWindowsPath(info.filename).drive:
+        problem = "has an absolute path"
+    elif ".." in PurePosixPath(name).parts:
+        problem = "climbs out of the archive with '..'"
+    elif stat.S_ISLNK(info.external_attr >> 16):
+        problem = "is a symbolic link"
+    elif folder not in (folder / name).resolve().parents:  # whatever the checks above missed
+        problem = "resolves outside the extraction folder"
+    if problem:
+        raise BrodenError(
+            f"{archive}: member {info.filename!r} {problem}; the archive is unsafe and nothing was "
+            f"extracted; check where it came from"
+        )
+
+
+def _extract(archive: Path, dest: Path, final: Path, url: str, progress: bool) -> str:
+    """Extracts ``archive`` safely and renames the dataset to ``final``; returns its fingerprint."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", suffix=".tmp", dir=dest))
+    try:
+        try:
+            with zipfile.ZipFile(archive) as zipped:
+                members = zipped.infolist()
+                # Every member is checked before any is written, so a bad archive leaves nothing behind.
+                for info in members:
+                    _check_member(info, archive, staging.resolve())
+                for info in tqdm(members, desc=f"extract {final.name}", unit="file", disable=not progress):
+                    zipped.extract(info, staging)
+        except zipfile.BadZipFile as error:
+            raise BrodenError(
+                f"{url}: the download is not a valid zip archive ({error}); check the url, or download again"
+            ) from error
+        # The NetDissect archives hold a top-level broden1_<res>/ folder; accept an archive without it too.
+        root = staging
+        if not (staging / "index.csv").is_file():
+            folders = [path for path in staging.iterdir() if path.is_dir()]
+            if len(folders) == 1 and (folders[0] / "index.csv").is_file():
+                root = folders[0]
+            else:
+                raise BrodenError(
+                    f"{url}: the archive holds no index.csv, neither at its top nor in a single top-level "
+                    f"folder; it is not a Broden dataset: check the url"
+                )
+        try:
+            fingerprint = Broden(root).fingerprint()
+        except BrodenError as error:
+            raise BrodenError(f"{url}: the archive is not a valid Broden dataset: {error}") from error
+        os.rename(root, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return fingerprint

@@ -1,3 +1,35 @@
-"""Network Dissection (Bau, Zhou et al., CVPR 2017) in the training loop."""
+"""Network Dissection (Bau, Zhou et al., CVPR 2017) in the training loop.
+
+The engine (`dissect`, `dissect_activations`) is plain PyTorch and works on any
+`nn.Module`; `DissectionCallback` runs it on a schedule inside a Lightning
+`Trainer`. Every number follows `SEMANTICS.md`.
+"""
+
+from lightning_dissect.broden import Broden, BrodenError, BrodenRow, download_broden
+from lightning_dissect.engine.dissect import DissectionError, dissect, dissect_activations
+from lightning_dissect.engine.rotation import Rotation, fractional_power, random_rotation, rotate_units
+from lightning_dissect.probe import ImageTransform, ProbeSet
+from lightning_dissect.result import Dissection, LayerDissection, concept_changes
+from lightning_dissect.synthetic import make_synthetic_broden
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Broden",
+    "BrodenError",
+    "BrodenRow",
+    "Dissection",
+    "DissectionError",
+    "ImageTransform",
+    "LayerDissection",
+    "ProbeSet",
+    "Rotation",
+    "concept_changes",
+    "dissect",
+    "dissect_activations",
+    "download_broden",
+    "fractional_power",
+    "make_synthetic_broden",
+    "random_rotation",
+    "rotate_units",
+]

@@ -1,0 +1,272 @@
+"""Dissection results: the numbers of one layer, of several layers, and their files.
+
+`LayerDissection` holds everything SEMANTICS §4 and §5 define for one layer;
+`Dissection` maps layer names to them and records the settings and the probe
+fingerprint. JSON round-trips exactly (floats are written with `repr`
+precision); the CSV follows NetDissect's columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_dissect.engine.scores import summarize
+
+FORMAT_VERSION = 1
+
+_TENSOR_FIELDS = {
+    "thresholds": torch.float64,
+    "iou": torch.float64,
+    "intersection": torch.long,
+    "unit_area": torch.long,
+    "label_area": torch.long,
+    "category_labels": torch.long,
+    "category_scores": torch.float64,
+    "labels": torch.long,
+    "scores": torch.float64,
+    "top_images": torch.long,
+    "top_activations": torch.float32,
+    "label_category": torch.long,
+}
+
+
+@dataclass
+class LayerDissection:
+    """The dissection of one layer (SEMANTICS §4, §5).
+
+    Attributes:
+        layer: the module name.
+        categories: the dissected categories, in `category.csv` order.
+        label_names: label names indexed by global label number.
+        label_category: long `(C,)`, primary category index of each label (-1: never scored).
+        iou_threshold: `t`, a unit is a detector when its score is above it.
+        thresholds: float64 `(K,)`, the activation threshold `T_u` of each unit.
+        iou: float64 `(K, C)`, `IoU(u, c)`; column = global label number.
+        intersection: long `(K, C)`, `I(u, c)`.
+        unit_area: long `(K, n_categories)`, `A_k(u)` under the chosen denominator.
+        label_area: long `(C,)`, `G(c)`.
+        category_labels: long `(K, n_categories)`, `best_k(u)` (-1: category without labels).
+        category_scores: float64 `(K, n_categories)`, `iou_k(u)`.
+        labels: long `(K,)`, each unit's label.
+        scores: float64 `(K,)`, each unit's score.
+        top_images: long `(K, k)`, probe positions of the images with the largest
+            per-image maximum activation, most active first.
+        top_activations: float32 `(K, k)`, those maxima.
+    """
+
+    layer: str
+    categories: list[str]
+    label_names: list[str]
+    label_category: torch.Tensor
+    iou_threshold: float
+    thresholds: torch.Tensor
+    iou: torch.Tensor
+    intersection: torch.Tensor
+    unit_area: torch.Tensor
+    label_area: torch.Tensor
+    category_labels: torch.Tensor
+    category_scores: torch.Tensor
+    labels: torch.Tensor
+    scores: torch.Tensor
+    top_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
+    top_activations: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+
+    @property
+    def num_units(self) -> int:
+        return int(self.thresholds.shape[0])
+
+    @property
+    def detectors(self) -> torch.Tensor:
+        """bool `(K,)`: units whose score is above `iou_threshold` (strict)."""
+        return self.scores > self.iou_threshold
+
+    def label_name(self, unit: int) -> str:
+        label = int(self.labels[unit])
+        return self.label_names[label] if label >= 0 else ""
+
+    def unit_category(self, unit: int) -> str:
+        """The category of a unit's label."""
+        label = int(self.labels[unit])
+        k = int(self.label_category[label]) if label >= 0 else -1
+        return self.categories[k] if k >= 0 else ""
+
+    def summary(self) -> dict[str, float]:
+        """Counts of SEMANTICS §5: `units`, `detectors`, `detectors/<category>`,
+        `unique_concepts`, `unique_concepts/<category>`, `unique_top_concepts`, `mean_score`."""
+        return summarize(self.labels, self.scores, self.category_labels, self.category_scores,
+                         self.label_category, self.categories, self.iou_threshold)
+
+    def to_csv(self, path: str | os.PathLike) -> None:
+        """Write NetDissect's per-unit table.
+
+        Columns `unit,category,label,score` and, per category,
+        `<category>-label,-truth,-activation,-intersect,-iou` (the best label of
+        that category, its area `G`, the unit area `A_k`, the intersection and
+        the IoU). Units are numbered from 1, as NetDissect's CSV does.
+        """
+        header = ["unit", "category", "label", "score"]
+        for name in self.categories:
+            header += [f"{name}-{column}" for column in ("label", "truth", "activation", "intersect", "iou")]
+        rows = []
+        for unit in range(self.num_units):
+            row: list[Any] = [unit + 1, self.unit_category(unit), self.label_name(unit), repr(float(self.scores[unit]))]
+            for k in range(len(self.categories)):
+                label = int(self.category_labels[unit, k])
+                if label < 0:
+                    row += ["", 0, int(self.unit_area[unit, k]), 0, 0.0]
+                    continue
+                row += [self.label_names[label], int(self.label_area[label]), int(self.unit_area[unit, k]),
+                        int(self.intersection[unit, label]), repr(float(self.category_scores[unit, k]))]
+            rows.append(row)
+        with atomic_write(path) as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "layer": self.layer,
+            "categories": list(self.categories),
+            "label_names": list(self.label_names),
+            "iou_threshold": self.iou_threshold,
+        }
+        for name in _TENSOR_FIELDS:
+            data[name] = getattr(self, name).cpu().tolist()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerDissection:
+        tensors = {}
+        for name, dtype in _TENSOR_FIELDS.items():
+            tensors[name] = torch.tensor(data[name], dtype=dtype)
+        # Empty nested lists lose their second dimension; restore it.
+        for name in ("intersection", "iou", "unit_area", "category_labels", "category_scores",
+                     "top_images", "top_activations"):
+            if tensors[name].ndim == 1:
+                tensors[name] = tensors[name].reshape(tensors[name].shape[0], 0)
+        return cls(layer=data["layer"], categories=list(data["categories"]),
+                   label_names=list(data["label_names"]), iou_threshold=float(data["iou_threshold"]), **tensors)
+
+    def to(self, device: torch.device | str) -> LayerDissection:
+        values = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
+        return LayerDissection(layer=self.layer, categories=self.categories, label_names=self.label_names,
+                               iou_threshold=self.iou_threshold, **values)
+
+
+class Dissection(Mapping[str, LayerDissection]):
+    """The dissection of several layers over one probe set.
+
+    Args:
+        layers: layer name -> `LayerDissection`, in the order requested.
+        settings: the options used (quantile, denominator, ...) and the probe's
+            fingerprint and size, recorded with the numbers.
+    """
+
+    def __init__(self, layers: Mapping[str, LayerDissection], settings: Mapping[str, Any] | None = None) -> None:
+        self.layers = dict(layers)
+        self.settings = dict(settings or {})
+
+    def __getitem__(self, name: str) -> LayerDissection:
+        try:
+            return self.layers[name]
+        except KeyError:
+            raise KeyError(f"no layer {name!r} in this dissection; layers: {list(self.layers)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return f"Dissection(layers={list(self.layers)}, settings={self.settings})"
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {name: layer.summary() for name, layer in self.layers.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "settings": self.settings,
+            "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Dissection:
+        return cls({name: LayerDissection.from_dict(layer) for name, layer in data["layers"].items()},
+                   data.get("settings", {}))
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write every number and setting; `Dissection.from_json` reads it back exactly."""
+        with atomic_write(path) as handle:
+            json.dump(self.to_dict(), handle)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> Dissection:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: not a readable dissection JSON file ({error})") from error
+        if not isinstance(data, dict) or "layers" not in data:
+            raise ValueError(f"{path}: not a dissection JSON file (no 'layers' key)")
+        return cls.from_dict(data)
+
+
+def concept_changes(before: LayerDissection, after: LayerDissection) -> dict[str, Any]:
+    """Compare two dissections of the same layer (SEMANTICS §5).
+
+    Returns:
+        `switches` (detector in both, different label), `switch_in` (becomes a
+        detector), `switch_out` (stops being one), their unit lists under
+        `switched_units`, `new_units`, `lost_units`, and `transitions`: a
+        Counter of `(from_label, to_label)` label-name pairs over the switched units.
+    """
+    if before.num_units != after.num_units:
+        raise ValueError(f"layer {after.layer!r} has {after.num_units} units now, {before.num_units} before")
+    was, now = before.detectors.cpu(), after.detectors.cpu()
+    old_labels, new_labels = before.labels.cpu(), after.labels.cpu()
+    switched = (was & now & (old_labels != new_labels)).nonzero(as_tuple=True)[0].tolist()
+    transitions = Counter(
+        (before.label_names[int(old_labels[u])], after.label_names[int(new_labels[u])]) for u in switched
+    )
+    return {
+        "switches": len(switched),
+        "switch_in": int((~was & now).sum()),
+        "switch_out": int((was & ~now).sum()),
+        "switched_units": switched,
+        "new_units": (~was & now).nonzero(as_tuple=True)[0].tolist(),
+        "lost_units": (was & ~now).nonzero(as_tuple=True)[0].tolist(),
+        "transitions": transitions,
+    }
+
+
+class atomic_write:  # noqa: N801 - used as a context manager, reads like open()
+    """Write a text file through a temporary file and `os.replace`, so a crash never leaves half a file."""
+
+    def __init__(self, path: str | os.PathLike, mode: str = "w") -> None:
+        self.path = Path(path)
+        self.mode = mode
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, self.temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        self.handle = os.fdopen(descriptor, self.mode, newline="" if "b" not in self.mode else None)
+        return self.handle
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.handle.close()
+        if kind is None:
+            os.replace(self.temporary, self.path)
+        else:
+            os.unlink(self.temporary)

@@ -1,0 +1,340 @@
+"""The engine against SEMANTICS.md: brute-force references, hand-computed cases, planted units."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lightning_dissect as ld
+from lightning_dissect.engine.thresholds import RunningTopK, quantile_from_top, top_count
+from tests.conftest import write_broden
+from tests.reference import reference_dissection
+
+
+def random_activations(n: int, units: int, size: int, seed: int, ties: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.randn(n, units, size, size, generator=g)
+    if ties:  # coarse values: many exact ties at the threshold
+        acts = (acts * 2).round() / 2
+    return acts
+
+
+@pytest.mark.parametrize("n,q", [(1, 0.005), (7, 0.005), (640, 0.005), (641, 0.1), (5000, 0.01), (333, 0.5)])
+def test_thresholds_equal_torch_quantile_in_float64(n, q):
+    values = torch.randn(4, n, generator=torch.Generator().manual_seed(n))
+    top = RunningTopK(4, top_count(n, q))
+    for part in values.split(13, dim=1):
+        top.add(part)
+    expected = torch.stack([torch.quantile(v.double(), 1 - q) for v in values])
+    assert torch.equal(quantile_from_top(top.values, n, q), expected)
+
+
+def test_top_count_matches_semantics_formula():
+    for n in [2, 10, 100, 201, 1000, 12544, 10**6 + 3]:
+        assert top_count(n, 0.005) in (int(0.005 * (n - 1)) + 2, int(0.005 * (n - 1)) + 1)
+        assert top_count(n, 0.005) <= n
+
+
+@pytest.mark.parametrize("denominator", ["paper", "lite", "global"])
+@pytest.mark.parametrize("quantile,ties", [(0.005, False), (0.15, False), (0.2, True)])
+def test_random_activations_match_brute_force_reference(random_dataset, denominator, quantile, ties):
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    acts = random_activations(len(probe), 6, 4, seed=int(quantile * 1000), ties=ties)
+    result = ld.dissect_activations({"layer": acts}, probe, quantile=quantile, denominator=denominator,
+                                    batch_size=5)["layer"]
+    expected = reference_dissection(acts, probe.broden, probe.rows, probe.categories, quantile, 0.04, denominator)
+    assert torch.equal(result.thresholds, expected["thresholds"])
+    assert torch.equal(result.label_area.double(), expected["label_area"])
+    assert torch.equal(result.intersection.double(), expected["intersection"])
+    assert torch.equal(result.unit_area.double(), expected["unit_area"])
+    assert torch.equal(result.iou, expected["iou"])
+    assert torch.equal(result.category_labels, expected["category_labels"])
+    assert torch.equal(result.category_scores, expected["category_scores"])
+    assert torch.equal(result.labels, expected["labels"])
+    assert torch.equal(result.scores, expected["scores"])
+    summary = result.summary()
+    assert summary["unique_concepts"] == expected["unique_concepts"]
+    assert summary["unique_top_concepts"] == expected["unique_top_concepts"]
+    assert summary["detectors"] == expected["detectors"]
+    for category in probe.categories:
+        assert summary[f"unique_concepts/{category}"] == expected["unique_per_category"][category]
+        assert summary[f"detectors/{category}"] == expected["detectors_per_category"][category]
+
+
+@pytest.mark.parametrize("denominator", ["paper", "lite", "global"])
+def test_category_subset_matches_reference(random_dataset, denominator):
+    probe = ld.ProbeSet(random_dataset, categories=["part", "object"], cache_dir=False)
+    assert probe.categories == ["object", "part"]
+    acts = random_activations(len(probe), 5, 4, seed=3)
+    result = ld.dissect_activations({"l": acts}, probe, quantile=0.1, denominator=denominator)["l"]
+    expected = reference_dissection(acts, probe.broden, probe.rows, probe.categories, 0.1, 0.04, denominator)
+    assert torch.equal(result.iou, expected["iou"])
+    assert torch.equal(result.labels, expected["labels"])
+
+
+def test_layer_outputs_of_another_resolution_and_tokens(random_dataset):
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    grid = random_activations(len(probe), 4, 3, seed=5)  # 3x3 upsampled to 8x8
+    tokens = torch.cat([torch.randn(len(probe), 1, 4), grid.flatten(2).transpose(1, 2)], dim=1)  # CLS + 9
+    from_grid = ld.dissect_activations({"l": grid}, probe, quantile=0.1)["l"]
+    from_tokens = ld.dissect_activations({"l": tokens}, probe, quantile=0.1)["l"]
+    explicit = ld.dissect_activations({"l": tokens}, probe, quantile=0.1, prefix_tokens=1)["l"]
+    assert torch.equal(from_grid.iou, from_tokens.iou) and torch.equal(from_grid.iou, explicit.iou)
+    expected = reference_dissection(grid, probe.broden, probe.rows, probe.categories, 0.1, 0.04, "paper")
+    assert torch.equal(from_grid.iou, expected["iou"])
+
+
+# ---------------------------------------------------------------- hand-computed cases
+
+def _hand_dataset(tmp_path):
+    """Two 4x4 images (segmentation 2x2). Labels: 1 'a' (object), 2 'b' (part), 3 's' (scene)."""
+    categories = {"object": "pixel", "part": "pixel", "scene": "image"}
+    labels = [("a", {"object": 0.5}), ("b", {"part": 0.5}), ("s", {"scene": 1.0})]
+    rows = [
+        {"image": np.zeros((4, 4, 3), np.uint8), "object": [np.array([[1, 1], [0, 0]])], "part": [],
+         "scene": []},
+        {"image": np.zeros((4, 4, 3), np.uint8), "object": [], "part": [np.array([[2, 0], [0, 0]])],
+         "scene": [3]},
+    ]
+    return write_broden(tmp_path / "hand", categories, labels, rows)
+
+
+def test_hand_computed_iou_for_each_denominator(tmp_path):
+    probe = ld.ProbeSet(_hand_dataset(tmp_path), cache_dir=False)
+    # One unit at segmentation resolution (2x2 -> 2x2 is the identity). 8 values; q = 0.3:
+    # rank 0.7 * 7 = 4.9 -> T = lerp(sorted[4], sorted[5], 0.9) with sorted = [0,0,0,0,0,1,1,1] -> 0.9.
+    acts = torch.zeros(2, 1, 2, 2)
+    acts[0, 0, 0, 0] = 1  # on label a
+    acts[0, 0, 1, 1] = 1  # outside every label of image 0
+    acts[1, 0, 0, 0] = 1  # on label b, inside scene s
+    results = {d: ld.dissect_activations({"l": acts}, probe, quantile=0.3, denominator=d)["l"] for d in
+               ["paper", "lite", "global"]}
+    paper = results["paper"]
+    assert paper.thresholds.tolist() == [pytest.approx(0.9, abs=1e-15)]
+    # I: a=1, b=1, s=1 (image-level covers all 4 pixels). G: a=2, b=1, s=4.
+    assert paper.intersection[0].tolist() == [0, 1, 1, 1]
+    assert paper.label_area.tolist() == [0, 2, 1, 4]
+    # paper: object present in image 0 only (mask area 2); part and scene present in image 1 (area 1).
+    assert paper.unit_area[0].tolist() == [2, 1, 1]
+    assert paper.iou[0, 1:].tolist() == [1 / (2 + 2 - 1), 1 / (1 + 1 - 1), 1 / (1 + 4 - 1)]
+    # lite: image 0's mask touches label a (object) -> 2; image 1's mask touches b (part) and s is image-level.
+    assert results["lite"].unit_area[0].tolist() == [2, 1, 1]
+    # global: every mask pixel counts for every category: 3.
+    assert results["global"].unit_area[0].tolist() == [3, 3, 3]
+    assert results["global"].iou[0, 1:].tolist() == [1 / (3 + 2 - 1), 1 / (3 + 1 - 1), 1 / (3 + 4 - 1)]
+    assert paper.labels.tolist() == [2] and paper.scores.tolist() == [1.0]
+
+
+def test_lite_denominator_skips_images_where_the_mask_misses_the_category(tmp_path):
+    probe = ld.ProbeSet(_hand_dataset(tmp_path), cache_dir=False)
+    acts = torch.zeros(2, 1, 2, 2)
+    acts[0, 0, 1, 1] = 1  # image 0: object present, but the mask touches no object pixel
+    acts[1, 0, 0, 0] = 1
+    q = 0.2  # rank 0.8 * 7 = 5.6 -> lerp(0, 1, 0.6) on [0]*6 + [1]*2
+    paper = ld.dissect_activations({"l": acts}, probe, quantile=q, denominator="paper")["l"]
+    lite = ld.dissect_activations({"l": acts}, probe, quantile=q, denominator="lite")["l"]
+    assert paper.unit_area[0].tolist() == [1, 1, 1]
+    assert lite.unit_area[0].tolist() == [0, 1, 1]
+
+
+def test_all_zero_unit_gets_first_label_of_first_category_with_score_zero(tmp_path):
+    probe = ld.ProbeSet(_hand_dataset(tmp_path), cache_dir=False)
+    acts = torch.zeros(2, 1, 2, 2)  # threshold 0, nothing strictly above it: empty masks
+    layer = ld.dissect_activations({"l": acts}, probe)["l"]
+    assert layer.labels.tolist() == [1] and layer.scores.tolist() == [0.0]
+    assert layer.summary()["detectors"] == 0
+
+
+# ---------------------------------------------------------------- planted model
+
+class PlantedDetector(nn.Module):
+    """Unit 0 is the red channel averaged over 2x2 cells; unit 1 is constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Identity()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        red = nn.functional.avg_pool2d(x[:, :1], 2) * self.scale
+        return self.features(torch.cat([red, torch.zeros_like(red)], dim=1))
+
+
+def test_planted_unit_reproducing_a_label_mask_gets_iou_one(tmp_path):
+    rng = np.random.default_rng(0)
+    categories = {"object": "pixel", "color": "pixel"}
+    labels = [("target", {"object": 0.3}), ("other", {"object": 0.3}), ("hue", {"color": 0.2})]
+    rows = []
+    for _ in range(6):
+        target = rng.random((4, 4)) < 0.3
+        image = np.zeros((8, 8, 3), np.uint8)
+        image[..., 0] = np.kron(target, np.ones((2, 2))) * 255  # red exactly where the label is
+        other = np.where(~target & (rng.random((4, 4)) < 0.5), 2, 0)
+        rows.append({"image": image, "object": [np.where(target, 1, 0) + other],
+                     "color": [np.where(rng.random((4, 4)) < 0.3, 3, 0)]})
+    probe = ld.ProbeSet(write_broden(tmp_path / "planted", categories, labels, rows), cache_dir=False)
+    inside = sum(int((r["object"][0] == 1).sum()) for r in rows)
+    n = 6 * 16
+    quantile = (inside - 0.5) / (n - 1)  # puts the threshold halfway between the outside and inside values
+    model = PlantedDetector()
+    layer = ld.dissect(model, probe, ["features"], quantile=quantile)["features"]
+    assert layer.labels[0].item() == 1
+    assert layer.scores[0].item() == 1.0
+    assert layer.label_name(0) == "target" and layer.unit_category(0) == "object"
+
+
+# ---------------------------------------------------------------- model safety and errors
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5))
+        self.head = nn.Sequential(nn.Conv2d(8, 6, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.head(self.block(x)).mean((2, 3)))
+
+
+def test_dissect_leaves_model_untouched_and_matches_activation_path(random_dataset):
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    torch.manual_seed(0)
+    model = SmallCNN().train()
+    model.head.eval()  # a mixed-mode model: every flag must come back as it was
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {name: m.training for name, m in model.named_modules()}
+    rng_state = torch.get_rng_state()
+    result = ld.dissect(model, probe, ["block.1", "head"], quantile=0.05, batch_size=7)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+    # The same numbers from activations captured by hand.
+    captured = {}
+    model.eval()
+    with torch.no_grad():
+        hooks = [model.block[1].register_forward_hook(lambda m, i, o: captured.setdefault("block.1", o)),
+                 model.head.register_forward_hook(lambda m, i, o: captured.setdefault("head", o))]
+        model(probe.model_input(range(len(probe)), "cpu"))
+        for h in hooks:
+            h.remove()
+    expected = ld.dissect_activations(captured, probe, quantile=0.05)
+    for name in ["block.1", "head"]:
+        assert torch.equal(result[name].iou, expected[name].iou)
+        assert torch.equal(result[name].thresholds, expected[name].thresholds)
+    uncached = ld.dissect(model, probe, ["head"], quantile=0.05, activation_cache_bytes=0)
+    assert not uncached.settings["activations_cached"]
+    assert torch.equal(uncached["head"].iou, expected["head"].iou)
+
+
+def test_unknown_layer_fails_before_work_with_close_matches(random_dataset):
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    with pytest.raises(ld.DissectionError, match=r"'blok\.1'.*block\.1"):
+        ld.dissect(SmallCNN(), probe, ["blok.1"])
+
+
+def test_layer_without_spatial_output_is_rejected(random_dataset):
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    with pytest.raises(ld.DissectionError, match="'fc'.*no spatial axes"):
+        ld.dissect(SmallCNN(), probe, ["fc"])
+
+
+@pytest.mark.parametrize("option,value", [("quantile", 0), ("quantile", 1.5), ("iou_threshold", -1),
+                                          ("denominator", "union"), ("batch_size", 0)])
+def test_bad_options_name_the_argument(random_dataset, option, value):
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    with pytest.raises(ValueError, match=option):
+        ld.dissect_activations({"l": torch.zeros(len(probe), 2, 2, 2)}, probe, **{option: value})
+
+
+def test_non_finite_activations_are_reported(random_dataset):
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    acts = torch.zeros(len(probe), 2, 2, 2)
+    acts[3, 1, 0, 0] = float("nan")
+    with pytest.raises(ld.DissectionError, match="non-finite"):
+        ld.dissect_activations({"l": acts}, probe)
+
+
+# ---------------------------------------------------------------- rotation
+
+def test_rotation_matrix_properties():
+    r = ld.random_rotation(9, seed=4)
+    eye = torch.eye(9, dtype=torch.float64)
+    assert torch.allclose(r @ r.T, eye, atol=1e-12) and torch.linalg.det(r) == pytest.approx(1.0)
+    assert torch.equal(ld.fractional_power(r, 0.0), eye)
+    assert torch.equal(ld.fractional_power(r, 1.0), r)
+    half = ld.fractional_power(r, 0.5)
+    assert torch.allclose(half @ half, r, atol=1e-10)
+    assert torch.allclose(half @ half.T, eye, atol=1e-10)
+    third = ld.fractional_power(r, 1 / 3)
+    assert torch.allclose(third @ third @ third, r, atol=1e-10)
+    flip = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64))  # a pair of -1 eigenvalues
+    root = ld.fractional_power(flip, 0.5)
+    assert torch.allclose(root @ root, flip, atol=1e-12)
+    assert torch.equal(ld.random_rotation(9, seed=4), r)
+
+
+def test_rotated_dissection_equals_dissection_of_rotated_activations(random_dataset):
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    acts = random_activations(len(probe), 5, 4, seed=9)
+    matrix = ld.fractional_power(ld.random_rotation(5, seed=1), 0.5)
+    rotated = torch.einsum("ij,njhw->nihw", matrix, acts.double()).float()
+    by_option = ld.dissect_activations({"l": acts}, probe, quantile=0.1, rotation={"seed": 1, "alpha": 0.5})["l"]
+    by_matrix = ld.dissect_activations({"l": acts}, probe, quantile=0.1, rotation=matrix)["l"]
+    direct = ld.dissect_activations({"l": rotated}, probe, quantile=0.1)["l"]
+    assert torch.equal(by_option.iou, by_matrix.iou)
+    assert torch.allclose(by_option.thresholds, direct.thresholds, atol=1e-6)
+    identity = ld.dissect_activations({"l": acts}, probe, quantile=0.1, rotation={"seed": 1, "alpha": 0.0})["l"]
+    plain = ld.dissect_activations({"l": acts}, probe, quantile=0.1)["l"]
+    assert torch.equal(identity.iou, plain.iou)
+
+
+# ---------------------------------------------------------------- results
+
+def test_json_round_trip_is_exact_and_csv_has_netdissect_columns(random_dataset, tmp_path):
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    result = ld.dissect_activations({"l": random_activations(len(probe), 4, 4, seed=2)}, probe, quantile=0.1)
+    result.to_json(tmp_path / "r.json")
+    again = ld.Dissection.from_json(tmp_path / "r.json")
+    assert again.settings == result.settings
+    for field in ["thresholds", "iou", "intersection", "unit_area", "label_area", "labels", "scores",
+                  "category_labels", "category_scores", "top_images", "top_activations"]:
+        assert torch.equal(getattr(again["l"], field), getattr(result["l"], field)), field
+    assert again["l"].summary() == result["l"].summary()
+    assert result.settings["probe_fingerprint"] == probe.fingerprint
+    result["l"].to_csv(tmp_path / "l.csv")
+    import csv
+    with open(tmp_path / "l.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:4] == ["unit", "category", "label", "score"]
+    assert "object-intersect" in rows[0] and "texture-iou" in rows[0]
+    assert [int(r["unit"]) for r in rows] == [1, 2, 3, 4]
+    layer = result["l"]
+    assert [r["label"] for r in rows] == [layer.label_name(u) for u in range(4)]
+    assert [float(r["score"]) for r in rows] == layer.scores.tolist()
+
+
+def test_top_images_equal_brute_force(random_dataset):
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    acts = random_activations(len(probe), 4, 4, seed=11, ties=True)
+    layer = ld.dissect_activations({"l": acts}, probe, top_k=5, batch_size=4)["l"]
+    peaks = acts.amax(dim=(2, 3))
+    for u in range(4):
+        expected = sorted(range(len(probe)), key=lambda x: (-peaks[x, u].item(), x))[:5]
+        assert layer.top_images[u].tolist() == expected
+
+
+def test_concept_changes_counts_switches(random_dataset):
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    before = ld.dissect_activations({"l": random_activations(len(probe), 6, 4, seed=1)}, probe, quantile=0.1)["l"]
+    after = ld.dissect_activations({"l": random_activations(len(probe), 6, 4, seed=2)}, probe, quantile=0.1)["l"]
+    changes = ld.concept_changes(before, after)
+    was, now = before.detectors, after.detectors
+    assert changes["switch_in"] == int((~was & now).sum())
+    assert changes["switch_out"] == int((was & ~now).sum())
+    expected = [u for u in range(6) if was[u] and now[u] and before.labels[u] != after.labels[u]]
+    assert changes["switched_units"] == expected and changes["switches"] == len(expected)
+    assert sum(changes["transitions"].values()) == len(expected)

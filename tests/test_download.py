@@ -1,0 +1,240 @@
+"""download_broden against a local HTTP server: success, resumable failure, unsafe archives, checksums."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import stat
+import threading
+import zipfile
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from lightning_dissect.broden import Broden, BrodenError, download_broden
+from tests.test_broden import write_broden  # the same tiny dataset the reader is tested on
+
+
+class Server:
+    """A ThreadingHTTPServer on 127.0.0.1 serving ``files`` (URL path -> bytes)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.requests: list[str] = []
+        self.truncate_next = False  # answer the next request with half the body, then hang up
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+                server.requests.append(self.path)
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if server.truncate_next:
+                    server.truncate_next = False
+                    self.wfile.write(body[: len(body) // 2])
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    # A proxy from the environment would take 127.0.0.1 elsewhere.
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.delenv("LIGHTNING_DISSECT_BRODEN_URL", raising=False)
+    server = Server()
+    yield server
+    if server.thread.is_alive():
+        server.stop()
+
+
+def zip_folder(folder: Path, prefix: str) -> bytes:
+    """The files under ``folder`` as a zip archive, each name prefixed by ``prefix``."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, prefix + path.relative_to(folder).as_posix())
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> bytes:
+    """The tiny dataset zipped like the NetDissect archives: inside a top-level broden1_224/ folder."""
+    return zip_folder(write_broden(tmp_path / "source"), "broden1_224/")
+
+
+def leftovers(dest: Path) -> list[str]:
+    return sorted(path.name for path in dest.iterdir()) if dest.exists() else []
+
+
+def test_download_installs_dataset_and_marker_then_stays_offline(
+    server: Server, archive: bytes, tmp_path: Path
+) -> None:
+    server.files["/data/broden1_224.zip"] = archive
+    dest = tmp_path / "dest"
+    digest = hashlib.sha256(archive).hexdigest()
+    url = server.base + "/data/broden1_224.zip"
+
+    root = download_broden(dest, url=url, progress=False, expected_size=len(archive), sha256=digest)
+
+    assert root == dest / "broden1_224"
+    assert leftovers(dest) == ["broden1_224"]  # no .part file, no staging folder
+    marker = json.loads((root / ".complete").read_text())
+    assert marker["sha256"] == digest and marker["bytes"] == len(archive) and marker["url"] == url
+    assert marker["fingerprint"] == Broden(root).fingerprint()
+    assert Broden(root).read_segmentation(0)[1] == [4]
+    assert server.requests == ["/data/broden1_224.zip"]
+
+    server.stop()
+    assert download_broden(dest, url=url, progress=False) == root
+
+
+def test_archive_without_top_level_folder(server: Server, tmp_path: Path) -> None:
+    server.files["/broden1_224.zip"] = zip_folder(write_broden(tmp_path / "source"), "")
+    root = download_broden(tmp_path / "dest", url=server.base + "/broden1_224.zip", progress=True)
+    assert len(Broden(root)) == 3 and (root / ".complete").is_file()
+
+
+def test_environment_variable_replaces_the_base_url(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.files["/mirror/broden1_227.zip"] = zip_folder(write_broden(tmp_path / "source"), "broden1_227/")
+    monkeypatch.setenv("LIGHTNING_DISSECT_BRODEN_URL", server.base + "/mirror/")
+    root = download_broden(tmp_path / "dest", resolution=227, progress=False)
+    assert root == tmp_path / "dest" / "broden1_227"
+    assert server.requests == ["/mirror/broden1_227.zip"]
+
+
+def test_interrupted_transfer_installs_nothing_and_a_retry_succeeds(
+    server: Server, archive: bytes, tmp_path: Path
+) -> None:
+    server.files["/broden1_224.zip"] = archive
+    server.truncate_next = True
+    dest = tmp_path / "dest"
+    url = server.base + "/broden1_224.zip"
+    with pytest.raises(
+        BrodenError, match=rf"transfer ended after {len(archive) // 2} of {len(archive)} bytes"
+    ):
+        download_broden(dest, url=url, progress=False)
+    assert leftovers(dest) == []  # no dataset, no marker, no .part, no staging folder
+
+    root = download_broden(dest, url=url, progress=False)
+    assert (root / ".complete").is_file() and len(Broden(root)) == 3
+
+
+def symlink_member(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info
+
+
+@pytest.mark.parametrize(
+    ("member", "problem"),
+    [
+        ("broden1_224/../evil.txt", "climbs out of the archive"),
+        ("../../evil.txt", "climbs out of the archive"),
+        ("{tmp}/evil.txt", "has an absolute path"),
+        ("C:\\evil.txt", "has an absolute path"),
+        ("broden1_224/evil.txt -> symlink", "is a symbolic link"),
+    ],
+)
+def test_unsafe_member_is_refused_before_anything_is_written(
+    server: Server, tmp_path: Path, member: str, problem: str
+) -> None:
+    source = write_broden(tmp_path / "source")
+    buffer = io.BytesIO(zip_folder(source, "broden1_224/"))
+    with zipfile.ZipFile(buffer, "a") as archive:
+        if member.endswith(" -> symlink"):
+            member = member.removesuffix(" -> symlink")
+            archive.writestr(symlink_member(member), "/etc/passwd")
+        else:
+            member = member.format(tmp=tmp_path)
+            archive.writestr(zipfile.ZipInfo(member), "evil")
+    server.files["/broden1_224.zip"] = buffer.getvalue()
+    dest = tmp_path / "deep" / "dest"
+
+    with pytest.raises(BrodenError, match="member") as error:
+        download_broden(dest, url=server.base + "/broden1_224.zip", progress=False)
+
+    assert repr(member) in str(error.value) and problem in str(error.value)
+    assert leftovers(dest) == []
+    assert list(tmp_path.rglob("*evil*")) == []
+
+
+def test_checksum_mismatch_installs_nothing(server: Server, archive: bytes, tmp_path: Path) -> None:
+    server.files["/broden1_224.zip"] = archive
+    dest = tmp_path / "dest"
+    with pytest.raises(BrodenError, match=r"sha256 is [0-9a-f]{64}, expected 0{64}"):
+        download_broden(dest, url=server.base + "/broden1_224.zip", progress=False, sha256="0" * 64)
+    assert leftovers(dest) == []
+
+
+def test_size_other_than_expected_is_refused(server: Server, archive: bytes, tmp_path: Path) -> None:
+    server.files["/broden1_224.zip"] = archive
+    with pytest.raises(BrodenError, match=rf"announces {len(archive)} bytes, expected 5"):
+        download_broden(
+            tmp_path / "dest", url=server.base + "/broden1_224.zip", progress=False, expected_size=5
+        )
+    assert leftovers(tmp_path / "dest") == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/missing.zip", None, "HTTP 404"),
+        ("/page.zip", b"<html>not found</html>", "not a valid zip archive"),
+        ("/other.zip", "other", "holds no index.csv"),
+        ("/broken.zip", "broken", r"not a valid Broden dataset: .*label.csv is missing"),
+    ],
+)
+def test_unusable_download_installs_nothing(
+    server: Server, tmp_path: Path, path: str, body: bytes | str | None, message: str
+) -> None:
+    source = write_broden(tmp_path / "source")
+    if body == "other":
+        body = zip_folder(source / "images", "")
+    elif body == "broken":
+        (source / "label.csv").unlink()
+        body = zip_folder(source, "broden1_224/")
+    if body is not None:
+        server.files[path] = body
+    dest = tmp_path / "dest"
+    with pytest.raises(BrodenError, match=message):
+        download_broden(dest, url=server.base + path, progress=False)
+    assert leftovers(dest) == []
+
+
+def test_existing_folder_without_marker_is_not_touched(tmp_path: Path) -> None:
+    (tmp_path / "broden1_224").mkdir()
+    with pytest.raises(BrodenError, match=r"broden1_224 exists but has no .complete marker.*remove it"):
+        download_broden(tmp_path, url="http://127.0.0.1:9/unused.zip", progress=False)
+
+
+@pytest.mark.parametrize("resolution", [225, "224", True])
+def test_resolution_must_be_224_or_227(tmp_path: Path, resolution: object) -> None:
+    with pytest.raises(ValueError, match=r"resolution must be one of \(224, 227\)"):
+        download_broden(tmp_path, resolution=resolution)  # type: ignore[arg-type]

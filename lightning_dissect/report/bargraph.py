@@ -1,0 +1,153 @@
+"""The bar graph of detectors per concept and the IoU histogram of a layer.
+
+The bar graph is NetDissect's report figure: one bar per concept, its height
+the number of detector units whose label it is (the `unique_top_concepts`
+rule, SEMANTICS §5), bars grouped and coloured by the concept's category
+(categories in `category.csv` order, concepts by count within them). Figures
+are drawn with matplotlib's Agg canvas directly, without pyplot, so no global
+backend or figure state is touched.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from lightning_dissect.result import LayerDissection
+
+# NetDissect's report colours for Broden's categories; others cycle through matplotlib's tab10.
+CATEGORY_COLORS = {
+    "object": "#4B4CBF", "scene": "#55B05B", "part": "#50BDAC",
+    "material": "#81C679", "texture": "#F0883B", "color": "#D94238",
+}
+_OTHER_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+
+
+def category_color(category: str, categories: list[str]) -> str:
+    """The colour of a category: NetDissect's for Broden's six, a fixed cycle for others."""
+    if category in CATEGORY_COLORS:
+        return CATEGORY_COLORS[category]
+    others = [name for name in categories if name not in CATEGORY_COLORS]
+    index = others.index(category) if category in others else 0
+    return _OTHER_COLORS[index % len(_OTHER_COLORS)]
+
+
+def detectors_per_concept(layer_result: LayerDissection) -> list[tuple[str, list[tuple[str, int]]]]:
+    """Detector units per concept, grouped by category.
+
+    Returns:
+        `[(category, [(concept, detectors), ...]), ...]`: categories in
+        `category.csv` order (those without detectors left out), concepts by
+        decreasing count, ties by label number.
+    """
+    detectors = layer_result.detectors
+    counts: dict[int, int] = {}
+    for label in layer_result.labels[detectors].tolist():
+        counts[label] = counts.get(label, 0) + 1
+    groups = []
+    for k, category in enumerate(layer_result.categories):
+        labels = [label for label in counts if int(layer_result.label_category[label]) == k]
+        if labels:
+            labels.sort(key=lambda label: (-counts[label], label))
+            groups.append((category, [(layer_result.label_names[label], counts[label]) for label in labels]))
+    return groups
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def figure_to_array(figure: Figure) -> np.ndarray:
+    """Render a figure to uint8 RGB `(H, W, 3)`, trimmed to its content."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.08, facecolor="white")
+    buffer.seek(0)
+    return np.asarray(Image.open(buffer).convert("RGB")).copy()
+
+
+def bar_graph_figure(layer_result: LayerDissection) -> Figure:
+    """NetDissect's bar graph of detectors per concept, as a matplotlib `Figure`."""
+    groups = detectors_per_concept(layer_result)
+    bars = sum(len(concepts) for _, concepts in groups)
+    figure = _figure(min(60.0, max(4.0, 1.0 + 0.24 * bars)), 3.2)
+    axes = figure.add_axes((0.08 if bars > 8 else 0.15, 0.42, 0.9 if bars > 8 else 0.8, 0.4))
+    summary = layer_result.summary()
+    figure.suptitle(f"{layer_result.layer}: {int(summary['unique_top_concepts'])} concepts, "
+                    f"{int(summary['detectors'])} detectors of {layer_result.num_units} units "
+                    f"(IoU > {layer_result.iou_threshold:g})", fontsize=9, y=0.97)
+    axes.set_ylabel("detectors", fontsize=8)
+    axes.spines[["top", "right"]].set_visible(False)
+    if not bars:
+        axes.set_xticks([])
+        axes.set_yticks([])
+        axes.text(0.5, 0.5, "no detectors", ha="center", va="center", transform=axes.transAxes, color="#777777")
+        return figure
+    position = 0
+    ticks, names = [], []
+    for category, concepts in groups:
+        color = category_color(category, layer_result.categories)
+        start = position
+        for concept, count in concepts:
+            axes.bar(position, count, width=0.8, color=color)
+            ticks.append(position)
+            names.append(concept)
+            position += 1
+        axes.annotate(category, xy=((start + position - 1) / 2, 1), xycoords=("data", "axes fraction"),
+                      xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8,
+                      color=color, fontweight="bold", annotation_clip=False)
+        position += 1  # a gap between categories
+    axes.set_xticks(ticks)
+    axes.set_xticklabels(names, rotation=90, fontsize=7)
+    axes.set_xlim(-0.7, position - 1.3)
+    axes.yaxis.get_major_locator().set_params(integer=True)
+    axes.tick_params(axis="y", labelsize=7)
+    return figure
+
+
+def iou_histogram_figure(layer_result: LayerDissection, bins: int = 40) -> Figure:
+    """A histogram of the units' scores, stacked by the category of their label,
+    with the detector threshold marked."""
+    figure = _figure(5.0, 2.8)
+    axes = figure.add_axes((0.12, 0.17, 0.84, 0.7))
+    scores = layer_result.scores.double().numpy()
+    top = max(float(scores.max()) if scores.size else 0.0, 2 * layer_result.iou_threshold, 0.1)
+    edges = np.linspace(0.0, top * 1.0001, bins + 1)
+    stacks, colors, names = [], [], []
+    for category in layer_result.categories:
+        values = [s for u, s in enumerate(scores.tolist()) if layer_result.unit_category(u) == category]
+        if values:
+            stacks.append(values)
+            colors.append(category_color(category, layer_result.categories))
+            names.append(category)
+    if stacks:
+        axes.hist(stacks, bins=edges, stacked=True, color=colors, label=names)
+        axes.legend(fontsize=7, frameon=False)
+    axes.axvline(layer_result.iou_threshold, color="#333333", linestyle="--", linewidth=1)
+    axes.set_title(f"{layer_result.layer}: IoU of each unit's label ({layer_result.num_units} units)", fontsize=9)
+    axes.set_xlabel("IoU", fontsize=8)
+    axes.yaxis.get_major_locator().set_params(integer=True)
+    axes.set_ylabel("units", fontsize=8)
+    axes.tick_params(labelsize=7)
+    axes.spines[["top", "right"]].set_visible(False)
+    return figure
+
+
+def bar_graph(layer_result: LayerDissection) -> np.ndarray:
+    """The bar graph of detectors per concept, uint8 RGB `(H, W, 3)`."""
+    return figure_to_array(bar_graph_figure(layer_result))
+
+
+def iou_histogram(layer_result: LayerDissection) -> np.ndarray:
+    """The IoU histogram of a layer, uint8 RGB `(H, W, 3)`."""
+    return figure_to_array(iou_histogram_figure(layer_result))

@@ -1,0 +1,170 @@
+"""Images for the loggers and the run directory: the callback's media hook.
+
+At each dissection the callback asks for a bounded set of images:
+
+- `strip_media`: the strips of the most interpretable units of each layer (the
+  highest scores) and of the units that switched concept since the previous
+  dissection, named `dissection/strips/<layer>/unit_<u>`;
+- `bar_graph_media`: per layer the bar graph of detectors per concept and the
+  IoU histogram, named `dissection/bar_graph/<layer>` and
+  `dissection/iou_histogram/<layer>`.
+
+Each name maps to a uint8 RGB `(H, W, 3)` array, which the logger adapters
+hand to TensorBoard (`add_image(..., dataformats="HWC")`) or W&B
+(`wandb.Image`). With `directory=`, `strip_media` also writes each strip as
+`<directory>/strips/<layer>/unit_<u>.png`: that is how a report built later
+from the run directory, without the model, shows strips (`report.html`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+from torch import nn
+
+from lightning_dissect.report.bargraph import bar_graph, iou_histogram
+from lightning_dissect.report.strips import UnitStrip, unit_strips
+from lightning_dissect.result import concept_changes
+
+if TYPE_CHECKING:
+    from lightning_dissect.probe import ProbeSet
+    from lightning_dissect.result import Dissection, LayerDissection
+
+STRIPS_FOLDER = "strips"
+_UNIT_FILE = re.compile(r"^unit_(\d+)\.png$")
+
+
+def safe_name(layer: str) -> str:
+    """A layer name usable as a file or folder name (`features.3` stays, `a/b` becomes `a_b`)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", layer) or "_"
+
+
+def select_units(layer_result: LayerDissection, count: int, switched: Sequence[int] = (),
+                 max_switched: int = 4) -> list[int]:
+    """The `count` highest-scoring units (ties: lower unit first), then up to
+    `max_switched` of the `switched` units not already chosen, in their order."""
+    order = sorted(range(layer_result.num_units), key=lambda u: (-float(layer_result.scores[u]), u))
+    chosen = order[: max(count, 0)]
+    extra = [u for u in dict.fromkeys(int(u) for u in switched) if u not in chosen]
+    return chosen + extra[: max(max_switched, 0)]
+
+
+def strip_media(
+    model: nn.Module | None,
+    probe: ProbeSet,
+    dissection: Dissection,
+    units_per_layer: int = 4,
+    switched: Mapping[str, Sequence[int]] | None = None,
+    *,
+    previous: Dissection | None = None,
+    max_switched: int = 4,
+    num_images: int | None = 5,
+    directory: str | os.PathLike | None = None,
+    activations: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, np.ndarray]:
+    """Strips of the most interpretable and the switched units of every layer.
+
+    At most `units_per_layer + max_switched` strips per layer, so logs stay small.
+
+    Args:
+        model: the dissected model (unchanged since `dissection` was made), or
+            None with `activations`.
+        probe: the probe set of the dissection.
+        dissection: the `Dissection` just made; its settings supply the
+            rotation and `prefix_tokens`.
+        units_per_layer: how many of the highest-scoring units to draw per layer.
+        switched: layer -> units that switched concept, drawn as well.
+        previous: the previous dissection; its switched units (SEMANTICS §5) are
+            drawn with "was: <concept>" in the caption. Used when `switched` is None.
+        max_switched: how many switched units per layer at most.
+        num_images: top images per strip.
+        directory: also write the strips under `<directory>/strips/<layer>/unit_<u>.png`.
+        activations: layer -> activations in probe order, instead of running the model.
+        **options: passed to `unit_strips` (`device`, `batch_size`, `forward_context`).
+
+    Returns:
+        `dissection/strips/<layer>/unit_<u>` -> uint8 RGB `(H, W, 3)`.
+    """
+    if units_per_layer < 0:
+        raise ValueError(f"units_per_layer={units_per_layer!r} must be a non-negative integer")
+    media = {}
+    for name, layer_result in dissection.items():
+        notes: dict[int, str] = {}
+        if switched is not None:
+            changed = list(switched.get(name, ()))
+        elif previous is not None and name in previous:
+            changed = concept_changes(previous[name], layer_result)["switched_units"]
+            notes = {u: f"(was: {previous[name].label_name(u)})" for u in changed}
+        else:
+            changed = []
+        units = select_units(layer_result, units_per_layer, changed, max_switched)
+        if not units or layer_result.top_images.numel() == 0:
+            continue
+        strips = unit_strips(
+            model, probe, layer_result, units, num_images=num_images, notes=notes,
+            rotation=dissection.settings.get("rotation"), prefix_tokens=dissection.settings.get("prefix_tokens"),
+            activations=activations[name] if activations is not None else None, **options,
+        )
+        if directory is not None:
+            save_strips(strips, directory)
+        for unit, strip in strips.items():
+            media[f"dissection/strips/{name}/unit_{unit}"] = strip.image
+    return media
+
+
+def bar_graph_media(dissection: Dissection) -> dict[str, np.ndarray]:
+    """Per layer, the bar graph of detectors per concept and the IoU histogram.
+
+    Returns:
+        `dissection/bar_graph/<layer>` and `dissection/iou_histogram/<layer>` -> uint8 RGB `(H, W, 3)`.
+    """
+    media = {}
+    for name, layer_result in dissection.items():
+        media[f"dissection/bar_graph/{name}"] = bar_graph(layer_result)
+        media[f"dissection/iou_histogram/{name}"] = iou_histogram(layer_result)
+    return media
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a uint8 RGB array as a PNG through a temporary file, so a crash leaves no half image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            Image.fromarray(np.ascontiguousarray(image)).save(handle, format="PNG")
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return path
+
+
+def save_strips(strips: Mapping[int, UnitStrip], directory: str | os.PathLike) -> list[Path]:
+    """Write strips as `<directory>/strips/<layer>/unit_<u>.png`."""
+    return [save_png(strip.image, strip_path(directory, strip.layer, unit)) for unit, strip in strips.items()]
+
+
+def strip_path(directory: str | os.PathLike, layer: str, unit: int) -> Path:
+    """Where a saved strip lives: `<directory>/strips/<layer>/unit_<u>.png`."""
+    return Path(directory) / STRIPS_FOLDER / safe_name(layer) / f"unit_{unit}.png"
+
+
+def saved_strips(directory: str | os.PathLike, layer: str) -> dict[int, Path]:
+    """The strips saved for `layer` under `directory`: unit -> PNG path."""
+    folder = Path(directory) / STRIPS_FOLDER / safe_name(layer)
+    found = {}
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = _UNIT_FILE.match(path.name)
+            if match:
+                found[int(match.group(1))] = path
+    return found

@@ -1,0 +1,357 @@
+"""Unit strips: a unit's top-activating probe images with its mask drawn over them.
+
+A strip is what NetDissect's report shows for each unit: the `k` probe images
+where the unit fires most (the engine's running top-k of per-image maxima,
+`LayerDissection.top_images`), each with the unit's mask `M_u(x)` kept bright
+and the rest dimmed, the mask's border drawn, and a caption naming the unit,
+its concept, category and IoU.
+
+The mask drawn is exactly the one that was counted (SEMANTICS §2): the raw map
+upsampled bilinearly to the *segmentation* size and compared with the float64
+threshold; it is then scaled to the image size by nearest neighbour, so a pixel
+shown bright is a pixel that entered the tally. Raw maps are recomputed by
+running the model on the few top images (`activation_maps`), or taken from
+precomputed activations (`activations=`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from lightning_dissect.engine.dissect import (
+    DissectionError,
+    LayerCapture,
+    _as_rotation,
+    as_unit_maps,
+    frozen,
+    model_device,
+    resolve_layers,
+)
+from lightning_dissect.engine.rotation import Rotation, rotate_units
+from lightning_dissect.engine.tally import upsample_masks
+
+if TYPE_CHECKING:
+    from lightning_dissect.probe import ProbeSet
+    from lightning_dissect.result import LayerDissection
+
+DIM = 0.25
+BORDER_COLOR = (255, 214, 0)
+GAP = 2
+BACKGROUND = (255, 255, 255)
+TEXT_COLOR = (0, 0, 0)
+
+
+@dataclass
+class UnitStrip:
+    """The strip of one unit.
+
+    Attributes:
+        layer: the module name.
+        unit: the unit index (0-based, as in the result tensors).
+        label, category, score: the unit's concept, its category and IoU (SEMANTICS §5).
+        detector: whether the score is above the layer's `iou_threshold`.
+        positions: probe positions of the shown images, most active first.
+        activations: the unit's per-image maximum on each of them.
+        masks: bool `(k, ih, iw)`, the unit's mask at image size.
+        tiles: uint8 `(k, ih, iw, 3)`, each image with its mask drawn.
+        tile_boxes: `(top, left)` of each tile inside `image`.
+        caption: the text drawn above the tiles.
+        image: uint8 `(H, W, 3)`, the whole strip.
+    """
+
+    layer: str
+    unit: int
+    label: str
+    category: str
+    score: float
+    detector: bool
+    positions: list[int]
+    activations: list[float]
+    masks: np.ndarray
+    tiles: np.ndarray
+    tile_boxes: list[tuple[int, int]]
+    caption: str
+    image: np.ndarray
+
+    def save(self, path: Any) -> None:
+        """Write the strip as a PNG."""
+        Image.fromarray(self.image).save(path, format="PNG")
+
+
+def activation_maps(
+    model: nn.Module,
+    probe: ProbeSet,
+    layer: str,
+    positions: Sequence[int],
+    *,
+    rotation: Rotation | Mapping[str, Any] | torch.Tensor | None = None,
+    prefix_tokens: int | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> torch.Tensor:
+    """The raw maps `A[x]` of `layer` on the probe images at `positions`, as `dissect` sees them.
+
+    The model runs frozen (eval mode, no gradients, flags restored); a rotation
+    is applied as in the dissection (SEMANTICS §6).
+
+    Returns:
+        float32 `(len(positions), K, h, w)` on the CPU.
+    """
+    modules = resolve_layers(model, [layer])
+    device = torch.device(device) if device is not None else model_device(model)
+    rotation = _as_rotation(rotation)
+    context = forward_context or contextlib.nullcontext
+    positions = [int(p) for p in positions]
+    parts = []
+    with frozen(model):
+        for start in range(0, len(positions), batch_size):
+            batch = positions[start : start + batch_size]
+            with LayerCapture(modules) as capture, context():
+                output = capture.run(model, probe.model_input(batch, device))[layer]
+            maps = as_unit_maps(output, layer, prefix_tokens)
+            if rotation is not None:
+                maps = rotate_units(maps, rotation.resolve(maps.shape[1]))
+            parts.append(maps.cpu())
+    if not parts:
+        return torch.zeros(0, 0, 0, 0)
+    return torch.cat(parts)
+
+
+def draw_mask(image: np.ndarray, mask: np.ndarray, dim: float = DIM, border: int = 1,
+              border_color: tuple[int, int, int] = BORDER_COLOR) -> np.ndarray:
+    """An image with the pixels outside `mask` dimmed and the mask's outline drawn.
+
+    The outline is drawn on the `border` pixels just *outside* the mask, so
+    every mask pixel keeps its original value.
+
+    Args:
+        image: uint8 `(H, W, 3)`.
+        mask: bool `(H, W)`.
+
+    Returns:
+        uint8 `(H, W, 3)`.
+    """
+    tile = image.astype(np.float32)
+    tile[~mask] *= dim
+    tile = np.rint(tile).astype(np.uint8)
+    if border > 0 and mask.any():
+        kernel = 2 * border + 1
+        dilated = F.max_pool2d(torch.from_numpy(mask).float()[None, None], kernel, stride=1, padding=border)
+        outline = dilated[0, 0].bool().numpy() & ~mask
+        tile[outline] = border_color
+    return tile
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: a fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _printable(text: str) -> str:
+    # The default font covers Latin-1; anything else becomes "?" rather than an error.
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
+def compose_strip(tiles: np.ndarray, caption: str, gap: int = GAP,
+                  font_size: int | None = None) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Lay out tiles in a row under a caption.
+
+    Args:
+        tiles: uint8 `(k, H, W, 3)`.
+        caption: one line of text.
+
+    Returns:
+        The strip, uint8 `(height, width, 3)`, and the `(top, left)` of each tile.
+    """
+    count, height, width = (tiles.shape[0], tiles.shape[1], tiles.shape[2]) if tiles.ndim == 4 else (0, 0, 0)
+    font = _font(font_size or max(11, min(18, height // 10 if height else 11)))
+    text = _printable(caption)
+    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
+    caption_height = bottom + 2 * gap
+    row_width = count * width + max(count - 1, 0) * gap
+    strip = Image.new("RGB", (max(row_width, right + 2 * gap), caption_height + height), BACKGROUND)
+    ImageDraw.Draw(strip).text((gap, gap), text, fill=TEXT_COLOR, font=font)
+    boxes = []
+    for index in range(count):
+        box = (caption_height, index * (width + gap))
+        strip.paste(Image.fromarray(tiles[index]), (box[1], box[0]))
+        boxes.append(box)
+    return np.asarray(strip).copy(), boxes
+
+
+def unit_caption(layer_result: LayerDissection, unit: int, note: str = "") -> str:
+    """`"layer4 unit 12: dog (object) IoU 0.081"`, with a note appended when given."""
+    label = layer_result.label_name(unit) or "-"
+    category = layer_result.unit_category(unit) or "-"
+    caption = f"{layer_result.layer} unit {unit}: {label} ({category}) IoU {float(layer_result.scores[unit]):.3f}"
+    return f"{caption} {note}" if note else caption
+
+
+def strips_from_maps(
+    probe: ProbeSet,
+    layer_result: LayerDissection,
+    units: Sequence[int],
+    maps: Mapping[int, torch.Tensor],
+    *,
+    num_images: int | None = None,
+    dim: float = DIM,
+    border: int | None = None,
+    notes: Mapping[int, str] | None = None,
+) -> dict[int, UnitStrip]:
+    """Strips from raw maps already at hand.
+
+    Args:
+        probe: the probe set of the dissection (its images are shown).
+        layer_result: the layer's dissection (top images, thresholds, labels).
+        units: the units to draw.
+        maps: probe position -> float32 `(K, h, w)` raw maps of that image; must
+            hold every top image of `units`.
+        num_images: show the first `num_images` top images (default: all kept).
+        dim: the brightness kept outside the mask.
+        border: outline width in image pixels (default about 1 per 112 pixels).
+        notes: unit -> text appended to its caption (e.g. "was: dog").
+
+    Returns:
+        unit -> `UnitStrip`, in the order of `units`.
+    """
+    images = probe.images
+    image_size = (int(images.shape[-2]), int(images.shape[-1]))
+    border = max(1, round(min(image_size) / 112)) if border is None else border
+    notes = notes or {}
+    strips = {}
+    for unit in _checked_units(layer_result, units):
+        positions = [int(p) for p in layer_result.top_images[unit][:num_images].tolist()]
+        activations = [float(a) for a in layer_result.top_activations[unit][: len(positions)].tolist()]
+        if positions:
+            raw = torch.stack([maps[p][unit] for p in positions]).float().contiguous()
+            threshold = layer_result.thresholds[unit].double().expand(len(positions))
+            counted = upsample_masks(raw, threshold, probe.segmentation_size).reshape(-1, *probe.segmentation_size)
+            masks = F.interpolate(counted[:, None].float(), size=image_size, mode="nearest")[:, 0].bool().numpy()
+            pixels = images[positions].permute(0, 2, 3, 1).numpy()
+            tiles = np.stack([draw_mask(pixels[i], masks[i], dim, border) for i in range(len(positions))])
+        else:
+            masks = np.zeros((0, *image_size), dtype=bool)
+            tiles = np.zeros((0, *image_size, 3), dtype=np.uint8)
+        caption = unit_caption(layer_result, unit, notes.get(unit, ""))
+        image, boxes = compose_strip(tiles, caption)
+        strips[unit] = UnitStrip(
+            layer=layer_result.layer, unit=unit, label=layer_result.label_name(unit),
+            category=layer_result.unit_category(unit), score=float(layer_result.scores[unit]),
+            detector=bool(layer_result.detectors[unit]), positions=positions, activations=activations,
+            masks=masks, tiles=tiles, tile_boxes=boxes, caption=caption, image=image,
+        )
+    return strips
+
+
+def unit_strips(
+    model: nn.Module | None,
+    probe: ProbeSet,
+    layer_result: LayerDissection,
+    units: Sequence[int] | None = None,
+    *,
+    activations: torch.Tensor | None = None,
+    num_images: int | None = None,
+    rotation: Rotation | Mapping[str, Any] | torch.Tensor | None = None,
+    prefix_tokens: int | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    notes: Mapping[int, str] | None = None,
+    dim: float = DIM,
+) -> dict[int, UnitStrip]:
+    """The strips of `units` of one dissected layer.
+
+    The raw maps of the units' top images are recomputed by running `model`
+    on just those images (one forward pass per `batch_size` images), or read
+    from `activations`. Pass the `rotation` and `prefix_tokens` the dissection
+    used (`Dissection.settings` records them). When the recomputed maxima do
+    not match the dissection's `top_activations` (the model changed since), a
+    warning says so: the strips then show the current model.
+
+    Args:
+        model: the dissected model, or None with `activations`.
+        probe: the probe set of the dissection.
+        layer_result: the layer's `LayerDissection`.
+        units: unit indices; default every unit.
+        activations: `(N, K, h, w)` or `(N, T, K)` activations of the layer in
+            probe order, instead of running the model.
+        num_images: how many top images per strip (default: all the dissection kept).
+
+    Returns:
+        unit -> `UnitStrip`.
+
+    Raises:
+        ValueError: a unit out of range, neither `model` nor `activations`, or a
+            dissection that kept no top images (`top_k=0`).
+
+    Example:
+        >>> strips = unit_strips(model, probe, result["layer4"], units=[0, 7])   # doctest: +SKIP
+        >>> strips[7].save("unit7.png")                                          # doctest: +SKIP
+    """
+    units = list(range(layer_result.num_units)) if units is None else list(units)
+    units = _checked_units(layer_result, units)
+    if layer_result.top_images.numel() == 0 and layer_result.num_units:
+        raise ValueError(f"layer {layer_result.layer!r} was dissected with top_k=0: it kept no top images to "
+                         "draw. Dissect again with top_k > 0 (the default keeps 10).")
+    positions = sorted({int(p) for u in units for p in layer_result.top_images[u][:num_images].tolist()})
+    if positions and max(positions) >= len(probe):
+        raise ValueError(f"layer {layer_result.layer!r} names probe position {max(positions)} but the probe has "
+                         f"{len(probe)} images: pass the probe set the layer was dissected on")
+    if activations is not None:
+        index = torch.tensor(positions, dtype=torch.long, device=activations.device)
+        raw = as_unit_maps(activations[index], layer_result.layer, prefix_tokens).cpu()
+        rotation = _as_rotation(rotation)
+        if rotation is not None and len(positions):
+            raw = rotate_units(raw, rotation.resolve(raw.shape[1]))
+    elif model is not None:
+        raw = activation_maps(model, probe, layer_result.layer, positions, rotation=rotation,
+                              prefix_tokens=prefix_tokens, device=device, batch_size=batch_size,
+                              forward_context=forward_context)
+    else:
+        raise ValueError("unit_strips needs the model (model=) or the layer's activations (activations=)")
+    if positions and raw.shape[1] != layer_result.num_units:
+        raise DissectionError(f"layer {layer_result.layer!r} now has {raw.shape[1]} units, the dissection "
+                              f"{layer_result.num_units}")
+    maps = {p: raw[i] for i, p in enumerate(positions)}
+    _warn_if_changed(layer_result, units, maps, num_images)
+    return strips_from_maps(probe, layer_result, units, maps, num_images=num_images, dim=dim, notes=notes)
+
+
+def _checked_units(layer_result: LayerDissection, units: Sequence[int]) -> list[int]:
+    checked = []
+    for unit in units:
+        if isinstance(unit, bool) or not 0 <= int(unit) < layer_result.num_units:
+            raise ValueError(f"unit {unit!r} is not a unit of layer {layer_result.layer!r} "
+                             f"(0 to {layer_result.num_units - 1})")
+        checked.append(int(unit))
+    return checked
+
+
+def _warn_if_changed(layer_result: LayerDissection, units: Sequence[int], maps: Mapping[int, torch.Tensor],
+                     num_images: int | None) -> None:
+    # Loose on purpose: another batch composition or a reduced-precision forward context moves
+    # maxima by far less than 1% of the unit's range; a training step usually moves them more.
+    for unit in units:
+        recorded_values = layer_result.top_activations[unit].tolist()
+        tolerance = 1e-2 * max([abs(v) for v in recorded_values] + [1e-6])
+        for position, recorded in zip(layer_result.top_images[unit][:num_images].tolist(), recorded_values):
+            peak = float(maps[int(position)][unit].max())
+            if abs(peak - recorded) > tolerance:
+                warnings.warn(
+                    f"layer {layer_result.layer!r} unit {unit}: probe image {position} now peaks at {peak:.6g}, the "
+                    f"dissection recorded {recorded:.6g}; the model changed since it was dissected (or another "
+                    "rotation/probe was passed), so the strips show the current model", stacklevel=3)
+                return

@@ -203,6 +203,13 @@ class _Synchronizer:
         return tensor
 
 
+def _default_synchronizer() -> _Synchronizer:
+    """Shard over the process group when `torch.distributed` runs several ranks, else the no-op one."""
+    from lightning_dissect.distributed import default_synchronizer  # imports this module
+
+    return default_synchronizer()
+
+
 def _top_images_update(values: torch.Tensor, indices: torch.Tensor, new_values: torch.Tensor,
                        new_indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the `k` largest per-image maxima of each unit; ties go to the lower probe position."""
@@ -434,7 +441,7 @@ def dissect(
         return _run(activations, names, probe, quantile=quantile, iou_threshold=iou_threshold,
                     denominator=denominator, batch_size=batch_size, device=device, rotation=rotation, top_k=top_k,
                     activation_cache_bytes=activation_cache_bytes, progress=progress,
-                    synchronizer=synchronizer or _Synchronizer(), settings=settings)
+                    synchronizer=synchronizer or _default_synchronizer(), settings=settings)
 
 
 def dissect_activations(
@@ -480,6 +487,6 @@ def dissect_activations(
                          batch_size=batch_size, rotation=rotation, prefix_tokens=prefix_tokens, layers=names)
     return _run(batches, names, probe, quantile=quantile, iou_threshold=iou_threshold, denominator=denominator,
                 batch_size=batch_size, device=device, rotation=rotation, top_k=top_k,
-                activation_cache_bytes=0, progress=progress, synchronizer=synchronizer or _Synchronizer(),
+                activation_cache_bytes=0, progress=progress, synchronizer=synchronizer or _default_synchronizer(),
                 settings=settings)
 

@@ -157,6 +157,12 @@ class LayerDissection:
         return cls(layer=data["layer"], categories=list(data["categories"]),
                    label_names=list(data["label_names"]), iou_threshold=float(data["iou_threshold"]), **tensors)
 
+    def to_html(self, path: str | os.PathLike, **options: Any) -> Path:
+        """Write the HTML report of this layer into the folder `path`; see `lightning_dissect.report.write_report`."""
+        from lightning_dissect.report.html import write_report
+
+        return write_report(self, path, **options)
+
     def to(self, device: torch.device | str) -> LayerDissection:
         values = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
         return LayerDissection(layer=self.layer, categories=self.categories, label_names=self.label_names,
@@ -205,6 +211,13 @@ class Dissection(Mapping[str, LayerDissection]):
     def from_dict(cls, data: Mapping[str, Any]) -> Dissection:
         return cls({name: LayerDissection.from_dict(layer) for name, layer in data["layers"].items()},
                    data.get("settings", {}))
+
+    def to_html(self, path: str | os.PathLike, **options: Any) -> Path:
+        """Write the HTML report into the folder `path` (`model=`, `probe=` draw the unit strips);
+        see `lightning_dissect.report.write_report`. Returns the path of `index.html`."""
+        from lightning_dissect.report.html import write_report
+
+        return write_report(self, path, **options)
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write every number and setting; `Dissection.from_json` reads it back exactly."""

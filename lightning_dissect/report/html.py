@@ -44,6 +44,8 @@ class LayerHistory:
         labels: per step, each unit's label name.
         categories: per step, the category of each unit's label.
         scores: per step, each unit's score (IoU).
+        summaries: per step, the layer's counts (`LayerDissection.summary()`, and
+            `switches` since the previous dissection, None for the first).
         iou_threshold: a unit is a detector when its score is above it.
     """
 
@@ -51,10 +53,17 @@ class LayerHistory:
     labels: list[list[str]] = field(default_factory=list)
     categories: list[list[str]] = field(default_factory=list)
     scores: list[list[float]] = field(default_factory=list)
+    summaries: list[dict[str, Any]] = field(default_factory=list)
     iou_threshold: float = 0.04
+    _previous: LayerDissection | None = field(default=None, repr=False, compare=False)
 
     def add(self, step: int, layer_result: LayerDissection) -> None:
         """Append the dissection made at `step`."""
+        from lightning_dissect.result import concept_changes
+
+        switches = concept_changes(self._previous, layer_result)["switches"] if self._previous is not None else None
+        self._previous = layer_result
+        self.summaries.append(dict(layer_result.summary(), switches=switches))
         self.steps.append(int(step))
         self.labels.append([layer_result.label_name(u) for u in range(layer_result.num_units)])
         self.categories.append([layer_result.unit_category(u) for u in range(layer_result.num_units)])
@@ -72,6 +81,7 @@ def write_report(
     units: Mapping[str, Sequence[int]] | None = None,
     num_images: int | None = None,
     strips: Mapping[str, Mapping[int, str | os.PathLike]] | None = None,
+    strip_notes: Mapping[str, Mapping[int, str]] | None = None,
     history: Mapping[str, LayerHistory] | None = None,
     step: int | None = None,
     title: str | None = None,
@@ -93,6 +103,7 @@ def write_report(
         units: layer -> units to draw strips for (default: every unit).
         num_images: top images per strip (default: all the dissection kept).
         strips: layer -> unit -> saved strip PNG, copied into the report.
+        strip_notes: layer -> unit -> a line shown under its strip (e.g. "strip from step 400").
         history: layer -> `LayerHistory`, the unit's concept over a training run.
         step: the training step of this dissection, shown in the title.
         title: the report title.
@@ -136,12 +147,17 @@ def write_report(
                 for unit, strip in drawn.items():
                     strip_files[unit] = save_png(strip.image, folder / "strips" / f"unit_{unit}.png")
         for unit, path in (strips or {}).get(name, {}).items():
+            if int(unit) in strip_files:
+                continue
             target = folder / "strips" / f"unit_{int(unit)}.png"
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"strips[{name!r}][{unit}]: {path} does not exist")
             if Path(path).resolve() != target.resolve():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, target)
-            strip_files.setdefault(int(unit), target)
-        page = _layer_page(layer_result, directory, folder, strip_files, (history or {}).get(name), title, pages)
+            strip_files[int(unit)] = target
+        page = _layer_page(layer_result, directory, folder, strip_files, (strip_notes or {}).get(name, {}),
+                           (history or {}).get(name), title, pages)
         _write_text(directory / pages[name], page)
     index = directory / "index.html"
     _write_text(index, _index_page(source, pages, title, step))
@@ -327,7 +343,8 @@ def _short(value: Any) -> str:
 
 
 def _layer_page(layer_result: LayerDissection, directory: Path, folder: Path, strip_files: Mapping[int, Path],
-                history: LayerHistory | None, title: str, pages: Mapping[str, str]) -> str:
+                strip_notes: Mapping[int, str], history: LayerHistory | None, title: str,
+                pages: Mapping[str, str]) -> str:
     name = html.escape(layer_result.layer)
     summary = layer_result.summary()
     categories = layer_result.categories
@@ -336,15 +353,17 @@ def _layer_page(layer_result: LayerDissection, directory: Path, folder: Path, st
         f"<a href=\"{html.escape(page)}\">{html.escape(layer)}</a>" if layer != layer_result.layer
         else f"<b>{html.escape(layer)}</b>" for layer, page in pages.items()
     )
-    cards = "\n".join(_card(layer_result, unit, strip_files.get(unit), directory, history)
+    cards = "\n".join(_card(layer_result, unit, strip_files.get(unit), strip_notes.get(unit, ""), directory, history)
                       for unit in range(layer_result.num_units))
     content = (
         f"<p><a href=\"index.html\">index</a> · {navigation}</p>\n"
         f"<h1>{name}</h1>\n<p class=\"muted\">{html.escape(title)}</p>\n"
         f"{_summary_table({layer_result.layer: summary}, categories)}\n"
+        f"{_over_training(history) if history is not None and history.summaries else ''}"
         "<div class=\"figures\">"
-        f"<img src=\"{_relative(folder / 'bar_graph.png', directory)}\" alt=\"detectors per concept\">"
-        f"<img src=\"{_relative(folder / 'iou_histogram.png', directory)}\" alt=\"IoU histogram\"></div>\n"
+        f"<img src=\"{html.escape(_relative(folder / 'bar_graph.png', directory))}\" alt=\"detectors per concept\">"
+        f"<img src=\"{html.escape(_relative(folder / 'iou_histogram.png', directory))}\" alt=\"IoU histogram\">"
+        "</div>\n"
         "<div class=\"controls\">"
         "<label>sort by <select id=\"sort\"><option value=\"iou\">IoU</option><option value=\"unit\">unit</option>"
         "<option value=\"concept\">concept</option></select></label>"
@@ -357,7 +376,24 @@ def _layer_page(layer_result: LayerDissection, directory: Path, folder: Path, st
     return _document(f"{layer_result.layer} - {title}", content, _SCRIPT)
 
 
-def _card(layer_result: LayerDissection, unit: int, strip: Path | None, directory: Path,
+def _over_training(history: LayerHistory) -> str:
+    """The layer's counts at every dissection of the run (the emergence of concepts)."""
+    columns = [("detectors", "detectors"), ("unique_concepts", "unique concepts"),
+               ("unique_top_concepts", "unique top concepts"), ("mean_score", "mean IoU"), ("switches", "switches")]
+    rows = []
+    for step, summary in zip(history.steps, history.summaries):
+        cells = []
+        for key, _ in columns:
+            value = summary.get(key)
+            cells.append("<td>-</td>" if value is None else
+                         f"<td>{value:.3f}</td>" if key == "mean_score" else f"<td>{int(value)}</td>")
+        rows.append(f"<tr><td>{step}</td>{''.join(cells)}</tr>")
+    head = "".join(f"<th>{label}</th>" for _, label in columns)
+    return (f"<details><summary>over training ({len(rows)} dissections)</summary>"
+            f"<table><tr><th>step</th>{head}</tr>{''.join(rows)}</table></details>\n")
+
+
+def _card(layer_result: LayerDissection, unit: int, strip: Path | None, note: str, directory: Path,
           history: LayerHistory | None) -> str:
     label = layer_result.label_name(unit)
     category = layer_result.unit_category(unit)
@@ -373,6 +409,8 @@ def _card(layer_result: LayerDissection, unit: int, strip: Path | None, director
     if strip is not None:
         picture = (f"<img src=\"{html.escape(_relative(strip, directory))}\" loading=\"lazy\" "
                    f"alt=\"top images of unit {unit}\">")
+        if note:
+            picture += f"<div class=\"muted\">{html.escape(note)}</div>"
     else:
         picture = "<div class=\"missing\">no strip saved for this unit</div>"
     rows = []
@@ -423,7 +461,8 @@ def _timeline(history: LayerHistory, unit: int, all_categories: list[str], width
         else:
             runs.append([concept, step, step])
     text = " → ".join(
-        f"{html.escape(concept)} <span class=\"muted\">({first}{'' if first == last else f'–{last}'})</span>"
+        f"{html.escape(concept)} <span class=\"muted\">"
+        f"({f'step {first}' if first == last else f'steps {first}–{last}'})</span>"
         for concept, first, last in runs
     )
     return f"<div class=\"timeline\" title=\"IoU over training; dashed: detector threshold\">{svg}{text}</div>"

@@ -33,8 +33,8 @@ callback).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 
@@ -47,8 +47,12 @@ __all__ = [
     "TorchDistributedSynchronizer",
     "check_strategy",
     "default_synchronizer",
+    "guard",
+    "local_zero_first",
+    "slowest",
 ]
 
+T = TypeVar("T")
 _NO_INDEX = torch.iinfo(torch.long).max  # pads top images; sorts after every probe position
 
 
@@ -162,6 +166,12 @@ class DistributedSynchronizer(_Synchronizer):
                 self._exchange_flags(failed=True)
             raise
         self.check()
+
+    def maximum(self, value: float) -> float:
+        """The largest of every rank's `value` (a collective), the same number on every rank."""
+        self.check()
+        values = self._on_device(self._all_gather, torch.tensor([value], dtype=torch.float64))
+        return float(values.max())
 
     def _exchange_flags(self, failed: bool) -> list[int]:
         flags = torch.zeros(self.world_size, dtype=torch.long, device=self.device)
@@ -279,6 +289,38 @@ def check_strategy(strategy: Any) -> None:
             "device, DDP ('ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true', multi-node) and DeepSpeed stages "
             "1 and 2. To dissect a sharded model, save a checkpoint and run ld.dissect on the gathered model."
         )
+
+
+def guard(synchronizer: _Synchronizer | None) -> contextlib.AbstractContextManager:
+    """`synchronizer.guard()` for a distributed synchronizer; a no-op context otherwise."""
+    if isinstance(synchronizer, DistributedSynchronizer):
+        return synchronizer.guard()
+    return contextlib.nullcontext()
+
+
+def slowest(synchronizer: _Synchronizer | None, seconds: float) -> float:
+    """The wall time of a dissection: the slowest rank's `seconds`, the same on every rank.
+
+    Histories (and the `max_seconds` budget) use it, so they agree across ranks.
+    """
+    if isinstance(synchronizer, DistributedSynchronizer):
+        return synchronizer.maximum(seconds)
+    return seconds
+
+
+def local_zero_first(synchronizer: _Synchronizer | None, local_rank: int, prepare: Callable[[], T]) -> T:
+    """Run `prepare()` on each node's local rank 0 first, then on its other ranks.
+
+    For work that fills a cache (downloading Broden, generating the synthetic
+    dataset, decoding the probe): the other ranks then find it done. A failure
+    on any rank raises on every rank (`guard`), so none waits forever.
+    """
+    result: T | None = None
+    for first in (True, False):
+        with guard(synchronizer):
+            if (local_rank == 0) == first:
+                result = prepare()
+    return result  # type: ignore[return-value]
 
 
 def default_synchronizer() -> _Synchronizer:

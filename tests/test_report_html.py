@@ -82,7 +82,8 @@ def test_report_renders_every_unit_and_every_link_resolves(dissected, tmp_path):
         strips = [attrs["src"] for tag, attrs in page.tags if tag == "img" and attrs.get("alt", "").startswith("top")]
         assert len(strips) == layer_result.num_units
         drawn = unit_strips(model, probe, layer_result, [1])[1]
-        np.testing.assert_array_equal(np.asarray(Image.open(path.parent / strips[1]).convert("RGB")), drawn.image)
+        shown = np.asarray(Image.open(path.parent / strips[1]).convert("RGB")).astype(float)
+        assert shown.shape == drawn.image.shape and np.abs(shown - drawn.image).mean() < 4  # a JPEG of the strip
 
 
 def test_report_without_a_model_still_shows_every_unit(dissected, tmp_path):
@@ -145,7 +146,7 @@ def test_run_report_shows_the_last_step_with_saved_strips_and_each_units_concept
     assert [float(card["data-iou"]) for card in page.cards()] == last["conv"].scores.tolist()
     strips = {attrs["alt"]: attrs["src"] for tag, attrs in page.tags if tag == "img" and "unit" in attrs.get("alt", "")}
     assert sorted(strips) == ["top images of unit 0", "top images of unit 3"]
-    saved = logs / "dissections" / "step=10" / "strips" / "conv" / "unit_3.png"
+    saved = logs / "dissections" / "step=10" / "strips" / "conv" / "unit_3.jpg"
     assert (index.parent / strips["top images of unit 3"]).read_bytes() == saved.read_bytes()
     html = page.path.read_text()
     assert html.count("strip from step 10") == 1  # unit 3's newest strip is older than the report

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning_dissect.report.bargraph import bar_graph, category_color, iou_histogram
-from lightning_dissect.report.media import safe_name, save_png
+from lightning_dissect.report.media import STRIP_SUFFIX, safe_name, save_image
 from lightning_dissect.report.strips import unit_strips
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def write_report(
     probe: ProbeSet | None = None,
     activations: Mapping[str, Any] | None = None,
     units: Mapping[str, Sequence[int]] | None = None,
-    num_images: int | None = None,
+    num_images: int | None = 5,
     strips: Mapping[str, Mapping[int, str | os.PathLike]] | None = None,
     strip_notes: Mapping[str, Mapping[int, str]] | None = None,
     history: Mapping[str, LayerHistory] | None = None,
@@ -91,7 +91,7 @@ def write_report(
 
     Strips come from the model (`model` and `probe`: the top images are run
     through it once, `unit_strips`), from precomputed `activations` (with
-    `probe`), or from PNG files already saved (`strips`, e.g. by the
+    `probe`), or from image files already saved (`strips`, e.g. by the
     callback); a unit without one gets a card without a picture.
 
     Args:
@@ -101,8 +101,8 @@ def write_report(
         probe: the probe set of the dissection.
         activations: layer -> activations in probe order, instead of `model`.
         units: layer -> units to draw strips for (default: every unit).
-        num_images: top images per strip (default: all the dissection kept).
-        strips: layer -> unit -> saved strip PNG, copied into the report.
+        num_images: top images per strip (None: all the dissection kept).
+        strips: layer -> unit -> saved strip image, copied into the report.
         strip_notes: layer -> unit -> a line shown under its strip (e.g. "strip from step 400").
         history: layer -> `LayerHistory`, the unit's concept over a training run.
         step: the training step of this dissection, shown in the title.
@@ -133,8 +133,8 @@ def write_report(
     pages = _page_names(list(source))
     for name, layer_result in source.items():
         folder = images / pages[name][: -len(".html")]
-        save_png(bar_graph(layer_result), folder / "bar_graph.png")
-        save_png(iou_histogram(layer_result), folder / "iou_histogram.png")
+        save_image(bar_graph(layer_result), folder / "bar_graph.png")
+        save_image(iou_histogram(layer_result), folder / "iou_histogram.png")
         strip_files: dict[int, Path] = {}
         if probe is not None and (model is not None or activations is not None):
             if layer_result.top_images.numel():
@@ -145,11 +145,11 @@ def write_report(
                     **options,
                 )
                 for unit, strip in drawn.items():
-                    strip_files[unit] = save_png(strip.image, folder / "strips" / f"unit_{unit}.png")
+                    strip_files[unit] = save_image(strip.image, folder / "strips" / f"unit_{unit}{STRIP_SUFFIX}")
         for unit, path in (strips or {}).get(name, {}).items():
             if int(unit) in strip_files:
                 continue
-            target = folder / "strips" / f"unit_{int(unit)}.png"
+            target = folder / "strips" / f"unit_{int(unit)}{Path(path).suffix}"
             if not Path(path).is_file():
                 raise FileNotFoundError(f"strips[{name!r}][{unit}]: {path} does not exist")
             if Path(path).resolve() != target.resolve():

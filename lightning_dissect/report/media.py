@@ -12,7 +12,7 @@ At each dissection the callback asks for a bounded set of images:
 Each name maps to a uint8 RGB `(H, W, 3)` array, which the logger adapters
 hand to TensorBoard (`add_image(..., dataformats="HWC")`) or W&B
 (`wandb.Image`). With `directory=`, `strip_media` also writes each strip as
-`<directory>/strips/<layer>/unit_<u>.png`: that is how a report built later
+`<directory>/strips/<layer>/unit_<u>.jpg`: that is how a report built later
 from the run directory, without the model, shows strips (`report.html`).
 """
 
@@ -38,7 +38,9 @@ if TYPE_CHECKING:
     from lightning_dissect.result import Dissection, LayerDissection
 
 STRIPS_FOLDER = "strips"
-_UNIT_FILE = re.compile(r"^unit_(\d+)\.png$")
+# Strips are photographs: JPEG keeps a run's folder and a report a few times smaller than PNG.
+STRIP_SUFFIX = ".jpg"
+_UNIT_FILE = re.compile(r"^unit_(\d+)\.(?:jpg|png)$")
 
 
 def safe_name(layer: str) -> str:
@@ -86,7 +88,7 @@ def strip_media(
             drawn with "was: <concept>" in the caption. Used when `switched` is None.
         max_switched: how many switched units per layer at most.
         num_images: top images per strip.
-        directory: also write the strips under `<directory>/strips/<layer>/unit_<u>.png`.
+        directory: also write the strips under `<directory>/strips/<layer>/unit_<u>.jpg`.
         activations: layer -> activations in probe order, instead of running the model.
         **options: passed to `unit_strips` (`device`, `batch_size`, `forward_context`).
 
@@ -133,14 +135,17 @@ def bar_graph_media(dissection: Dissection) -> dict[str, np.ndarray]:
     return media
 
 
-def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write a uint8 RGB array as a PNG through a temporary file, so a crash leaves no half image."""
+def save_image(image: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a uint8 RGB array as a PNG, or a JPEG (quality 90, full-resolution colour) for a `.jpg` path, through a
+    temporary file, so a crash leaves no half image."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    jpeg = path.suffix.lower() in (".jpg", ".jpeg")
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            Image.fromarray(np.ascontiguousarray(image)).save(handle, format="PNG")
+            options = {"format": "JPEG", "quality": 90, "subsampling": 0} if jpeg else {"format": "PNG"}
+            Image.fromarray(np.ascontiguousarray(image)).save(handle, **options)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
@@ -149,17 +154,17 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
 
 
 def save_strips(strips: Mapping[int, UnitStrip], directory: str | os.PathLike) -> list[Path]:
-    """Write strips as `<directory>/strips/<layer>/unit_<u>.png`."""
-    return [save_png(strip.image, strip_path(directory, strip.layer, unit)) for unit, strip in strips.items()]
+    """Write strips as `<directory>/strips/<layer>/unit_<u>.jpg`."""
+    return [save_image(strip.image, strip_path(directory, strip.layer, unit)) for unit, strip in strips.items()]
 
 
 def strip_path(directory: str | os.PathLike, layer: str, unit: int) -> Path:
-    """Where a saved strip lives: `<directory>/strips/<layer>/unit_<u>.png`."""
-    return Path(directory) / STRIPS_FOLDER / safe_name(layer) / f"unit_{unit}.png"
+    """Where a saved strip lives: `<directory>/strips/<layer>/unit_<u>.jpg`."""
+    return Path(directory) / STRIPS_FOLDER / safe_name(layer) / f"unit_{unit}{STRIP_SUFFIX}"
 
 
 def saved_strips(directory: str | os.PathLike, layer: str) -> dict[int, Path]:
-    """The strips saved for `layer` under `directory`: unit -> PNG path."""
+    """The strips saved for `layer` under `directory`: unit -> image path."""
     folder = Path(directory) / STRIPS_FOLDER / safe_name(layer)
     found = {}
     if folder.is_dir():

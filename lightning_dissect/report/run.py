@@ -4,7 +4,7 @@ The callback (`Dissector` with `dirpath`, by default `<log_dir>/dissections`) wr
 
     dissections/step=<step>/dissection.json           every number of that dissection
     dissections/step=<step>/<layer>.csv               NetDissect's per-unit table
-    dissections/step=<step>/strips/<layer>/unit_<u>.png   strips of the top and switched units
+    dissections/step=<step>/strips/<layer>/unit_<u>.jpg   strips of the top and switched units
     dissections/history.jsonl                         one line per dissection and layer
 
 `report_run` turns that into the HTML report of one dissection (the last by

@@ -84,8 +84,8 @@ class UnitStrip:
     image: np.ndarray
 
     def save(self, path: Any) -> None:
-        """Write the strip as a PNG."""
-        Image.fromarray(self.image).save(path, format="PNG")
+        """Write the strip; the format follows the file name (`.png`, `.jpg`)."""
+        Image.fromarray(self.image).save(path)
 
 
 def activation_maps(

@@ -142,7 +142,7 @@ def test_top_images_of_a_rotated_dissection_equal_brute_force_and_strips_use_the
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # recomputed maxima match: the rotation was applied
         media = strip_media(model, probe, result, units_per_layer=2)
-    assert sorted(media) == [f"dissection/strips/2/unit_{u}" for u in sorted(select_units(layer, 2))]
+    assert sorted(media) == [f"dissect/2/strips/unit_{u}" for u in sorted(select_units(layer, 2))]
     with pytest.warns(UserWarning, match="model changed"):
         unit_strips(model, probe, layer, [0])  # no rotation passed: other maps
 
@@ -183,11 +183,11 @@ def test_select_units_takes_the_best_scores_then_bounded_switched_units(random_d
 def test_strip_media_is_bounded_named_by_unit_and_saved_as_images(planted, tmp_path):
     model, probe, result, _ = planted
     media = strip_media(model, probe, result, units_per_layer=1, switched={"pool": [1]}, directory=tmp_path)
-    assert sorted(media) == ["dissection/strips/pool/unit_0", "dissection/strips/pool/unit_1"]
+    assert sorted(media) == ["dissect/pool/strips/unit_0", "dissect/pool/strips/unit_1"]
     saved = saved_strips(tmp_path, "pool")
     assert saved == {unit: tmp_path / "strips" / "pool" / f"unit_{unit}.jpg" for unit in (0, 1)}
     for unit, path in saved.items():
-        image = media[f"dissection/strips/pool/unit_{unit}"]
+        image = media[f"dissect/pool/strips/unit_{unit}"]
         decoded = np.asarray(Image.open(path).convert("RGB")).astype(float)
         assert decoded.shape == image.shape and np.abs(decoded - image).mean() < 4  # JPEG, quality 90
 
@@ -199,9 +199,9 @@ def test_strip_media_notes_the_previous_concept_of_switched_units(planted):
     previous["pool"].labels[0] = 2  # unit 0 was a "park" detector
     assert ld.concept_changes(previous["pool"], result["pool"])["switched_units"] == [0]
     media = strip_media(model, probe, result, units_per_layer=0, previous=previous)
-    assert list(media) == ["dissection/strips/pool/unit_0"]
+    assert list(media) == ["dissect/pool/strips/unit_0"]
     strips = unit_strips(model, probe, result["pool"], [0], notes={0: "(was: park)"})
-    np.testing.assert_array_equal(media["dissection/strips/pool/unit_0"], strips[0].image)
+    np.testing.assert_array_equal(media["dissect/pool/strips/unit_0"], strips[0].image)
     assert strips[0].caption.endswith("(was: park)")
 
 
@@ -232,4 +232,4 @@ def test_bar_graph_colours_bars_by_category(planted):
     assert not _has_color(image, CATEGORY_COLORS["scene"])
     histogram = iou_histogram(result["pool"])
     assert histogram.dtype == np.uint8 and histogram.shape[2] == 3
-    assert sorted(bar_graph_media(result)) == ["dissection/bar_graph/pool", "dissection/iou_histogram/pool"]
+    assert sorted(bar_graph_media(result)) == ["dissect/pool/bar_graph", "dissect/pool/iou_histogram"]

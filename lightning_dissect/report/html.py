@@ -203,7 +203,7 @@ th{background:#eee}td:first-child,th:first-child{text-align:left}
 .card.hidden{display:none}.card img{display:block;max-width:100%;image-rendering:pixelated}
 .card .head{font-size:.9em;margin-bottom:.3em}.card .iou{font-variant-numeric:tabular-nums}
 .tag{display:inline-block;padding:0 .4em;border-radius:3px;color:#fff;font-size:.8em}
-.missing{color:#888;font-size:.8em;padding:1em 0}.muted{color:#888}
+.missing{color:#888;font-size:.8em;padding:1em 0}.muted{color:#888}.note{font-size:.8em}
 .timeline{font-size:.8em;margin-top:.3em}.timeline svg{display:block}
 details{font-size:.8em;margin-top:.2em}details table td{font-size:.95em}
 """
@@ -410,7 +410,7 @@ def _card(layer_result: LayerDissection, unit: int, strip: Path | None, note: st
         picture = (f"<img src=\"{html.escape(_relative(strip, directory))}\" loading=\"lazy\" "
                    f"alt=\"top images of unit {unit}\">")
         if note:
-            picture += f"<div class=\"muted\">{html.escape(note)}</div>"
+            picture += f"<div class=\"note muted\">{html.escape(note)}</div>"
     else:
         picture = "<div class=\"missing\">no strip saved for this unit</div>"
     rows = []

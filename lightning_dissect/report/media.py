@@ -4,10 +4,10 @@ At each dissection the callback asks for a bounded set of images:
 
 - `strip_media`: the strips of the most interpretable units of each layer (the
   highest scores) and of the units that switched concept since the previous
-  dissection, named `dissection/strips/<layer>/unit_<u>`;
+  dissection, named `dissect/<layer>/strips/unit_<u>`;
 - `bar_graph_media`: per layer the bar graph of detectors per concept and the
-  IoU histogram, named `dissection/bar_graph/<layer>` and
-  `dissection/iou_histogram/<layer>`.
+  IoU histogram, named `dissect/<layer>/bar_graph` and
+  `dissect/<layer>/iou_histogram`.
 
 Each name maps to a uint8 RGB `(H, W, 3)` array, which the logger adapters
 hand to TensorBoard (`add_image(..., dataformats="HWC")`) or W&B
@@ -93,7 +93,7 @@ def strip_media(
         **options: passed to `unit_strips` (`device`, `batch_size`, `forward_context`).
 
     Returns:
-        `dissection/strips/<layer>/unit_<u>` -> uint8 RGB `(H, W, 3)`.
+        `dissect/<layer>/strips/unit_<u>` -> uint8 RGB `(H, W, 3)`.
     """
     if units_per_layer < 0:
         raise ValueError(f"units_per_layer={units_per_layer!r} must be a non-negative integer")
@@ -118,7 +118,7 @@ def strip_media(
         if directory is not None:
             save_strips(strips, directory)
         for unit, strip in strips.items():
-            media[f"dissection/strips/{name}/unit_{unit}"] = strip.image
+            media[f"dissect/{name}/strips/unit_{unit}"] = strip.image
     return media
 
 
@@ -126,12 +126,12 @@ def bar_graph_media(dissection: Dissection) -> dict[str, np.ndarray]:
     """Per layer, the bar graph of detectors per concept and the IoU histogram.
 
     Returns:
-        `dissection/bar_graph/<layer>` and `dissection/iou_histogram/<layer>` -> uint8 RGB `(H, W, 3)`.
+        `dissect/<layer>/bar_graph` and `dissect/<layer>/iou_histogram` -> uint8 RGB `(H, W, 3)`.
     """
     media = {}
     for name, layer_result in dissection.items():
-        media[f"dissection/bar_graph/{name}"] = bar_graph(layer_result)
-        media[f"dissection/iou_histogram/{name}"] = iou_histogram(layer_result)
+        media[f"dissect/{name}/bar_graph"] = bar_graph(layer_result)
+        media[f"dissect/{name}/iou_histogram"] = iou_histogram(layer_result)
     return media
 
 

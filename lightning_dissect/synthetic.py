@@ -73,7 +73,7 @@ __all__ = [
 ]
 
 # Bump whenever the rendering or the files change, so cached datasets are regenerated.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 CATEGORIES = ("color", "object", "part", "material", "scene", "texture")
 PIXEL_CATEGORIES = ("color", "object", "part", "material")
@@ -216,16 +216,15 @@ class _Background:
 
     def regions(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """The region object numbers (``sky``, ``grass``, ...) on a grid; 0 where none."""
-        n = np.broadcast_shapes(x.shape, y.shape)
-        out = np.zeros(n, dtype=np.int32)
+        shape = np.broadcast_shapes(x.shape, y.shape)
+        out = np.zeros(shape, dtype=np.int32)
         if self.kind in ("field-s", "seaside-s", "desert-s"):
             below = ("grass", "water", "sand")[("field-s", "seaside-s", "desert-s").index(self.kind)]
             ground = y >= self.horizon_at(x)
             out[:] = np.where(ground, _NUMBER["object", below], _NUMBER["object", "sky"])
             if self.kind == "seaside-s":  # a beach at the bottom
-                out[np.broadcast_to(y >= 0.88 + 0.02 * np.sin(9 * x + self.phase), n)] = _NUMBER[
-                    "object", "sand"
-                ]
+                beach = np.broadcast_to(y >= 0.88 + 0.02 * np.sin(9 * x + self.phase), shape)
+                out[beach] = _NUMBER["object", "sand"]
         elif self.kind == "room-s":
             out[:] = np.where(y >= self.horizon, _NUMBER["object", "floor"], _NUMBER["object", "wall"])
         elif self.kind == "night-s":
@@ -242,7 +241,7 @@ class _Background:
         noise = _value_noise(rng, 6, size, size)[..., None]
         sky = regions == _NUMBER["object", "sky"]
         if self.kind == "night-s":
-            image[:] = _mix((0.02, 0.03, 0.12), (0.10, 0.10, 0.28), y[..., None] + 0 * x[..., None])
+            image[:] = _mix((0.02, 0.03, 0.12), (0.10, 0.10, 0.28), y[..., None])
             stars = rng.random((size, size)) < 0.004
             image[stars] = (0.95, 0.95, 0.85)
             return image
@@ -265,7 +264,7 @@ class _Background:
         top, low = ((0.30, 0.50, 0.90), (0.70, 0.82, 0.97))
         if self.kind == "desert-s":
             top, low = ((0.55, 0.72, 0.95), (0.85, 0.90, 0.96))
-        sky_colour = _mix(top, low, height + 0 * x[..., None])
+        sky_colour = _mix(top, low, height)
         if self.kind == "field-s":
             grass = _mix((0.10, 0.35, 0.08), (0.30, 0.68, 0.20), noise)
             image[:] = grass
@@ -319,9 +318,14 @@ def _sample_background(rng: np.random.Generator) -> _Background:
             colors=(np.asarray(colours[first], np.float32), np.asarray(colours[second], np.float32)),
         )
     kind = SCENES[rng.integers(len(SCENES))]
-    horizon = {"room-s": rng.uniform(0.55, 0.7), "night-s": 1.0}.get(kind, rng.uniform(0.4, 0.6))
+    if kind == "night-s":
+        horizon = 1.0  # all sky
+    elif kind == "room-s":
+        horizon = rng.uniform(0.55, 0.7)  # where the wall meets the floor
+    else:
+        horizon = rng.uniform(0.4, 0.6)
     # Clear of the colour-name boundaries (saturation 0.22, value 0.22 and 0.78), so that the
-    # pixel noise does not speckle a plain wall with two colour names.
+    # shading and the brightness jitter do not split a plain wall between two colour names.
     walls = ((0.95, 0.93, 0.88), (0.62, 0.74, 0.92), (0.70, 0.85, 0.62), (0.55, 0.55, 0.57))
     studio = ((0.62, 0.62, 0.62), (0.42, 0.50, 0.70), (0.70, 0.58, 0.42))
     base = {"room-s": walls, "studio-s": studio}.get(kind, ((0.5, 0.5, 0.5),))
@@ -808,16 +812,12 @@ def _generate(directory: Path, num_images: int, size: int, seed: int, quality: i
     else:
         chunks = [indices[k::workers] for k in range(workers)]
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            parts = list(
-                pool.map(
-                    _write_examples,
-                    *zip(*[(str(images_dir), seed, size, quality, c, digits) for c in chunks]),
-                )
-            )
-        rows = [None] * num_images
-        for chunk, part in zip(chunks, parts):
-            for index, row in zip(chunk, part):
-                rows[index] = row
+            futures = [
+                pool.submit(_write_examples, str(images_dir), seed, size, quality, chunk, digits)
+                for chunk in chunks
+            ]
+            by_index = {i: row for chunk, f in zip(chunks, futures) for i, row in zip(chunk, f.result())}
+        rows = [by_index[i] for i in indices]
     # An exact 70/30 split, drawn from its own stream so that it does not depend on the images.
     order = np.random.default_rng([seed, num_images, 7030]).permutation(num_images)
     splits = ["train"] * num_images

@@ -6,10 +6,12 @@ The engine (`dissect`, `dissect_activations`) is plain PyTorch and works on any
 """
 
 from lightning_dissect.broden import Broden, BrodenError, BrodenRow, download_broden
+from lightning_dissect.dissector import Dissector
 from lightning_dissect.engine.dissect import DissectionError, dissect, dissect_activations
 from lightning_dissect.engine.rotation import Rotation, fractional_power, random_rotation, rotate_units
 from lightning_dissect.probe import ImageTransform, ProbeSet
 from lightning_dissect.result import Dissection, LayerDissection, concept_changes
+from lightning_dissect.schedule import at_steps, every_n_epochs, every_n_steps, log_spaced
 from lightning_dissect.synthetic import make_synthetic_broden
 
 __version__ = "0.1.0"
@@ -19,17 +21,33 @@ __all__ = [
     "BrodenError",
     "BrodenRow",
     "Dissection",
+    "DissectionCallback",
     "DissectionError",
+    "Dissector",
     "ImageTransform",
     "LayerDissection",
+    "PLDissectionCallback",
     "ProbeSet",
     "Rotation",
+    "at_steps",
     "concept_changes",
     "dissect",
     "dissect_activations",
     "download_broden",
+    "every_n_epochs",
+    "every_n_steps",
     "fractional_power",
+    "log_spaced",
     "make_synthetic_broden",
     "random_rotation",
     "rotate_units",
 ]
+
+
+def __getattr__(name: str):
+    # The callbacks import Lightning, so they are built on first use (lightning_dissect.callback).
+    if name in ("DissectionCallback", "PLDissectionCallback"):
+        from lightning_dissect import callback
+
+        return getattr(callback, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,212 @@
+"""`DissectionCallback`: live Network Dissection while a Lightning `Trainer` fits.
+
+The callback is a thin adapter over `Dissector`: it reads the trainer (step,
+epoch, loggers, log directory, precision, rank) and decides nothing else. One
+implementation serves both Lightning packages, each with its own `Callback`
+base class, built on first use so that importing `lightning_dissect` needs
+neither:
+
+- `DissectionCallback` subclasses `lightning.pytorch.Callback` (or
+  `pytorch_lightning.Callback` where only that package is installed);
+- `PLDissectionCallback` subclasses `pytorch_lightning.Callback`.
+
+Logged, per layer, at `step=trainer.global_step` (and put in
+`trainer.callback_metrics`, so `ModelCheckpoint` and `EarlyStopping` can monitor them):
+`dissect/<layer>/detectors`, `dissect/<layer>/detectors/<category>`,
+`dissect/<layer>/unique_concepts`, `dissect/<layer>/unique_concepts/<category>`,
+`dissect/<layer>/unique_top_concepts`, `dissect/<layer>/mean_score`,
+`dissect/<layer>/switches`, `dissect/<layer>/switch_in`, `dissect/<layer>/switch_out`
+(from the second dissection of a layer on) and `dissect/seconds`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_dissect.broden import Broden
+from lightning_dissect.dissector import Dissector
+from lightning_dissect.engine.rotation import Rotation
+from lightning_dissect.loggers import adapt
+from lightning_dissect.probe import ProbeSet
+from lightning_dissect.schedule import Schedule
+
+_CLASSES = {"DissectionCallback": "lightning.pytorch", "PLDissectionCallback": "pytorch_lightning"}
+_built: dict[str, type] = {}
+
+
+class _DissectionCallback:
+    """Dissects the model being fit on a schedule and logs what its units detect.
+
+    With no arguments the probe is the Broden dataset (`$LIGHTNING_DISSECT_BRODEN`,
+    or the cache, downloaded on first use), the layers are the deepest modules
+    with spatial output, and dissections run at step 0 and at log-spaced steps
+    1, 2, 4, 9, 20, 44, ...
+
+    Configuration errors (an unknown layer, a probe that does not load, a layer
+    without spatial output) stop `fit` before the first training step: the
+    probe is loaded in `setup`, the layers are checked with one probe batch in
+    `on_fit_start` (once the model is on its device). Nothing runs during the
+    sanity check, under `fast_dev_run`, or outside `fit`.
+
+    A run with the callback ends bit-identical to the same run without it (see
+    `Dissector`). Only global rank zero writes files and logs media.
+
+    Args:
+        probe: a `ProbeSet`, a `Broden`, a Broden directory, `"synthetic"`, or None.
+        layers: module names of the `LightningModule` (e.g. `"backbone.layer4"`); None: automatic.
+        schedule: a `Schedule` (`log_spaced()` by default, `every_n_steps(n)`, ...),
+            or pass `every_n_steps=` / `every_n_epochs=`.
+        quantile, iou_threshold, denominator, batch_size, rotation, prefix_tokens, top_k:
+            the engine's options (`lightning_dissect.dissect`).
+        probe_size, probe_seed, image_size, max_seconds: the probe and the cost budget (`Dissector`).
+        dirpath: where files go; default `<trainer.log_dir>/dissections`.
+        save_json: also write each dissection's `dissection.json`.
+        on_error: `"warn"` (default): a failing periodic dissection warns and
+            training goes on; `"raise"`: it stops the fit.
+
+    Attributes:
+        dissector: the `Dissector` doing the work; `dissector.history` is the timeline.
+
+    Example:
+        >>> from lightning.pytorch import Trainer                                 # doctest: +SKIP
+        >>> trainer = Trainer(callbacks=[DissectionCallback(probe="synthetic")])  # doctest: +SKIP
+    """
+
+    _namespace = "lightning.pytorch"
+
+    def __init__(
+        self,
+        probe: ProbeSet | Broden | str | None = None,
+        layers: str | list[str] | None = None,
+        schedule: Schedule | None = None,
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        quantile: float = 0.005,
+        iou_threshold: float = 0.04,
+        denominator: str = "paper",
+        batch_size: int = 64,
+        rotation: Rotation | dict[str, Any] | torch.Tensor | None = None,
+        prefix_tokens: int | None = None,
+        top_k: int = 10,
+        probe_size: int | None = None,
+        probe_seed: int = 0,
+        image_size: int | None = None,
+        max_seconds: float | None = None,
+        dirpath: str | os.PathLike | None = None,
+        save_json: bool = True,
+        on_error: str = "warn",
+    ) -> None:
+        super().__init__()
+        self.dissector = Dissector(
+            probe, layers, schedule, every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, quantile=quantile,
+            iou_threshold=iou_threshold, denominator=denominator, batch_size=batch_size, rotation=rotation,
+            prefix_tokens=prefix_tokens, top_k=top_k, probe_size=probe_size, probe_seed=probe_seed,
+            image_size=image_size, max_seconds=max_seconds, dirpath=dirpath, save_json=save_json, on_error=on_error,
+        )
+        self._dirpath_given = dirpath is not None
+        self._active = False
+
+    @property
+    def state_key(self) -> str:
+        # The same key in both Lightning packages, so a checkpoint of one resumes in the other.
+        dissector = self.dissector
+        rotation = dissector.options["rotation"]
+        return "DissectionCallback" + repr({
+            "layers": dissector.requested_layers, "quantile": dissector.options["quantile"],
+            "iou_threshold": dissector.options["iou_threshold"], "denominator": dissector.options["denominator"],
+            "rotation": rotation.describe() if rotation is not None else None, "schedule": repr(dissector.schedule),
+        })
+
+    def _rank_zero(self) -> Any:
+        return importlib.import_module(f"{self._namespace}.utilities.rank_zero")
+
+    # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._active = False
+        if stage != "fit":
+            return
+        if trainer.fast_dev_run:
+            self._rank_zero().rank_zero_info("DissectionCallback: disabled under fast_dev_run")
+            return
+        log_dir = trainer.log_dir  # a broadcast: every rank asks
+        if not self._dirpath_given:
+            self.dissector.dirpath = Path(log_dir or trainer.default_root_dir) / "dissections"
+        self.dissector.load_probe()
+        self._active = True
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if not self._active:
+            return
+        rank_zero = self._rank_zero()
+        dissector = self.dissector
+        dissector.forward_context = trainer.precision_plugin.forward_context
+        dissector.convert_input = trainer.precision_plugin.convert_input
+        dissector.is_global_zero = trainer.is_global_zero
+        dissector.info, dissector.warn = rank_zero.rank_zero_info, rank_zero.rank_zero_warn
+        dissector.adapters = [adapt(logger) for logger in trainer.loggers] if trainer.is_global_zero else []
+        dissector.setup(pl_module)
+        if trainer.is_global_zero:
+            dissector.write_history()  # after a resume: the timeline up to the checkpoint
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._maybe_run(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._maybe_run(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._maybe_run(trainer, pl_module, epoch_end=True)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.dissector.probe is not None:
+            self.dissector.probe.release()  # the probe's device copy
+
+    def _maybe_run(self, trainer: Any, pl_module: Any, epoch_end: bool = False) -> None:
+        if not self._active or trainer.sanity_checking:
+            return
+        report = self.dissector.maybe_run(pl_module, trainer.global_step, trainer.current_epoch, epoch_end)
+        if report is not None:
+            trainer.callback_metrics.update({name: torch.tensor(value) for name, value in report.metrics.items()})
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dissector.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.dissector.load_state_dict(state_dict)
+
+
+def _build(name: str) -> type:
+    namespace = _CLASSES[name]
+    try:
+        base = importlib.import_module(namespace).Callback
+    except ImportError:
+        if name != "DissectionCallback":
+            raise ImportError(f"{name} needs the pytorch_lightning package: pip install pytorch-lightning") from None
+        try:  # DissectionCallback falls back to the standalone package
+            namespace = "pytorch_lightning"
+            base = importlib.import_module(namespace).Callback
+        except ImportError:
+            raise ImportError("DissectionCallback needs Lightning: pip install lightning") from None
+    return type(name, (_DissectionCallback, base), {
+        "__module__": __name__, "__qualname__": name, "__doc__": _DissectionCallback.__doc__,
+        "_namespace": namespace,
+    })
+
+
+def __getattr__(name: str) -> type:
+    if name not in _CLASSES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _built:
+        _built[name] = _build(name)
+    return _built[name]
+

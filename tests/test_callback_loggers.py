@@ -13,7 +13,10 @@ import pytest
 from PIL import Image
 
 import lightning_dissect as ld
-from tests.test_callback import fit, probe, synthetic_root, tiny_cnn  # noqa: F401  (fixtures)
+from tests import test_callback as shared
+from tests.test_callback import fit
+
+probe, synthetic_root = shared.probe, shared.synthetic_root  # fixtures
 
 STEPS = [0, 2, 4]
 CATEGORIES = ["color", "object", "part", "material", "scene", "texture"]
@@ -57,7 +60,7 @@ def wandb_records(path: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, probe):  # noqa: F811
+def run(tmp_path_factory, probe):
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 

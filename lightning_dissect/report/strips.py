@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
@@ -132,8 +131,8 @@ def draw_mask(image: np.ndarray, mask: np.ndarray, dim: float = DIM, border: int
               border_color: tuple[int, int, int] = BORDER_COLOR) -> np.ndarray:
     """An image with the pixels outside `mask` dimmed and the mask's outline drawn.
 
-    The outline is drawn on the `border` pixels just *outside* the mask, so
-    every mask pixel keeps its original value.
+    The outline is drawn on the `border` pixels just *outside* the mask (a square
+    dilation), so every mask pixel keeps its original value.
 
     Args:
         image: uint8 `(H, W, 3)`.
@@ -142,15 +141,24 @@ def draw_mask(image: np.ndarray, mask: np.ndarray, dim: float = DIM, border: int
     Returns:
         uint8 `(H, W, 3)`.
     """
-    tile = image.astype(np.float32)
-    tile[~mask] *= dim
-    tile = np.rint(tile).astype(np.uint8)
+    dimmed = np.rint(np.arange(256) * dim).astype(np.uint8)
+    tile = np.where(mask[..., None], image, dimmed[image])
     if border > 0 and mask.any():
-        kernel = 2 * border + 1
-        dilated = F.max_pool2d(torch.from_numpy(mask).float()[None, None], kernel, stride=1, padding=border)
-        outline = dilated[0, 0].bool().numpy() & ~mask
-        tile[outline] = border_color
+        tile[_dilate(mask, border) & ~mask] = border_color
     return tile
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation by a `(2 radius + 1)` square, as two separable passes of shifted ORs."""
+    height, width = mask.shape
+    padded = np.pad(mask, radius)
+    rows = np.zeros((height + 2 * radius, width), dtype=bool)
+    for shift in range(2 * radius + 1):
+        rows |= padded[:, shift : shift + width]
+    dilated = np.zeros((height, width), dtype=bool)
+    for shift in range(2 * radius + 1):
+        dilated |= rows[shift : shift + height]
+    return dilated
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -239,7 +247,7 @@ def strips_from_maps(
             raw = torch.stack([maps[p][unit] for p in positions]).float().contiguous()
             threshold = layer_result.thresholds[unit].double().expand(len(positions))
             counted = upsample_masks(raw, threshold, probe.segmentation_size).reshape(-1, *probe.segmentation_size)
-            masks = F.interpolate(counted[:, None].float(), size=image_size, mode="nearest")[:, 0].bool().numpy()
+            masks = _nearest(counted.numpy(), image_size)
             pixels = images[positions].permute(0, 2, 3, 1).numpy()
             tiles = np.stack([draw_mask(pixels[i], masks[i], dim, border) for i in range(len(positions))])
         else:
@@ -328,6 +336,14 @@ def unit_strips(
     maps = {p: raw[i] for i, p in enumerate(positions)}
     _warn_if_changed(layer_result, units, maps, num_images)
     return strips_from_maps(probe, layer_result, units, maps, num_images=num_images, dim=dim, notes=notes)
+
+
+def _nearest(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Scale `(n, sh, sw)` masks to `size` by nearest neighbour (source index `floor(i * sh / H)`,
+    as `F.interpolate(mode="nearest")`)."""
+    rows = np.arange(size[0]) * masks.shape[1] // size[0]
+    columns = np.arange(size[1]) * masks.shape[2] // size[1]
+    return masks[:, rows][:, :, columns]
 
 
 def _checked_units(layer_result: LayerDissection, units: Sequence[int]) -> list[int]:

@@ -230,3 +230,20 @@ def test_a_broken_logger_warns_and_the_others_still_get_the_dissection(probe):
         report = dissector.maybe_run(Net(), 0)
     assert report is not None and recording.steps == [0]
     assert any("could not show the dissection at step 0 (OSError: disk full)" in str(w.message) for w in caught)
+
+
+def test_a_plain_summary_writer_gets_scalars_tables_and_figures(probe, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(tmp_path)
+    dissector = ld.Dissector(probe, ["block2"], every_n_steps=1, loggers=[writer])
+    for step in range(2):
+        dissector.maybe_run(Net(), step)
+    writer.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("dissect/block2/detectors")] == \
+        [(entry["step"], entry["summary"]["detectors"]) for entry in dissector.history]
+    assert [event.step for event in events.Tensors("dissect/block2/units/text_summary")] == [0, 1]
+    assert [event.step for event in events.Images("dissect/block2/emergence")] == [0, 1]

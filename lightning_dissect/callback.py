@@ -31,6 +31,7 @@ import torch
 
 from lightning_dissect.broden import Broden
 from lightning_dissect.dissector import Dissector
+from lightning_dissect.distributed import StrategySynchronizer, check_strategy, local_zero_first
 from lightning_dissect.engine.rotation import Rotation
 from lightning_dissect.loggers import adapt
 from lightning_dissect.probe import ProbeSet
@@ -136,10 +137,14 @@ class _DissectionCallback:
         if trainer.fast_dev_run:
             self._rank_zero().rank_zero_info("DissectionCallback: disabled under fast_dev_run")
             return
+        check_strategy(trainer.strategy)  # sharded parameters (FSDP, ZeRO-3) are refused here
+        # Several ranks: each dissects a share of the probe set, combined exactly through the strategy.
+        self.dissector.synchronizer = StrategySynchronizer(trainer.strategy) if trainer.world_size > 1 else None
         log_dir = trainer.log_dir  # a broadcast: every rank asks
         if not self._dirpath_given:
             self.dissector.dirpath = Path(log_dir or trainer.default_root_dir) / "dissections"
-        self.dissector.load_probe()
+        # Each node's local rank zero fills the caches (download, synthetic data, decoded probe) first.
+        local_zero_first(self.dissector.synchronizer, trainer.local_rank, self.dissector.load_probe)
         self._active = True
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:

@@ -43,6 +43,7 @@ from torch import nn
 
 from lightning_dissect import schedule as schedules
 from lightning_dissect.broden import Broden, BrodenError, download_broden
+from lightning_dissect.distributed import default_synchronizer, guard, slowest
 from lightning_dissect.engine.dissect import (
     DissectionError,
     LayerCapture,
@@ -301,6 +302,10 @@ def _as_labelling(entry: Mapping[str, Any], label_names: list[str], iou_threshol
 # ---------------------------------------------------------------------- the dissector
 
 
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
 class Dissector:
     """Dissects a model on a schedule and tracks how its units' concepts change.
 
@@ -405,7 +410,7 @@ class Dissector:
         self.synchronizer: _Synchronizer | None = None  # distributed probe sharding (lightning_dissect.distributed)
         self.is_global_zero = True  # only rank zero writes files and shows media
         self.info: Callable[[str], None] = log.info
-        self.warn: Callable[[str], None] = lambda message: warnings.warn(message, UserWarning, stacklevel=3)
+        self.warn: Callable[[str], None] = _warn  # a module function: ddp_spawn pickles the dissector
 
         self.probe: ProbeSet | None = None
         self.layers: list[str] | None = None
@@ -487,15 +492,18 @@ class Dissector:
             self.setup(model)
         probe = self.load_probe()
         device = model_device(model)
+        synchronizer = self.synchronizer or default_synchronizer()
         started = time.perf_counter()
-        with preserved_random_state(device), _converted_inputs(probe, self.convert_input):
-            dissection = dissect(model, probe, self.layers, **self.options, forward_context=self.forward_context,
-                                 synchronizer=self.synchronizer)
-        seconds = time.perf_counter() - started
-        report = self._record(dissection, step, epoch, seconds)
-        if self.is_global_zero:
-            self._write(report)
-            self._show(report)
+        # Under several ranks a failure anywhere in here raises on every rank (lightning_dissect.distributed).
+        with guard(synchronizer):
+            with preserved_random_state(device), _converted_inputs(probe, self.convert_input):
+                dissection = dissect(model, probe, self.layers, **self.options, forward_context=self.forward_context,
+                                     synchronizer=synchronizer)
+            seconds = slowest(synchronizer, time.perf_counter() - started)  # the same on every rank
+            report = self._record(dissection, step, epoch, seconds)
+            if self.is_global_zero:
+                self._write(report)
+                self._show(report)
         self._apply_budget(seconds)
         return report
 

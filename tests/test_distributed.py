@@ -25,6 +25,7 @@ from lightning_dissect.distributed import (
     TorchDistributedSynchronizer,
     check_strategy,
     default_synchronizer,
+    local_zero_first,
 )
 from lightning_dissect.engine.dissect import DissectionError, _Synchronizer
 from tests.conftest import random_broden
@@ -110,6 +111,35 @@ def single_process_results(root: Path) -> dict:
 WORLD_SIZE = 3  # shards of 8, 8 and 7 images
 
 
+def prepare_twice(rank: int, out: Path) -> list[str]:
+    """`local_zero_first` on one node: once when rank 0's preparation succeeds, once when it fails."""
+    marker = out / "prepared"
+    synchronizer = TorchDistributedSynchronizer()
+    outcomes = []
+
+    def prepare() -> str:
+        if rank == 0:
+            time.sleep(0.3)  # the others would see no marker if they did not wait
+            marker.write_text("cache filled")
+            return "first"
+        return "after" if marker.exists() else "too early"
+
+    outcomes.append(local_zero_first(synchronizer, rank, prepare))
+
+    def fail_on_local_zero() -> str:
+        if rank == 0:
+            raise OSError("the download failed")
+        return "ran"
+
+    try:
+        outcomes.append(local_zero_first(synchronizer, rank, fail_on_local_zero))
+    except RankFailedError as error:
+        outcomes.append(f"RankFailedError{error.ranks}")
+    except OSError:
+        outcomes.append("OSError")
+    return outcomes
+
+
 def ranks_worker(rank: int, world_size: int, port: int, root: str, out: str) -> None:
     """Everything the standalone tests check, in one process group (spawning is the slow part)."""
     init_group(rank, world_size, port)
@@ -145,6 +175,8 @@ def ranks_worker(rank: int, world_size: int, port: int, root: str, out: str) -> 
         with synchronizer.guard():
             after = ld.dissect_activations({"layer": activations(len(probe), 0, ties=False)}, probe)["layer"]
         results["after_failures"] = after.thresholds
+
+        results["local_zero_first"] = prepare_twice(rank, Path(out))
 
         small = ld.ProbeSet(root, size=2, cache_dir=False)
         try:
@@ -200,6 +232,11 @@ def test_failure_on_one_rank_stops_every_rank_before_its_next_collective(odd_pro
     expected = ld.dissect_activations({"layer": activations(len(probe), 0, ties=False)}, probe)["layer"]
     for result in rank_results:
         assert torch.equal(result["after_failures"], expected.thresholds)
+
+
+def test_local_rank_zero_prepares_first_and_its_failure_stops_the_others(rank_results):
+    assert [result["local_zero_first"] for result in rank_results] == [
+        ["first", "OSError"], ["after", "RankFailedError[0]"], ["after", "RankFailedError[0]"]]
 
 
 def test_probe_smaller_than_the_world_fails_alike_on_every_rank(rank_results):

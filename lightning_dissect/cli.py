@@ -1,0 +1,265 @@
+"""The `lightning-dissect` command.
+
+    lightning-dissect demo                     train a small CNN on the synthetic dataset, dissect it as it learns
+    lightning-dissect compare RUN[@STEP] ...   unique concepts per category across layers or saved runs
+    lightning-dissect dissect MODEL --layers   dissect a saved TorchScript model on a Broden directory
+    lightning-dissect report RUN_DIR           the HTML report of a run (lightning_dissect.report)
+
+Each subcommand is a thin adapter: it parses arguments, calls the library and prints where the
+results are. Errors a user can cause (a missing run, an unknown layer) end with exit status 2 and
+one line naming the argument at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_dissect.broden import BrodenError
+from lightning_dissect.engine.dissect import DissectionError
+
+
+class UsageError(Exception):
+    """A bad argument: printed as one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------ demo
+
+
+def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "demo", help="train a small CNN on the synthetic dataset with DissectionCallback and draw the emergence "
+                     "figures",
+        description="Generate the synthetic dataset (cached), train a small CNN from scratch on it with "
+                    "DissectionCallback on a log-spaced schedule (steps 0, 1, 2, 4, 9, 20, ...), write TensorBoard "
+                    "logs and the paper's emergence figures, and print the numbers found.")
+    parser.add_argument("-o", "--output", type=Path, default=Path("lightning_dissect_demo"),
+                        help="where logs and figures go (default: ./lightning_dissect_demo)")
+    parser.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
+    parser.add_argument("--images", type=int, default=1000, help="images in the synthetic dataset (default: 1000)")
+    parser.add_argument("--image-size", type=int, default=64, help="their size in pixels (default: 64)")
+    parser.add_argument("--probe-size", type=int, default=None,
+                        help="probe images, drawn from the validation split (default: all of it)")
+    parser.add_argument("--task", default="background", help="the training task (default: background)")
+    parser.add_argument("--width", type=int, default=32, help="the CNN's width (default: 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the run (default: 0)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where the dataset is cached (default: $LIGHTNING_DISSECT_CACHE or ~/.cache)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    parser.set_defaults(handler=run_demo)
+    return parser
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    for name in ("steps", "images", "image_size", "width"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be a positive integer")
+    try:
+        from lightning_dissect.demo import emergence_run
+    except ImportError as error:
+        raise UsageError(f"the demo needs Lightning and TensorBoard ({error}); pip install "
+                         "'lightning-dissect[lightning,tensorboard]'") from error
+    run = emergence_run(args.output, steps=args.steps, num_images=args.images, image_size=args.image_size,
+                        probe_size=args.probe_size, task=args.task, width=args.width, seed=args.seed,
+                        cache_dir=args.cache_dir, progress=args.progress, echo=print)
+    print()
+    for layer, (first, last) in run["unique_concepts"].items():
+        print(f"{layer}: {first:.0f} unique concepts at step {run['steps'][0]} -> {last:.0f} at step "
+              f"{run['steps'][-1]} ({run['detectors'][layer][0]:.0f} -> {run['detectors'][layer][1]:.0f} detectors)")
+    print(f"validation accuracy on the {args.task} task: {100 * run['accuracy']:.1f}%")
+    print("\nfigures:")
+    for path in run["figures"]:
+        print(f"  {path}")
+    print(f"dissections (JSON, CSV per step, history.jsonl): {run['dissections']}")
+    print(f"\nopen TensorBoard:\n  tensorboard --logdir {run['log_root']}")
+    print(f"HTML report of the last dissection:\n  lightning-dissect report {run['log_dir']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ compare
+
+
+def add_compare_command(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "compare", help="bar chart of unique concepts per category across layers or saved runs",
+        description="Compare dissections: with one RUN, its layers; with several, one bar per run (and layer). "
+                    "A RUN is a log directory written by DissectionCallback, its dissections/ folder, or a "
+                    "dissection JSON file; RUN@STEP picks a dissection of a run (default: its last), so stages of "
+                    "one run compare too.")
+    parser.add_argument("runs", nargs="+", metavar="RUN[@STEP]", help="runs or dissection files to compare")
+    parser.add_argument("--layer", action="append", default=None,
+                        help="layer(s) to show (repeatable; default: every layer of one run, the last layer of "
+                             "each of several)")
+    parser.add_argument("--names", nargs="+", default=None, help="display names of the runs, in order")
+    parser.add_argument("--count", choices=["unique_concepts", "detectors"], default="unique_concepts",
+                        help="what the bars count (default: unique_concepts)")
+    parser.add_argument("-o", "--output", type=Path, default=Path("comparison.png"),
+                        help="the figure to write (default: comparison.png)")
+    parser.set_defaults(handler=run_compare)
+    return parser
+
+
+def split_run(spec: str) -> tuple[Path, int | None]:
+    """`RUN@STEP` -> `(RUN, STEP)`; a plain `RUN` -> `(RUN, None)`.
+
+    Raises:
+        UsageError: a STEP that is not an integer.
+    """
+    path, separator, step = spec.rpartition("@")
+    if not separator or Path(spec).exists():
+        return Path(spec), None
+    if not step.isdigit():
+        raise UsageError(f"{spec!r}: the step after '@' must be an integer, e.g. {path}@1000")
+    return Path(path), int(step)
+
+
+def compared_layers(specs: Sequence[str], layers: Sequence[str] | None = None,
+                    names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The `LayerDissection`s that `compare` draws, under their bar names.
+
+    One run: each of its layers (or `layers`). Several runs: for each, its last layer (or each
+    of `layers`), named after the run (`name:layer` when several layers are shown).
+
+    Raises:
+        UsageError: a run, step or layer that does not exist (named), or names of the wrong length.
+    """
+    from lightning_dissect.analysis import read_run
+
+    if names is not None and len(names) != len(specs):
+        raise UsageError(f"--names has {len(names)} names for {len(specs)} runs")
+    chosen: dict[str, Any] = {}
+    for index, spec in enumerate(specs):
+        path, step = split_run(spec)
+        try:
+            history = read_run(path)
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(f"RUN {spec!r}: {error}") from error
+        steps = [saved for saved, _ in history]
+        if step is not None and step not in steps:
+            raise UsageError(f"RUN {spec!r}: no dissection at step {step}; steps: {steps}")
+        found_step, dissection = history[-1] if step is None else history[steps.index(step)]
+        wanted = list(layers) if layers else (list(dissection) if len(specs) == 1 else [list(dissection)[-1]])
+        missing = [layer for layer in wanted if layer not in dissection]
+        if missing:
+            raise UsageError(f"RUN {spec!r}: no layer {missing[0]!r}; layers: {list(dissection)}")
+        run_name = names[index] if names else (path.name if step is None else f"{path.name}@{found_step}")
+        for layer in wanted:
+            label = layer if len(specs) == 1 else (run_name if len(wanted) == 1 else f"{run_name}:{layer}")
+            if label in chosen:
+                label = f"{label} ({index + 1})"
+            chosen[label] = dissection[layer]
+    return chosen
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from lightning_dissect.analysis import concept_counts, format_counts, plot_comparison
+
+    layers = compared_layers(args.runs, args.layer, args.names)
+    counts = concept_counts(layers, args.count)
+    label = args.count.replace("_", " ")
+    print(format_counts(counts, "layer" if len(args.runs) == 1 else "run"))
+    figure = plot_comparison(counts, args.output, ylabel=label,
+                             title=f"{label} per category" + (f" ({args.runs[0]})" if len(args.runs) == 1 else ""))
+    print(f"figure: {figure}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ dissect
+
+
+def add_dissect_command(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "dissect", help="dissect a saved TorchScript model on a Broden directory",
+        description="Dissect layers of a model saved with torch.jit.save (or torch.jit.script(model).save) on a "
+                    "Broden directory, or on the synthetic dataset, and write the dissection's JSON and one CSV "
+                    "per layer.")
+    parser.add_argument("model", type=Path, help="a TorchScript file (torch.jit.save)")
+    parser.add_argument("--layers", nargs="+", required=True, help="module names to dissect, e.g. layer4")
+    parser.add_argument("--broden", default="synthetic",
+                        help="a Broden directory, or 'synthetic' for the cached synthetic dataset (default)")
+    parser.add_argument("--probe-size", type=int, default=None, help="probe images (default: all)")
+    parser.add_argument("--image-size", type=int, default=None, help="resize probe images for the model")
+    parser.add_argument("--quantile", type=float, default=0.005, help="top activation quantile (default 0.005)")
+    parser.add_argument("--iou-threshold", type=float, default=0.04, help="detector IoU threshold (default 0.04)")
+    parser.add_argument("--denominator", default="paper", choices=["paper", "lite", "global"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("-o", "--output", type=Path, default=Path("dissection"),
+                        help="folder for dissection.json and <layer>.csv (default: ./dissection)")
+    parser.set_defaults(handler=run_dissect)
+    return parser
+
+
+def run_dissect(args: argparse.Namespace) -> int:
+    import torch
+
+    import lightning_dissect as ld
+
+    if not args.model.is_file():
+        raise UsageError(f"MODEL {str(args.model)!r} is not a file; save one with torch.jit.save")
+    try:
+        model = torch.jit.load(str(args.model), map_location="cpu")
+    except RuntimeError as error:
+        raise UsageError(f"MODEL {str(args.model)!r} is not a TorchScript file ({str(error).splitlines()[0]}); "
+                         "save the model with torch.jit.save(torch.jit.script(model), path)") from error
+    if args.broden == "synthetic":
+        from lightning_dissect.synthetic import synthetic_broden_path
+
+        root = synthetic_broden_path(num_images=500, image_size=args.image_size or 224)
+    else:
+        root = Path(args.broden)
+    probe = ld.ProbeSet(root, size=args.probe_size, image_size=args.image_size, progress=True)
+    dissection = ld.dissect(model, probe, args.layers, quantile=args.quantile, iou_threshold=args.iou_threshold,
+                            denominator=args.denominator, batch_size=args.batch_size, progress=True)
+    args.output.mkdir(parents=True, exist_ok=True)
+    dissection.to_json(args.output / "dissection.json")
+    for layer, result in dissection.items():
+        result.to_csv(args.output / f"{layer}.csv")
+        summary = result.summary()
+        print(f"{layer}: {summary['unique_concepts']:.0f} unique concepts, {summary['detectors']:.0f} of "
+              f"{result.num_units} units are detectors")
+    print(f"written: {args.output / 'dissection.json'} and one CSV per layer")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand; `report` comes from `lightning_dissect.report` when it imports."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-dissect", description="Network Dissection (Bau et al., CVPR 2017) in the training loop.")
+    from lightning_dissect import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_demo_command(subparsers)
+    add_compare_command(subparsers)
+    add_dissect_command(subparsers)
+    try:  # the report command lives with the report; the others work without it
+        from lightning_dissect.report.run import add_report_command
+    except ImportError:
+        pass
+    else:
+        add_report_command(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `lightning-dissect`; returns the exit status (0: done, 2: bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except (UsageError, BrodenError, DissectionError) as error:
+        print(f"lightning-dissect {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,9 +3,10 @@
 Pass one runs the model over the probe set and keeps, per unit, the running
 top values that the exact threshold needs (and the top images). Pass two makes
 the masks against those thresholds and tallies intersections and areas. Between
-the passes the layer's raw activations are kept when they fit
-`activation_cache_bytes`; otherwise pass two runs the model again, so memory
-never grows with the probe set beyond the threshold state.
+the passes the layers' raw activations are kept up to `activation_cache_bytes`
+(the first batches, in full); pass two runs the model again for the batches
+beyond it, so memory never grows with the probe set beyond the threshold state
+and that budget. See docs/performance.md for what each part costs.
 """
 
 from __future__ import annotations
@@ -256,10 +257,10 @@ def _run(
     top_values: dict[str, torch.Tensor] = {}
     top_indices: dict[str, torch.Tensor] = {}
     shapes: dict[str, tuple[int, int, int]] = {}
-    cache: list[dict[str, torch.Tensor]] | None = []
+    cache: list[dict[str, torch.Tensor] | None] = []
     cached_bytes = 0
     bar = _progress(len(batches) * 2, progress)
-    for batch in batches:
+    for number, batch in enumerate(batches):
         raw = activation_batches(batch)
         if not shapes:
             shapes = {name: tuple(value.shape[1:]) for name, value in raw.items()}
@@ -274,7 +275,9 @@ def _run(
         for name, value in maps.items():
             if tuple(value.shape[1:]) != shapes[name]:
                 raise DissectionError(f"layer {name!r} changed shape from {shapes[name]} to {tuple(value.shape[1:])}")
-            if not torch.isfinite(value).all():
+            # One reduction instead of an elementwise test: a finite sum has no NaN or inf (an overflowing
+            # sum of finite values is told apart by the exact test).
+            if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
                 raise DissectionError(f"layer {name!r} produced non-finite activations (NaN or inf) on probe images "
                                       f"{batch[0]}..{batch[-1]}")
             tops[name].add(value.transpose(0, 1).reshape(value.shape[1], -1))
@@ -282,12 +285,11 @@ def _run(
                 peaks = value.amax(dim=(2, 3)).t()
                 top_values[name], top_indices[name] = _top_images_update(
                     top_values[name], top_indices[name], peaks, index.expand_as(peaks), top_k)
-        if cache is not None:
-            cached_bytes += sum(value.numel() * value.element_size() for value in maps.values())
-            if cached_bytes * len(batches) / (len(cache) + 1) <= activation_cache_bytes:
-                cache.append(maps)
-            else:
-                cache = None
+        # Keep the first batches up to the budget; pass two runs the model again only for the rest.
+        batch_bytes = sum(value.numel() * value.element_size() for value in maps.values())
+        if len(cache) == number and cached_bytes + batch_bytes <= activation_cache_bytes:
+            cache.append(maps)
+            cached_bytes += batch_bytes
         bar.update(1)
     if not shapes:
         raise DissectionError("the probe set is empty: nothing to dissect")
@@ -305,7 +307,10 @@ def _run(
     tallies = {name: IoUTally(shapes[name][0], data["label_category"], len(probe.categories), denominator, device)
                for name in shapes}
     for number, batch in enumerate(batches):
-        maps = cache[number] if cache is not None else unit_maps(batch)
+        if number < len(cache):
+            maps, cache[number] = cache[number], None  # freed as soon as it is tallied
+        else:
+            maps = unit_maps(batch)
         index = torch.tensor(batch, device=device)
         for name, value in maps.items():
             tallies[name].add(value, thresholds[name], data["label_maps"][index], data["image_labels"][index],
@@ -330,7 +335,7 @@ def _run(
             top_images=top_indices[name].cpu() if top_k else torch.zeros(shapes[name][0], 0, dtype=torch.long),
             top_activations=top_values[name].cpu() if top_k else torch.zeros(shapes[name][0], 0),
         )
-    settings = dict(settings, seconds=time.perf_counter() - started, activations_cached=cache is not None)
+    settings = dict(settings, seconds=time.perf_counter() - started, activations_cached=len(cache) == len(batches))
     return Dissection(results, settings)
 
 
@@ -406,7 +411,8 @@ def dissect(
         prefix_tokens: class/register tokens to drop from `(N, T, K)` outputs.
         top_k: how many top-activating images to keep per unit.
         activation_cache_bytes: keep activations between the passes up to this
-            size; above it the model runs twice.
+            size (the first batches); the model runs again only for the batches
+            beyond it. 0 bounds memory by the threshold state alone.
         forward_context: a context manager factory wrapped around every forward
             (for example the trainer's precision context).
         progress: show a progress bar.

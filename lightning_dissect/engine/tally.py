@@ -1,15 +1,31 @@
 """Masks, intersections and unit areas, accumulated over a probe set (SEMANTICS §2, §4).
 
 Masks are sparse by construction: a unit's mask keeps the pixels above its top
-0.5% threshold. A bilinearly upsampled pixel is a convex combination of at
-most four raw cells, so an image whose raw map never exceeds the threshold has
-an empty mask. The tally upsamples only the (image, unit) maps that can
-exceed it, and counts intersections from the mask pixels alone, with one
+0.5% threshold, and a bilinearly upsampled pixel is a convex combination of at
+most 2 x 2 raw cells, so it can exceed the threshold only next to a raw cell
+that (nearly) does. The tally never upsamples whole maps. It cuts the output
+grid into *tiles*: runs of output rows (and columns) that read the same two
+source rows (columns), so every pixel of a tile is a combination of the same
+four raw cells. Only tiles with a cell near the threshold are evaluated.
+
+Exactness. The mask is defined by `F.interpolate` (SEMANTICS §2), whose CPU
+kernel rounds in its own way (fused multiply-adds on most builds). The tile
+evaluation recomputes the interpolation with its own float32 arithmetic and
+decides a pixel only where it is farther from the threshold than any rounding
+difference could reach (`_DECISION_SLACK`, relative to the four cells'
+magnitude). A map with a pixel inside that band is upsampled whole by
+`F.interpolate` and decided by it, so the result equals the dense definition
+bit for bit. Before the tiles are trusted for a layer shape, the kernel's
+source cells and weights are checked against one-hot probes on the device
+(`_tile_plan`); where they do not match, the tally upsamples candidate maps
+whole. The intersections are then counted from the mask pixels alone, with one
 `bincount` over `unit * C + label`.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -18,15 +34,30 @@ import torch.nn.functional as F
 Denominator = Literal["paper", "lite", "global"]
 DENOMINATORS: tuple[str, ...] = ("paper", "lite", "global")
 
-# Float32 rounding can lift a bilinear combination a few ulps above its largest
-# input; a relative slack of 2^-20 (about 8 ulps) keeps the candidate filter safe.
-_ROUNDING_SLACK = 2.0**-20
-# Upsampled maps held at once, in float32 elements.
+# A bilinear value exceeds the largest of its four cells by at most a few float32 ulps (weights in
+# [0, 1] summing to 1 up to rounding). A cell counts as near the threshold `T` when it exceeds
+# `T - |T| * _HOT_SLACK - _TINY`, far more than that rounding.
+_HOT_SLACK = 2.0**-16
+# The tile arithmetic and the kernel's differ by weights within 2^-20 (checked in `_tile_plan`) and
+# a few roundings: at most about 2^-18 of the largest |cell|. Pixels within 2^-16 of it from the
+# threshold are left to `F.interpolate`. With the kernel's own weights only the roundings differ
+# (about 10 float32 roundings, < 2^-20): the band narrows to 2^-19.
+_DECISION_SLACK = 2.0**-16
+_EXACT_WEIGHTS_SLACK = 2.0**-19
+_WEIGHT_TOLERANCE = 2.0**-20
+_TINY = 2.0**-126
+# Values held at once by one step (upsampled maps or tile pixels), in float32 elements.
 _CHUNK_ELEMENTS = 2**23
 
 
 def upsample_masks(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """`M_u(x) = upsample(A[x, u]) > T_u` for a stack of raw maps (SEMANTICS §2).
+
+    This is the definition; the tally reaches the same masks without upsampling whole maps.
+    Each map is upsampled on its own, as `(n, 1, h, w)`: on CPU, for outputs with
+    `sh + sw <= 128`, ATen's kernel rounds differently when a tensor has 8 or more
+    channels (a vectorised path), so the layout is part of the definition. For
+    larger outputs (Broden's 112 and 113) every layout gives the same bits.
 
     Args:
         maps: float32 `(n, h, w)` raw activation maps.
@@ -37,21 +68,259 @@ def upsample_masks(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int
         bool `(n, sh * sw)`.
     """
     upsampled = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
-    # Compared in float64: the threshold is never rounded to float32.
-    return (upsampled.flatten(1) > thresholds.unsqueeze(1)).reshape(maps.shape[0], -1)
+    # Against the float64 threshold, compared in float32: x > T <=> x > the largest float32 <= T.
+    return upsampled.flatten(1) > float32_below(thresholds).unsqueeze(1)
 
 
-def candidate_pairs(activations: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (image, unit) maps whose upsampled mask may be non-empty.
+def float32_below(values: torch.Tensor) -> torch.Tensor:
+    """The largest float32 `<= values` (float64), so that `x > values <=> x > result` for float32 `x`."""
+    rounded = values.float()
+    return torch.where(rounded.double() > values, torch.nextafter(rounded, torch.full_like(rounded, -math.inf)),
+                       rounded)
+
+
+def _float32_above(values: torch.Tensor) -> torch.Tensor:
+    """The smallest float32 `>= values` (float64)."""
+    rounded = values.float()
+    return torch.where(rounded.double() < values, torch.nextafter(rounded, torch.full_like(rounded, math.inf)),
+                       rounded)
+
+
+# ---------------------------------------------------------------------------------------------- tile geometry
+
+def axis_weights(in_size: int, out_size: int, fused: bool = True) -> tuple[torch.Tensor, ...]:
+    """Source cells and weights of 1-d bilinear interpolation, as ATen's CPU kernel computes them.
+
+    `real = max(scale * (o + 0.5) - 0.5, 0)` in float32 with `scale = in / out`
+    (`fused`: one rounding, as a fused multiply-add gives); `i0 = min(floor(real), in - 1)`,
+    `i1 = i0 + 1` (clamped), `w1 = clamp(real - i0, 0, 1)`, `w0 = 1 - w1`.
 
     Returns:
-        `(images, units)`: long tensors of batch positions and unit indices.
+        `(i0, i1, w0, w1)`, each `(out_size,)`: long indices, float32 weights.
     """
-    peak = activations.amax(dim=(2, 3)).double()
-    bound = peak + peak.abs() * _ROUNDING_SLACK
-    images, units = (bound > thresholds).nonzero(as_tuple=True)
-    return images, units
+    if in_size == out_size:
+        index = torch.arange(out_size)
+        return index, index, torch.ones(out_size), torch.zeros(out_size)
+    scale = torch.tensor(float(in_size), dtype=torch.float32) / out_size
+    position = torch.arange(out_size, dtype=torch.float64) + 0.5
+    if fused:  # the float64 product and difference are exact; one rounding to float32
+        real = (scale.double() * position - 0.5).float()
+    else:
+        real = scale * position.float() - 0.5
+    real = real.clamp(min=0)
+    i0 = real.floor().long().clamp(max=in_size - 1)
+    w1 = (real - i0.float()).clamp(0, 1)
+    i1 = i0 + (i0 < in_size - 1).long()
+    return i0, i1, 1 - w1, w1
 
+
+@dataclass
+class _Axis:
+    """One axis cut into bands of at most `S` outputs that read the same two source cells."""
+
+    source0: torch.Tensor  # (bands,) long
+    source1: torch.Tensor  # (bands,) long
+    output: torch.Tensor  # (bands, S) long, 0 where padded
+    weight0: torch.Tensor  # (bands, S) float32, NaN where padded: padded pixels compare False
+    weight1: torch.Tensor  # (bands, S) float32
+
+    @staticmethod
+    def build(i0: torch.Tensor, i1: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, width: int,
+              device: torch.device) -> _Axis:
+        bands: list[list[int]] = []
+        for o in range(i0.shape[0]):
+            if bands and (i0[o], i1[o]) == (i0[bands[-1][0]], i1[bands[-1][0]]) and len(bands[-1]) < width:
+                bands[-1].append(o)
+            else:
+                bands.append([o])
+        output = torch.zeros(len(bands), width, dtype=torch.long)
+        weight0 = torch.full((len(bands), width), math.nan)
+        weight1 = torch.full((len(bands), width), math.nan)
+        for b, members in enumerate(bands):
+            output[b, : len(members)] = torch.tensor(members)
+            weight0[b, : len(members)] = w0[members]
+            weight1[b, : len(members)] = w1[members]
+        first = torch.tensor([members[0] for members in bands])
+        return _Axis(i0[first].to(device), i1[first].to(device), output.to(device), weight0.to(device),
+                     weight1.to(device))
+
+
+@dataclass
+class _TilePlan:
+    rows: _Axis
+    cols: _Axis
+    # How far (relative to the largest |cell| of a tile) the tile arithmetic may be from the kernel's.
+    slack: float
+
+
+_PLANS: dict[tuple, _TilePlan | None] = {}
+
+
+def _tile_plan(in_size: tuple[int, int], out_size: tuple[int, int], device: torch.device) -> _TilePlan | None:
+    """The tiles of `(h, w) -> (sh, sw)` upsampling, or None where tiles do not pay or do not match.
+
+    The plan is trusted only after one-hot probes through `F.interpolate` on `device` show that
+    every output pixel reads exactly the cells the plan says, with weights within
+    `_WEIGHT_TOLERANCE` (tried with fused and with unfused position arithmetic). Where the
+    probes show the kernel's 1-d weights bit for bit, the decision band narrows to
+    `_EXACT_WEIGHTS_SLACK`.
+    """
+    key = (in_size, out_size, device.type, device.index)
+    if key not in _PLANS:
+        (h, w), (sh, sw) = in_size, out_size
+        plan = None
+        # Tiles pay when each raw cell spreads over several output pixels.
+        if sh >= 2 * h and sw >= 2 * w and h * w <= 64 * 64:
+            for fused in (True, False):
+                rows, cols = axis_weights(h, sh, fused), axis_weights(w, sw, fused)
+                match = _kernel_match(rows, cols, in_size, out_size, device)
+                if match is not None:
+                    slack = _EXACT_WEIGHTS_SLACK if match == "exact" else _DECISION_SLACK
+                    plan = _TilePlan(_Axis.build(*rows, math.ceil(sh / h), device),
+                                     _Axis.build(*cols, math.ceil(sw / w), device), slack)
+                    break
+        _PLANS[key] = plan
+    return _PLANS[key]
+
+
+def _axis_matrix(i0: torch.Tensor, i1: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, in_size: int,
+                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """`(out, in)`: the weight of every source cell in every output (both weights added where `i0 == i1`)."""
+    matrix = torch.zeros(i0.shape[0], in_size, dtype=dtype)
+    rows = torch.arange(i0.shape[0])
+    matrix.index_put_((rows, i0), w0.to(dtype), accumulate=True)
+    matrix.index_put_((rows, i1), w1.to(dtype), accumulate=True)
+    return matrix
+
+
+def _kernel_match(rows: tuple[torch.Tensor, ...], cols: tuple[torch.Tensor, ...], in_size: tuple[int, int],
+                  out_size: tuple[int, int], device: torch.device) -> str | None:
+    """Compare the plan with `F.interpolate` of one-hot probes: None (no match), "close" (the same
+    cells, weights within `_WEIGHT_TOLERANCE`) or "exact" (the 1-d weights bit for bit).
+
+    A probe lights every third cell in both axes (9 probes cover all cells). Cells three apart
+    are never read by one output pixel, so each output of a probe is the weight of one cell
+    (or 0), and any cell the kernel reads beyond the plan shows up. Output row 0 and column 0
+    have the other axis's weight exactly 1, so they show the 1-d weights unrounded.
+    """
+    h, w = in_size
+    vertical, horizontal = _axis_matrix(*rows, h), _axis_matrix(*cols, w)
+    vertical32, horizontal32 = _axis_matrix(*rows, h, torch.float32), _axis_matrix(*cols, w, torch.float32)
+    phases = [(py, px) for py in range(min(3, h)) for px in range(min(3, w))]
+    probes = torch.zeros(len(phases), h, w)
+    for number, (py, px) in enumerate(phases):
+        probes[number, py::3, px::3] = 1
+    kernel = F.interpolate(probes.view(-1, 1, h, w).to(device), size=out_size, mode="bilinear",
+                           align_corners=False)[:, 0].cpu()
+    exact = True
+    for number, (py, px) in enumerate(phases):
+        column_weights, row_weights = vertical[:, py::3].sum(1), horizontal[:, px::3].sum(1)
+        predicted = column_weights.unsqueeze(1) * row_weights.unsqueeze(0)
+        if not torch.equal(kernel[number] == 0, predicted == 0):
+            return None
+        if (kernel[number].double() - predicted).abs().max() > _WEIGHT_TOLERANCE:
+            return None
+        if py == 0:
+            exact = exact and torch.equal(kernel[number, 0], horizontal32[:, px::3].sum(1))
+        if px == 0:
+            exact = exact and torch.equal(kernel[number, :, 0], vertical32[:, py::3].sum(1))
+    return "exact" if exact else "close"
+
+
+# ---------------------------------------------------------------------------------------------- masks
+
+def mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixels of all masks `M_u(x)` of a batch, without upsampling whole maps (SEMANTICS §2).
+
+    Args:
+        activations: float32 `(B, K, h, w)`.
+        thresholds: float64 `(K,)`.
+        size: `(sh, sw)`.
+
+    Returns:
+        `(maps, pixels)`: long tensors, one entry per mask pixel: the map `x * K + u`
+        and the pixel `row * sw + column`. Their order is unspecified.
+    """
+    batch, units, h, w = activations.shape
+    activations = activations.float().contiguous()
+    plan = _tile_plan((h, w), size, activations.device)
+    if plan is None:
+        return _dense_mask_pixels(activations, thresholds, size)
+    rows, cols = plan.rows, plan.cols
+    near = thresholds - thresholds.abs() * _HOT_SLACK - _TINY
+    # Cells all <= 0 give pixels <= 0 (every product and sum keeps the sign): none exceeds a T >= 0.
+    near = float32_below(torch.where(thresholds >= 0, near.clamp(min=0), near)).view(1, units, 1, 1)
+    # Tile (by, bx) reads cells {source0, source1} x {source0, source1} of its row and column bands.
+    band_rows = torch.maximum(activations[:, :, rows.source0], activations[:, :, rows.source1])
+    tile_max = torch.maximum(band_rows[..., cols.source0], band_rows[..., cols.source1])
+    hot = (tile_max > near).view(-1).nonzero().squeeze(1)
+    tiles_per_map = rows.source0.shape[0] * cols.source0.shape[0]
+    out_maps, out_pixels = [], []
+    uncertain_maps = []
+    flat = activations.view(-1)
+    chunk = max(1, _CHUNK_ELEMENTS // (rows.output.shape[1] * cols.output.shape[1]))
+    for start in range(0, hot.shape[0], chunk):
+        tile = hot[start : start + chunk]
+        map_index = tile // tiles_per_map
+        by = (tile % tiles_per_map) // cols.source0.shape[0]
+        bx = tile % cols.source0.shape[0]
+        base = map_index * (h * w)
+        y0, y1 = base + rows.source0[by] * w, base + rows.source1[by] * w
+        x0, x1 = cols.source0[bx], cols.source1[bx]
+        a00, a01, a10, a11 = flat[y0 + x0], flat[y0 + x1], flat[y1 + x0], flat[y1 + x1]
+        wx0, wx1 = cols.weight0[bx], cols.weight1[bx]
+        top = a00.unsqueeze(1) * wx0 + a01.unsqueeze(1) * wx1
+        bottom = a10.unsqueeze(1) * wx0 + a11.unsqueeze(1) * wx1
+        values = top.unsqueeze(1) * rows.weight0[by].unsqueeze(2) + bottom.unsqueeze(1) * rows.weight1[by].unsqueeze(2)
+        magnitude = torch.stack([a00, a01, a10, a11]).abs().amax(0).double()
+        slack = magnitude * plan.slack + _TINY
+        threshold = thresholds[map_index % units]
+        above = (values > _float32_above(threshold + slack).view(-1, 1, 1))
+        maybe = (values >= float32_below(threshold - slack).view(-1, 1, 1))
+        unsure = (maybe & ~above).flatten(1).any(1)
+        if unsure.any():
+            uncertain_maps.append(map_index[unsure])
+        which, row, column = above.nonzero(as_tuple=True)
+        out_maps.append(map_index[which])
+        out_pixels.append(rows.output[by[which], row] * size[1] + cols.output[bx[which], column])
+    maps = torch.cat(out_maps) if out_maps else torch.zeros(0, dtype=torch.long, device=activations.device)
+    pixels = torch.cat(out_pixels) if out_pixels else torch.zeros_like(maps)
+    if uncertain_maps:
+        # Near the threshold only the kernel itself decides: redo these maps whole.
+        redo = torch.cat(uncertain_maps).unique()
+        keep = ~torch.isin(maps, redo)
+        exact_maps, exact_pixels = _dense_mask_pixels(activations.view(-1, 1, h, w)[redo].view(-1, 1, h, w),
+                                                      thresholds[redo % units], size, per_map=True)
+        maps = torch.cat([maps[keep], redo[exact_maps]])
+        pixels = torch.cat([pixels[keep], exact_pixels])
+    return maps, pixels
+
+
+def _dense_mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int],
+                       per_map: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mask_pixels` by upsampling every candidate map whole. With `per_map`, `activations` is
+    `(n, 1, h, w)` with one threshold per map, and the maps returned index its first axis."""
+    n, units, h, w = activations.shape
+    maps = activations.view(-1, h, w)
+    map_thresholds = thresholds if per_map else thresholds.repeat(n)
+    # A map whose every cell is below the threshold (with rounding slack) has an empty mask.
+    peak = maps.amax(dim=(1, 2)).double()
+    candidates = (peak + peak.abs() * _HOT_SLACK + _TINY > map_thresholds).nonzero().squeeze(1)
+    chunk = max(1, _CHUNK_ELEMENTS // (size[0] * size[1]))
+    out_maps, out_pixels = [], []
+    for start in range(0, candidates.shape[0], chunk):
+        index = candidates[start : start + chunk]
+        which, pixel = upsample_masks(maps[index], map_thresholds[index], size).nonzero(as_tuple=True)
+        out_maps.append(index[which])
+        out_pixels.append(pixel)
+    if not out_maps:
+        empty = torch.zeros(0, dtype=torch.long, device=activations.device)
+        return empty, empty
+    return torch.cat(out_maps), torch.cat(out_pixels)
+
+
+# ---------------------------------------------------------------------------------------------- tally
 
 class IoUTally:
     """Running sums `I(u, c)` and `A_k(u)` over the probe images (SEMANTICS §4).
@@ -95,44 +364,38 @@ class IoUTally:
                 image-level labels (lite rule).
         """
         size = (label_maps.shape[-2], label_maps.shape[-1])
-        pixels = size[0] * size[1]
-        activations = activations.float().contiguous()
-        # (B, P, M): the labels at one pixel are contiguous, so a gather reads one row.
-        labels_at_pixel = label_maps.reshape(label_maps.shape[0], label_maps.shape[1], pixels).transpose(1, 2)
-        images, units = candidate_pairs(activations, thresholds)
-        chunk = max(1, _CHUNK_ELEMENTS // pixels)
-        for start in range(0, images.shape[0], chunk):
-            image, unit = images[start : start + chunk], units[start : start + chunk]
-            masks = upsample_masks(activations[image, unit], thresholds[unit], size)
-            self._add_masks(masks, image, unit, labels_at_pixel, image_labels, present, image_level_present)
+        maps, pixels = mask_pixels(activations, thresholds, size)
+        self.add_pixels(maps, pixels, label_maps, image_labels, present, image_level_present)
 
-    def _add_masks(self, masks: torch.Tensor, image: torch.Tensor, unit: torch.Tensor,
-                   labels_at_pixel: torch.Tensor, image_labels: torch.Tensor, present: torch.Tensor,
-                   image_level_present: torch.Tensor) -> None:
-        num_labels, num_categories = self.num_labels, self.num_categories
-        area = masks.sum(dim=1)
-        pair, pixel = masks.nonzero(as_tuple=True)
-        labels = labels_at_pixel[image[pair], pixel].long()  # (nnz, M)
+    def add_pixels(self, maps: torch.Tensor, pixels: torch.Tensor, label_maps: torch.Tensor,
+                   image_labels: torch.Tensor, present: torch.Tensor, image_level_present: torch.Tensor) -> None:
+        """Add one batch given its mask pixels (`mask_pixels`); the other arguments as in `add`."""
+        batch, num_maps = label_maps.shape[0], label_maps.shape[1]
+        units, num_labels, num_categories = self.num_units, self.num_labels, self.num_categories
+        pixel_count = label_maps.shape[-2] * label_maps.shape[-1]
+        image, unit = maps // units, maps % units
+        area = torch.bincount(maps, minlength=batch * units).view(batch, units)
+        # (B * P, M): the labels at one pixel are contiguous, so a gather reads one row.
+        labels_at_pixel = label_maps.reshape(batch, num_maps, pixel_count).transpose(1, 2).reshape(-1, num_maps)
+        labels = labels_at_pixel[image * pixel_count + pixels].long()  # (mask pixels, M)
         hit = labels > 0
-        cells = (unit[pair].unsqueeze(1) * num_labels + labels)[hit]
+        cells = (unit.unsqueeze(1) * num_labels + labels)[hit]
         self.intersection.view(-1).add_(torch.bincount(cells, minlength=self.intersection.numel()))
-        # An image-level label covers every pixel: the whole mask intersects it.
-        image_level = image_labels[image].long()
-        tagged = image_level > 0
-        self.intersection.view(-1).index_add_(
-            0, (unit.unsqueeze(1) * num_labels + image_level)[tagged], area.unsqueeze(1).expand_as(image_level)[tagged]
-        )
+        # An image-level label covers every pixel: the whole mask intersects it (padding 0 adds 0).
+        image_level = image_labels.long().unsqueeze(1)  # (B, 1, L)
+        cells = torch.arange(units, device=maps.device).view(1, units, 1) * num_labels + image_level
+        self.intersection.view(-1).index_add_(0, cells.reshape(-1), (area.unsqueeze(2) * (image_level > 0)).reshape(-1))
         if self.denominator == "paper":
-            counted = present[image]
+            counted = present.unsqueeze(1).expand(batch, units, num_categories)
         elif self.denominator == "global":
-            counted = torch.ones(area.shape[0], num_categories, dtype=torch.bool, device=area.device)
+            counted = torch.ones(batch, units, num_categories, dtype=torch.bool, device=maps.device)
         else:
             # lite: the mask must touch a pixel label of the category, or the image carry one image-level.
             category = self.label_category[labels]
-            touched = (pair.unsqueeze(1) * num_categories + category)[category >= 0]
-            counted = torch.bincount(touched, minlength=area.shape[0] * num_categories) > 0
-            counted = counted.view(-1, num_categories) | image_level_present[image]
-        self.unit_area.index_add_(0, unit, area.unsqueeze(1) * counted)
+            touched = (maps.unsqueeze(1) * num_categories + category)[category >= 0]
+            counted = torch.bincount(touched, minlength=batch * units * num_categories) > 0
+            counted = counted.view(batch, units, num_categories) | image_level_present.unsqueeze(1)
+        self.unit_area += (area.unsqueeze(2) * counted).sum(0)
 
     def merge(self, other_intersection: torch.Tensor, other_unit_area: torch.Tensor) -> None:
         """Add the sums of a disjoint shard of the probe set."""

@@ -1,0 +1,81 @@
+"""The straightforward dense Network Dissection tally: the baseline of the benchmarks and the
+reference of `tests/test_fast_path.py`.
+
+Every map is upsampled at full resolution, compared with its float64 threshold, and every label
+is compared with every mask (as one-hot matrix products). Thresholds are `torch.quantile` over
+all activations of a unit (SEMANTICS §2). It shares nothing with the engine's tally but the
+probe set's canonical labels (SEMANTICS §3), which do not depend on the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Dense elements held at once (upsampled values), to bound memory.
+_CHUNK_ELEMENTS = 2**25
+
+
+def dense_thresholds(activations: torch.Tensor, quantile: float) -> torch.Tensor:
+    """`T_u = torch.quantile(A[:, u].flatten().double(), 1 - q)` for every unit (needs N*h*w <= 2^24)."""
+    units = activations.shape[1]
+    return torch.stack([torch.quantile(activations[:, u].flatten().double(), 1 - quantile) for u in range(units)])
+
+
+def dense_tally(activations: torch.Tensor, thresholds: torch.Tensor, label_maps: torch.Tensor,
+                image_labels: torch.Tensor, label_category: torch.Tensor, num_categories: int,
+                denominator: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`I(u, c)` and `A_k(u)` (SEMANTICS §4) the obvious way.
+
+    Args:
+        activations: `(N, K, h, w)` raw activations.
+        thresholds: float64 `(K,)`.
+        label_maps: canonical `(N, M, sh, sw)` pixel labels.
+        image_labels: canonical `(N, L)` image-level labels.
+        label_category: long `(C,)` primary category per label, -1: never scored.
+        num_categories: number of categories.
+        denominator: "paper", "lite" or "global".
+
+    Returns:
+        `(intersection (K, C), unit_area (K, num_categories))`, long.
+    """
+    n, units = activations.shape[:2]
+    sh, sw = label_maps.shape[-2:]
+    num_labels = label_category.shape[0]
+    pixels = sh * sw
+    intersection = torch.zeros(units, num_labels, dtype=torch.float64)
+    unit_area = torch.zeros(units, num_categories, dtype=torch.float64)
+    step = max(1, _CHUNK_ELEMENTS // (units * pixels))
+    scored = label_category >= 0
+    category_of = torch.zeros(num_labels, num_categories, dtype=torch.bool)  # label -> its primary category
+    category_of[scored.nonzero().squeeze(1), label_category[scored]] = True
+    for start in range(0, n, step):
+        part = slice(start, start + step)
+        batch = activations[part].shape[0]
+        # Each map on its own, as `(n, 1, h, w)`: the layout SEMANTICS §2 fixes (see tally.upsample_masks).
+        upsampled = F.interpolate(activations[part].float().reshape(-1, 1, *activations.shape[2:]), size=(sh, sw),
+                                  mode="bilinear", align_corners=False).view(batch, units, sh, sw)
+        masks = (upsampled.double() > thresholds.view(1, -1, 1, 1)).flatten(2)  # (B, K, P)
+        maps = label_maps[part].long().flatten(2)  # (B, M, P)
+        # L_c(x) for every label: a pixel carries c if any map does, or c is an image-level label.
+        pixel_region = torch.zeros(batch, pixels, num_labels, dtype=torch.bool)
+        for m in range(maps.shape[1]):
+            pixel_region |= maps[:, m].unsqueeze(2) == torch.arange(num_labels)
+        pixel_region[:, :, ~scored] = False
+        tagged = torch.zeros(batch, num_labels, dtype=torch.bool)
+        tagged.scatter_(1, image_labels[part].long(), True)
+        tagged[:, ~scored] = False
+        region = pixel_region | tagged.unsqueeze(1)
+        masks_float = masks.float()
+        intersection += torch.einsum("bkp,bpc->kc", masks_float, region.float()).double()
+        area = masks.sum(2).double()  # (B, K)
+        if denominator == "paper":  # a category is present when any of the image's labels has it
+            counted = ((region.any(1).float() @ category_of.float()) > 0).unsqueeze(1)
+        elif denominator == "global":
+            counted = torch.ones(batch, 1, num_categories, dtype=torch.bool)
+        else:  # lite: the mask touches a pixel label of the category, or an image-level label has it
+            pixel_category = (pixel_region.float() @ category_of.float()) > 0  # (B, P, num_categories)
+            touched = torch.einsum("bkp,bpn->bkn", masks_float, pixel_category.float()) > 0
+            counted = touched | ((tagged.float() @ category_of.float()) > 0).unsqueeze(1)
+        unit_area += (area.unsqueeze(2) * counted).sum(0)
+    return intersection.long(), unit_area.long()

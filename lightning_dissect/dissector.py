@@ -15,6 +15,7 @@ Files, when `dirpath` is set (the callback sets it to `<log_dir>/dissections`):
 
     <dirpath>/step=<step>/<layer>.csv        NetDissect's per-unit table (LayerDissection.to_csv)
     <dirpath>/step=<step>/dissection.json    every number (Dissection.to_json)
+    <dirpath>/step=<step>/strips/<layer>/unit_<u>.jpg   unit strips of the top and switched units (`report`)
     <dirpath>/history.jsonl                  one line per dissection and layer (see `Dissector.history`)
 
 Each file is written to a temporary name and renamed into place, so a crash
@@ -33,7 +34,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +268,8 @@ class DissectionReport:
         metrics: the scalars, `dissect/<layer>/<name>` and `dissect/seconds`.
         categories: the probe's categories.
         iou_threshold: the detector threshold.
+        strips: `dissect/<layer>/strips/unit_<u>` -> uint8 RGB image, the unit strips of the top and
+            switched units (`lightning_dissect.report`), made on rank zero.
     """
 
     step: int
@@ -278,6 +281,7 @@ class DissectionReport:
     metrics: dict[str, float]
     categories: list[str]
     iou_threshold: float
+    strips: dict[str, Any] = field(default_factory=dict)
 
 
 def _reported(summary: Mapping[str, float]) -> dict[str, float]:
@@ -409,6 +413,7 @@ class Dissector:
         self.convert_input: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.synchronizer: _Synchronizer | None = None  # distributed probe sharding (lightning_dissect.distributed)
         self.is_global_zero = True  # only rank zero writes files and shows media
+        self.strips_per_layer = 4  # unit strips shown and saved per layer at each dissection (0: none)
         self.info: Callable[[str], None] = log.info
         self.warn: Callable[[str], None] = _warn  # a module function: ddp_spawn pickles the dissector
 
@@ -502,6 +507,7 @@ class Dissector:
             seconds = slowest(synchronizer, time.perf_counter() - started)  # the same on every rank
             report = self._record(dissection, step, epoch, seconds)
             if self.is_global_zero:
+                report.strips = self._strips(model, probe, report)
                 self._write(report)
                 self._show(report)
         self._apply_budget(seconds)
@@ -550,6 +556,25 @@ class Dissector:
         if self.save_json:
             report.dissection.to_json(folder / "dissection.json")
         self.write_history()
+
+    def _strips(self, model: nn.Module, probe: ProbeSet, report: DissectionReport) -> dict[str, Any]:
+        """Strips of each layer's top and switched units, saved under `<dirpath>/step=<step>/strips/` and shown.
+
+        A failure here warns and leaves the dissection's numbers, files and other media intact.
+        """
+        shown = any(adapter.shows_media for adapter in self.adapters)
+        if not self.strips_per_layer or not self.options["top_k"] or not (shown or self.dirpath is not None):
+            return {}
+        from lightning_dissect.report.media import report_strip_media
+
+        folder = self.dirpath / f"step={report.step}" if self.dirpath is not None else None
+        try:
+            with preserved_random_state(model_device(model)), _converted_inputs(probe, self.convert_input):
+                return report_strip_media(model, probe, report, self.strips_per_layer, directory=folder,
+                                          forward_context=self.forward_context)
+        except Exception as error:
+            self.warn(f"unit strips at step {report.step} failed and were skipped ({type(error).__name__}: {error})")
+            return {}
 
     def write_history(self) -> None:
         """Rewrite `<dirpath>/history.jsonl` from the history (atomically)."""

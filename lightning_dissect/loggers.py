@@ -112,8 +112,17 @@ def emergence_figures(report: DissectionReport) -> Iterable[Media]:
         yield Image(f"dissect/{layer}/emergence", figures.to_image(figure))
 
 
+def unit_figures(report: DissectionReport) -> Iterable[Media]:
+    """`dissect/<layer>/strips/unit_<u>` (the unit strips the dissector drew), `dissect/<layer>/bar_graph`
+    (detectors per concept) and `dissect/<layer>/iou_histogram` (`lightning_dissect.report`)."""
+    from lightning_dissect.report.media import bar_graph_media
+
+    for tag, image in {**report.strips, **bar_graph_media(report.dissection)}.items():
+        yield Image(tag, image)
+
+
 MEDIA_PRODUCERS: list[Callable[[DissectionReport], Iterable[Media]]] = [
-    unit_tables, transition_tables, detector_figures, emergence_figures,
+    unit_tables, transition_tables, detector_figures, emergence_figures, unit_figures,
 ]
 
 

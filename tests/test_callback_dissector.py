@@ -204,7 +204,7 @@ def test_files_are_replaced_whole_and_a_failed_write_leaves_the_last_complete_hi
     dissector.maybe_run(model, 1)
     complete = (tmp_path / "history.jsonl").read_text()
     assert [json.loads(line) for line in complete.splitlines()] == dissector.history
-    assert sorted(path.name for path in (tmp_path / "step=1").iterdir()) == ["block1.csv", "block2.csv"]
+    assert sorted(path.name for path in (tmp_path / "step=1").iterdir()) == ["block1.csv", "block2.csv", "strips"]
     dissector.history.append({"step": 2, "layer": "block2", "epoch": object()})  # not JSON: fails mid-write
     with pytest.raises(TypeError):
         dissector.write_history()

@@ -29,21 +29,25 @@ from tests.conftest import write_broden
 SIZE = 16  # image side; segmentations are 8 x 8
 
 
-class RedBlocks(nn.Module):
-    """Unit 0 of `pool` is the mean red value of each 2x2 block (one segmentation pixel); unit 1 the green one."""
+class ChannelBlocks(nn.Module):
+    """Unit i of `pool` is the mean of image channel `channels[i]` over each 2x2 block (one segmentation
+    pixel); `swap` exchanges the units."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: tuple[int, ...] = (0, 1)) -> None:
         super().__init__()
-        self.pick = nn.Conv2d(3, 2, 1, bias=False)
+        self.pick = nn.Conv2d(3, len(channels), 1, bias=False)
         with torch.no_grad():
             self.pick.weight.zero_()
-            self.pick.weight[0, 0] = 1.0
-            self.pick.weight[1, 1] = 1.0
+            for unit, channel in enumerate(channels):
+                self.pick.weight[unit, channel] = 1.0
         self.pool = nn.AvgPool2d(2)
-        self.head = nn.Linear(2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.pick(x)).mean(dim=(2, 3)))
+        return self.pool(self.pick(x)).mean(dim=(2, 3))
+
+    def swap(self) -> None:
+        with torch.no_grad():
+            self.pick.weight.copy_(self.pick.weight.flip(0))
 
 
 def planted_dataset(root, num_images: int = 10, seed: int = 0):
@@ -71,7 +75,7 @@ def planted_dataset(root, num_images: int = 10, seed: int = 0):
 def planted(tmp_path):
     root, regions = planted_dataset(tmp_path / "planted")
     probe = ld.ProbeSet(root, cache_dir=False)
-    model = RedBlocks()
+    model = ChannelBlocks()
     cells = probe.images.shape[0] * (SIZE // 2) ** 2
     inside = int(sum(r.sum() for r in regions))
     # The threshold falls halfway between the largest outside value and the smallest inside value.

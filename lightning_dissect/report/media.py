@@ -63,7 +63,7 @@ def strip_media(
     probe: ProbeSet,
     dissection: Dissection,
     units_per_layer: int = 4,
-    switched: Mapping[str, Sequence[int]] | None = None,
+    switched: Mapping[str, Sequence[int] | Mapping[int, str]] | None = None,
     *,
     previous: Dissection | None = None,
     max_switched: int = 4,
@@ -83,7 +83,8 @@ def strip_media(
         dissection: the `Dissection` just made; its settings supply the
             rotation and `prefix_tokens`.
         units_per_layer: how many of the highest-scoring units to draw per layer.
-        switched: layer -> units that switched concept, drawn as well.
+        switched: layer -> units that switched concept, drawn as well; or layer -> {unit:
+            previous concept}, drawn with "was: <concept>" in the caption.
         previous: the previous dissection; its switched units (SEMANTICS §5) are
             drawn with "was: <concept>" in the caption. Used when `switched` is None.
         max_switched: how many switched units per layer at most.
@@ -101,7 +102,10 @@ def strip_media(
     for name, layer_result in dissection.items():
         notes: dict[int, str] = {}
         if switched is not None:
-            changed = list(switched.get(name, ()))
+            given = switched.get(name, ())
+            changed = [int(u) for u in given]
+            if isinstance(given, Mapping):  # unit -> its previous concept
+                notes = {int(u): f"(was: {label})" for u, label in given.items()}
         elif previous is not None and name in previous:
             changed = concept_changes(previous[name], layer_result)["switched_units"]
             notes = {u: f"(was: {previous[name].label_name(u)})" for u in changed}
@@ -120,6 +124,27 @@ def strip_media(
         for unit, strip in strips.items():
             media[f"dissect/{name}/strips/unit_{unit}"] = strip.image
     return media
+
+
+def report_strip_media(model: nn.Module, probe: ProbeSet, report: Any, units_per_layer: int = 4,
+                       **options: Any) -> dict[str, np.ndarray]:
+    """`strip_media` for a `Dissector`'s `DissectionReport`: the top units of each layer and the
+    units that switched concept since the layer's previous dissection, captioned with the concept
+    they had (read from `report.history`).
+
+    Args:
+        report: the `DissectionReport` (`dissection`, `entries`, `history`, `step`).
+        **options: passed to `strip_media` (`directory`, `forward_context`, `max_switched`, ...).
+    """
+    earlier: dict[str, dict[str, Any]] = {}
+    for entry in report.history:
+        if entry["step"] < report.step:
+            earlier[entry["layer"]] = entry  # the history is in step order: the last one wins
+    switched = {}
+    for layer, entry in report.entries.items():
+        labels = earlier[layer]["label"] if layer in earlier else None
+        switched[layer] = {u: labels[u] if labels else "?" for u in entry.get("switched_units", [])}
+    return strip_media(model, probe, report.dissection, units_per_layer, switched, **options)
 
 
 def bar_graph_media(dissection: Dissection) -> dict[str, np.ndarray]:

@@ -2,7 +2,7 @@
 
     lightning-dissect demo                     train a small CNN on the synthetic dataset, dissect it as it learns
     lightning-dissect compare RUN[@STEP] ...   unique concepts per category across layers or saved runs
-    lightning-dissect dissect MODEL --layers   dissect a saved TorchScript model on a Broden directory
+    lightning-dissect dissect MODEL --layers   dissect a model (module:function, --weights) on a Broden directory
     lightning-dissect report RUN_DIR           the HTML report of a run (lightning_dissect.report)
 
 Each subcommand is a thin adapter: it parses arguments, calls the library and prints where the
@@ -172,11 +172,14 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def add_dissect_command(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "dissect", help="dissect a saved TorchScript model on a Broden directory",
-        description="Dissect layers of a model saved with torch.jit.save (or torch.jit.script(model).save) on a "
-                    "Broden directory, or on the synthetic dataset, and write the dissection's JSON and one CSV "
-                    "per layer.")
-    parser.add_argument("model", type=Path, help="a TorchScript file (torch.jit.save)")
+        "dissect", help="dissect a model built by your code, with saved weights, on a Broden directory",
+        description="Dissect layers of a model on a Broden directory (or the synthetic dataset) and write the "
+                    "dissection's JSON and one CSV per layer. MODEL names a function of yours that returns the "
+                    "nn.Module, as module:function (e.g. torchvision.models:resnet18, or my_project.nets:build); "
+                    "--weights loads a state dict into it (a Lightning checkpoint's state_dict works too).")
+    parser.add_argument("model", metavar="MODEL", help="module:function returning the nn.Module")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="a state dict saved with torch.save (or a Lightning .ckpt), loaded with weights_only")
     parser.add_argument("--layers", nargs="+", required=True, help="module names to dissect, e.g. layer4")
     parser.add_argument("--broden", default="synthetic",
                         help="a Broden directory, or 'synthetic' for the cached synthetic dataset (default)")
@@ -192,18 +195,48 @@ def add_dissect_command(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def run_dissect(args: argparse.Namespace) -> int:
+def load_model(spec: str, weights: Path | None = None) -> Any:
+    """Build the model named by `module:function` and load `weights` into it.
+
+    Raises:
+        UsageError: a spec that does not import or does not return an `nn.Module`, or weights that
+            are missing or do not fit (the message names which).
+    """
+    import importlib
+
     import torch
 
+    module_name, separator, function_name = spec.partition(":")
+    if not separator or not module_name or not function_name:
+        raise UsageError(f"MODEL {spec!r} must be module:function, e.g. torchvision.models:resnet18")
+    try:
+        factory = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise UsageError(f"MODEL {spec!r} does not import ({error})") from error
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"MODEL {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        if not weights.is_file():
+            raise UsageError(f"--weights {str(weights)!r} is not a file")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise UsageError(f"--weights {str(weights)!r} is not a state dict saved with torch.save ({error})") \
+                from error
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError) as error:
+            raise UsageError(f"--weights {str(weights)!r} do not fit MODEL {spec!r}: "
+                             f"{str(error).splitlines()[0]}") from error
+    return model
+
+
+def run_dissect(args: argparse.Namespace) -> int:
     import lightning_dissect as ld
 
-    if not args.model.is_file():
-        raise UsageError(f"MODEL {str(args.model)!r} is not a file; save one with torch.jit.save")
-    try:
-        model = torch.jit.load(str(args.model), map_location="cpu")
-    except RuntimeError as error:
-        raise UsageError(f"MODEL {str(args.model)!r} is not a TorchScript file ({str(error).splitlines()[0]}); "
-                         "save the model with torch.jit.save(torch.jit.script(model), path)") from error
+    model = load_model(args.model, args.weights)
     if args.broden == "synthetic":
         from lightning_dissect.synthetic import synthetic_broden_path
 

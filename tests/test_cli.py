@@ -1,0 +1,168 @@
+"""`lightning-dissect`: compare reads saved runs, dissect matches the library, errors name the argument."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_dissect as ld
+from lightning_dissect.cli import build_parser, main, split_run
+from lightning_dissect.result import Dissection
+from tests.test_analysis import random_layer
+
+
+def save_run(directory: Path, steps: dict[int, dict[str, int]]) -> Path:
+    """A run folder as DissectionCallback writes it: step -> {layer: seed of its random dissection}."""
+    for step, layers in steps.items():
+        dissection = Dissection({name: random_layer(seed) for name, seed in layers.items()})
+        dissection.to_json(directory / "dissections" / f"step={step}" / "dissection.json")
+    return directory
+
+
+def expected_row(seed: int) -> list[int]:
+    summary = random_layer(seed).summary()
+    return [int(summary["unique_concepts/object"]), int(summary["unique_concepts/scene"]),
+            int(summary["unique_concepts"])]
+
+
+def table_rows(output: str) -> dict[str, list[int]]:
+    rows = {}
+    for line in output.splitlines()[1:]:
+        if line.startswith("figure:"):
+            break
+        *name, obj, scene, total = line.split()
+        rows[" ".join(name)] = [int(obj), int(scene), int(total)]
+    return rows
+
+
+def test_compare_reads_the_last_dissection_of_each_saved_run(tmp_path, capsys):
+    save_run(tmp_path / "small", {0: {"conv3": 1, "conv4": 2}, 100: {"conv3": 3, "conv4": 4}})
+    save_run(tmp_path / "wide", {0: {"conv3": 5, "conv4": 6}, 7: {"conv3": 7, "conv4": 8}})
+    figure = tmp_path / "out" / "bars.png"
+    assert main(["compare", str(tmp_path / "small"), str(tmp_path / "wide"), "-o", str(figure)]) == 0
+    output = capsys.readouterr().out
+    assert output.splitlines()[0].split() == ["run", "object", "scene", "total"]
+    assert table_rows(output) == {"small": expected_row(4), "wide": expected_row(8)}  # last step, last layer
+    assert figure.is_file() and figure.stat().st_size > 1000
+    assert f"figure: {figure}" in output
+
+
+def test_compare_of_one_run_shows_its_layers_and_a_chosen_step(tmp_path, capsys):
+    run = save_run(tmp_path / "run", {0: {"conv3": 1, "conv4": 2}, 9: {"conv3": 3, "conv4": 4}})
+    assert main(["compare", f"{run}@0", "-o", str(tmp_path / "c.png")]) == 0
+    assert table_rows(capsys.readouterr().out) == {"conv3": expected_row(1), "conv4": expected_row(2)}
+
+
+def test_compare_stages_of_one_run_and_a_dissection_file(tmp_path, capsys):
+    run = save_run(tmp_path / "run", {0: {"conv4": 1}, 9: {"conv4": 3}})
+    single = tmp_path / "other.json"
+    Dissection({"layer4": random_layer(5)}).to_json(single)
+    assert main(["compare", f"{run}@0", f"{run}@9", str(single), "--names", "start", "end", "resnet",
+                 "-o", str(tmp_path / "c.png")]) == 0
+    assert table_rows(capsys.readouterr().out) == {"start": expected_row(1), "end": expected_row(3),
+                                                   "resnet": expected_row(5)}
+
+
+def test_compare_counts_detectors_when_asked(tmp_path, capsys):
+    run = save_run(tmp_path / "run", {0: {"conv4": 1}})
+    assert main(["compare", str(run), "--count", "detectors", "-o", str(tmp_path / "c.png")]) == 0
+    summary = random_layer(1).summary()
+    assert table_rows(capsys.readouterr().out) == {"conv4": [int(summary["detectors/object"]),
+                                                             int(summary["detectors/scene"]),
+                                                             int(summary["detectors"])]}
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["nowhere"], "RUN 'nowhere'"),
+    (["run@5"], "no dissection at step 5; steps: [0]"),
+    (["run", "--layer", "conv9"], "no layer 'conv9'; layers: ['conv4']"),
+    (["run", "run", "--names", "a"], "--names has 1 names for 2 runs"),
+    (["run@x"], "the step after '@' must be an integer"),
+])
+def test_compare_errors_name_the_run_step_or_layer(tmp_path, monkeypatch, capsys, arguments, message):
+    save_run(tmp_path / "run", {0: {"conv4": 1}})
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", *arguments, "-o", "c.png"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("lightning-dissect compare: error:") and message in error
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_split_run_keeps_paths_that_contain_an_at_sign(tmp_path):
+    odd = tmp_path / "run@home"
+    odd.mkdir()
+    assert split_run(str(odd)) == (odd, None)
+    assert split_run(f"{odd}@12") == (odd, 12)
+    assert split_run("plain") == (Path("plain"), None)
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def tiny_net() -> TinyNet:
+    return TinyNet()
+
+
+def test_dissect_command_writes_what_the_library_computes(tmp_path, random_dataset, capsys):
+    torch.manual_seed(0)
+    model = TinyNet()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    output = tmp_path / "out"
+    assert main(["dissect", "tests.test_cli:tiny_net", "--weights", str(tmp_path / "weights.pt"), "--layers", "conv",
+                 "--broden", str(random_dataset), "--quantile", "0.1", "-o", str(output)]) == 0
+    saved = Dissection.from_json(output / "dissection.json")["conv"]
+    expected = ld.dissect(model, ld.ProbeSet(random_dataset), "conv", quantile=0.1)["conv"]
+    assert torch.equal(saved.iou, expected.iou) and torch.equal(saved.labels, expected.labels)
+    assert (output / "conv.csv").is_file()
+    assert f"conv: {expected.summary()['unique_concepts']:.0f} unique concepts" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["tiny_net", "--layers", "conv"], "must be module:function"),
+    (["tests.test_cli:missing", "--layers", "conv"], "does not import"),
+    (["builtins:dict", "--layers", "conv"], "returned dict, not a torch.nn.Module"),
+    (["tests.test_cli:tiny_net", "--weights", "missing.pt", "--layers", "conv"], "missing.pt' is not a file"),
+    (["tests.test_cli:tiny_net", "--weights", "notes.pt", "--layers", "conv"], "is not a state dict"),
+    (["tests.test_cli:tiny_net", "--weights", "other.pt", "--layers", "conv"], "do not fit MODEL"),
+    (["tests.test_cli:tiny_net", "--layers", "cnov"], "layer 'cnov' is not a module"),
+])
+def test_dissect_command_errors_name_the_model_weights_and_layer(tmp_path, monkeypatch, random_dataset, capsys,
+                                                                  arguments, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.pt").write_text("not a state dict")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    assert main(["dissect", *arguments, "--broden", str(random_dataset), "-o", "out"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_subcommand_is_registered_and_report_comes_from_the_report_package():
+    parser = build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command").choices
+    assert set(commands) == {"demo", "compare", "dissect", "report"}
+    from lightning_dissect.report.run import run_report
+
+    assert parser.parse_args(["report", "somewhere"]).handler is run_report
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_the_console_script_module_runs():
+    result = subprocess.run([sys.executable, "-m", "lightning_dissect.cli", "--version"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"lightning-dissect {ld.__version__}"

@@ -174,6 +174,10 @@ def test_report_command_writes_the_report_and_names_a_bad_path(run_dir, tmp_path
     args = parser.parse_args(["report", str(tmp_path / "nowhere")])
     assert args.handler(args) == 2
     assert f"{tmp_path / 'nowhere'}: no dissections found" in capsys.readouterr().err
+    from lightning_dissect.cli import main  # the installed `lightning-dissect` registers the same command
+
+    assert main(["report", str(logs), "--step", "10", "-o", str(tmp_path / "cli")]) == 0
+    assert "(step 10)" in (tmp_path / "cli" / "index.html").read_text()
     json_file = logs / "dissections" / "step=0" / "dissection.json"
     args = parser.parse_args(["report", str(json_file)])
     assert args.handler(args) == 0

@@ -7,7 +7,9 @@ during one run: :class:`~lightning_dissect.demo.SmallCNN` learns the synthetic d
 at log-spaced steps (`log_spaced(first=1, factor=2.2)`), on a probe of validation images the
 network never trains on. TensorBoard shows `dissect/model.conv<k>/unique_concepts` (and per
 category, detectors, switches, unit tables and figures) growing; the script prints the same
-numbers as a table at the end.
+numbers as a table at the end and draws the paper's emergence figure for each layer
+(`figures/emergence_<layer>.png` in the run's folder: unique concepts per category against the
+training step on a log axis, beside detectors per category).
 
     python examples/emergence.py                 # a few minutes on two CPU cores
     tensorboard --logdir runs/emergence          # the curves, the unit tables, the figures
@@ -20,9 +22,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import lightning_dissect as ld
-from lightning_dissect.demo import SyntheticTaskModule, make_trainer, synthetic_task_data
-from lightning_dissect.synthetic import synthetic_broden_path
+from lightning_dissect.demo import emergence_run
 
 TINY = dict(images=48, image_size=32, steps=6, width=8, batch_size=8, probe_size=12, layers=["conv3", "conv4"])
 
@@ -61,24 +61,20 @@ def emergence_table(history: list[dict[str, Any]], layers: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train with live dissection; return the callback's history and the TensorBoard run directory."""
-    from lightning.pytorch import seed_everything
-    from lightning.pytorch.loggers import TensorBoardLogger
-
+    """Train with live dissection, draw the emergence figures; returns what `demo.emergence_run` returns
+    (the callback's `history`, the TensorBoard `log_dir`, the `figures`, ...) and the `layers`."""
     args = parse_args(argv)
-    root = synthetic_broden_path(num_images=args.images, image_size=args.image_size, cache_dir=args.cache_dir)
-    seed_everything(args.seed, verbose=False)
-    train, val = synthetic_task_data(root, args.task, batch_size=args.batch_size, seed=args.seed)
-    validation_images = len(val.dataset)
-    probe = ld.ProbeSet(root, split="val", size=min(args.probe_size, validation_images), seed=args.seed)
     layers = [f"model.{layer}" for layer in args.layers]
-    callback = ld.DissectionCallback(probe, layers=layers, schedule=ld.log_spaced(first=1, factor=args.factor))
-    logger = TensorBoardLogger(args.output, name="emergence")
-    trainer = make_trainer(args.steps, root_dir=args.output, callbacks=[callback], logger=logger)
-    trainer.fit(SyntheticTaskModule(args.task, width=args.width), train, val)
-    print(f"unique concepts (IoU > 0.04) on {len(probe)} validation images; TensorBoard: {logger.log_dir}")
-    print(emergence_table(callback.dissector.history, layers))
-    return {"history": callback.dissector.history, "log_dir": logger.log_dir, "layers": layers}
+    run = emergence_run(args.output, steps=args.steps, num_images=args.images, image_size=args.image_size,
+                        probe_size=args.probe_size, task=args.task, width=args.width, seed=args.seed, layers=layers,
+                        batch_size=args.batch_size, factor=args.factor, cache_dir=args.cache_dir,
+                        progress=not args.tiny, echo=print)
+    probe_size = run["history"][0]["probe_size"]
+    print(f"unique concepts (IoU > 0.04) on {probe_size} validation images; TensorBoard: {run['log_dir']}")
+    print(emergence_table(run["history"], layers))
+    for figure in run["figures"]:
+        print(f"figure: {figure}")
+    return dict(run, layers=layers, log_dir=str(run["log_dir"]))
 
 
 if __name__ == "__main__":

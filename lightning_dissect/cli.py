@@ -65,10 +65,11 @@ def run_demo(args: argparse.Namespace) -> int:
     run = emergence_run(args.output, steps=args.steps, num_images=args.images, image_size=args.image_size,
                         probe_size=args.probe_size, task=args.task, width=args.width, seed=args.seed,
                         cache_dir=args.cache_dir, progress=args.progress, echo=print)
+    first_step, last_step = run["steps"][0], run["steps"][-1]
     print()
     for layer, (first, last) in run["unique_concepts"].items():
-        print(f"{layer}: {first:.0f} unique concepts at step {run['steps'][0]} -> {last:.0f} at step "
-              f"{run['steps'][-1]} ({run['detectors'][layer][0]:.0f} -> {run['detectors'][layer][1]:.0f} detectors)")
+        print(f"{layer}: {first:.0f} unique concepts at step {first_step} -> {last:.0f} at step {last_step} "
+              f"({run['detectors'][layer][0]:.0f} -> {run['detectors'][layer][1]:.0f} detectors)")
     print(f"validation accuracy on the {args.task} task: {100 * run['accuracy']:.1f}%")
     print("\nfigures:")
     for path in run["figures"]:

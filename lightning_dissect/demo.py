@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -208,38 +208,43 @@ def make_trainer(max_steps: int, root_dir: str | os.PathLike | None = None, call
 
 def emergence_run(output: str | os.PathLike, steps: int = 600, num_images: int = 1000, image_size: int = 64,
                   probe_size: int | None = None, task: str = "background", width: int = 32, seed: int = 0,
-                  layers: tuple[str, ...] = ("model.conv3", "model.conv4"),
-                  cache_dir: str | os.PathLike | None = None,
-                  progress: bool = True, echo: Callable[[str], None] = lambda message: None,
-                  tensorboard: bool = True) -> dict:
+                  layers: Sequence[str] = ("model.conv3", "model.conv4"), batch_size: int = 32,
+                  factor: float = 2.2, cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                  echo: Callable[[str], None] = lambda message: None) -> dict:
     """Train :class:`SmallCNN` from scratch with `DissectionCallback` and draw the emergence figures.
 
     What `lightning-dissect demo` and `examples/emergence.py` run: the synthetic dataset (generated
-    into the cache when missing), the model learning `task` for `steps` steps, dissected at step 0
-    and at log-spaced steps (1, 2, 4, 9, 20, ...) on the validation images, logged to TensorBoard;
-    then, per layer, the paper's emergence figure (`analysis.plot_emergence`).
+    into the cache when missing); the model learning `task` for `steps` steps, dissected at step 0
+    and at log-spaced steps (1, 2, 4, 9, 20, ... for `factor=2.2`) on validation images it never
+    trains on, logged to TensorBoard under `<output>/emergence/version_<n>/`; then, per layer, the
+    paper's emergence figure (`analysis.plot_emergence`) in that folder's `figures/`, and the
+    trained weights as `model.pt` (for `examples/finetune.py --pretrained`).
 
     Args:
-        output: the folder for the logs (`<output>/emergence/version_<n>/`) and figures.
+        output: the TensorBoard root.
         steps: training steps.
         num_images, image_size: the synthetic dataset.
-        probe_size: probe images from the validation split; None for all of them.
+        probe_size: probe images drawn from the validation split (seeded by `seed`); None for all.
         task, width: the model's task and width.
         seed: seeds the model, the data order and everything else.
         layers: the layers to dissect (names in the `LightningModule`: `model.conv<k>`).
+        batch_size: training batch size.
+        factor: spacing of the log-spaced dissection steps.
         cache_dir: the dataset cache (default `$LIGHTNING_DISSECT_CACHE` or `~/.cache/lightning_dissect`).
         progress: show progress bars.
         echo: called with each progress message.
-        tensorboard: log to TensorBoard (else to CSV files).
 
     Returns:
-        `log_root`, `log_dir`, `dissections` (folders), `figures` (paths), `steps` (dissected),
-        `history` (`[(step, Dissection)]`), `unique_concepts` and `detectors` (per layer, at the
-        first and the last dissection) and `accuracy` (validation accuracy at the end).
+        `log_root`, `log_dir`, `dissections` (folder), `figures` (paths), `weights` (path), `steps`
+        (the dissected ones), `history` (the callback's per-layer entries), `dissections_by_step`
+        (`[(step, Dissection)]`), `unique_concepts` and `detectors` (per layer: at the first and
+        the last dissection) and `accuracy` (validation accuracy at the end).
     """
     import time
 
+    import torch
     from lightning.pytorch import seed_everything
+    from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_dissect import analysis
     from lightning_dissect.callback import DissectionCallback
@@ -253,37 +258,34 @@ def emergence_run(output: str | os.PathLike, steps: int = 600, num_images: int =
     root = synthetic_broden_path(num_images=num_images, image_size=image_size, cache_dir=cache_dir,
                                  workers=min(4, os.cpu_count() or 1))
     echo(f"  {root} ({time.perf_counter() - started:.0f} s)")
-    probe = ProbeSet(root, size=probe_size, split="val", progress=progress)
     images = synthetic_images(root)
     seed_everything(seed, verbose=False)
     module = SyntheticTaskModule(task, width=width)
-    train_loader, val_loader = synthetic_task_data(root, task, images=images, seed=seed)
-    if tensorboard:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        logger = TensorBoardLogger(output, name="emergence")
-    else:
-        from lightning.pytorch.loggers import CSVLogger
-
-        logger = CSVLogger(output, name="emergence")
-    callback = DissectionCallback(probe=probe, layers=list(layers), schedule=log_spaced())
+    train_loader, val_loader = synthetic_task_data(root, task, batch_size=batch_size, images=images, seed=seed)
+    validation_images = len(val_loader.dataset)
+    probe = ProbeSet(root, split="val", size=min(probe_size or validation_images, validation_images), seed=seed,
+                     progress=progress)
+    schedule = log_spaced(first=1, factor=factor)
+    callback = DissectionCallback(probe, layers=list(layers), schedule=schedule)
+    logger = TensorBoardLogger(output, name="emergence")
     echo(f"training {type(module.model).__name__} on the {task!r} task for {steps} steps; dissecting {list(layers)} "
-         f"on {len(probe)} probe images at steps {log_spaced().steps(steps)}")
-    trainer = make_trainer(steps, callbacks=[callback], logger=logger, progress=progress)
+         f"on {len(probe)} validation images at steps {schedule.steps(steps)}")
+    trainer = make_trainer(steps, root_dir=output, callbacks=[callback], logger=logger, progress=progress)
     trainer.fit(module, train_loader, val_loader)
-    log_dir = Path(trainer.log_dir)
-    history = analysis.read_run(log_dir)
-    figures = []
-    for layer in layers:
-        rows = analysis.emergence_curve(history, layer)
-        figures.append(analysis.plot_emergence(rows, log_dir / "figures" / f"emergence_{layer}.png",
-                                               title=f"{layer}: concepts emerging while training from scratch"))
-    first, last = history[0][1], history[-1][1]
+    log_dir = Path(logger.log_dir)
+    torch.save(module.state_dict(), log_dir / "model.pt")
+    saved = analysis.read_run(log_dir)
+    figures = [analysis.plot_emergence(analysis.emergence_curve(saved, layer),
+                                       log_dir / "figures" / f"emergence_{layer}.png",
+                                       title=f"{layer}: concepts emerging while training from scratch")
+               for layer in layers]
+    first, last = saved[0][1], saved[-1][1]
     accuracy = trainer.callback_metrics.get("val/accuracy")
     echo(f"done in {time.perf_counter() - started:.0f} s")
     return {
         "log_root": output / "emergence", "log_dir": log_dir, "dissections": log_dir / "dissections",
-        "figures": figures, "steps": [step for step, _ in history], "history": history,
+        "figures": figures, "weights": log_dir / "model.pt", "steps": [step for step, _ in saved],
+        "history": callback.dissector.history, "dissections_by_step": saved,
         "unique_concepts": {layer: (first[layer].summary()["unique_concepts"], last[layer].summary()["unique_concepts"])
                             for layer in layers},
         "detectors": {layer: (first[layer].summary()["detectors"], last[layer].summary()["detectors"])

@@ -43,11 +43,14 @@ def dense_tally(activations: torch.Tensor, thresholds: torch.Tensor, label_maps:
     sh, sw = label_maps.shape[-2:]
     num_labels = label_category.shape[0]
     pixels = sh * sw
-    intersection = torch.zeros(units, num_labels, dtype=torch.float64)
-    unit_area = torch.zeros(units, num_categories, dtype=torch.float64)
+    device = activations.device
+    intersection = torch.zeros(units, num_labels, dtype=torch.float64, device=device)
+    unit_area = torch.zeros(units, num_categories, dtype=torch.float64, device=device)
+    labels = torch.arange(num_labels, device=device)
     step = max(1, _CHUNK_ELEMENTS // (units * pixels))
     scored = label_category >= 0
-    category_of = torch.zeros(num_labels, num_categories, dtype=torch.bool)  # label -> its primary category
+    # label -> its primary category
+    category_of = torch.zeros(num_labels, num_categories, dtype=torch.bool, device=device)
     category_of[scored.nonzero().squeeze(1), label_category[scored]] = True
     for start in range(0, n, step):
         part = slice(start, start + step)
@@ -58,11 +61,11 @@ def dense_tally(activations: torch.Tensor, thresholds: torch.Tensor, label_maps:
         masks = (upsampled.double() > thresholds.view(1, -1, 1, 1)).flatten(2)  # (B, K, P)
         maps = label_maps[part].long().flatten(2)  # (B, M, P)
         # L_c(x) for every label: a pixel carries c if any map does, or c is an image-level label.
-        pixel_region = torch.zeros(batch, pixels, num_labels, dtype=torch.bool)
+        pixel_region = torch.zeros(batch, pixels, num_labels, dtype=torch.bool, device=device)
         for m in range(maps.shape[1]):
-            pixel_region |= maps[:, m].unsqueeze(2) == torch.arange(num_labels)
+            pixel_region |= maps[:, m].unsqueeze(2) == labels
         pixel_region[:, :, ~scored] = False
-        tagged = torch.zeros(batch, num_labels, dtype=torch.bool)
+        tagged = torch.zeros(batch, num_labels, dtype=torch.bool, device=device)
         tagged.scatter_(1, image_labels[part].long(), True)
         tagged[:, ~scored] = False
         region = pixel_region | tagged.unsqueeze(1)
@@ -72,7 +75,7 @@ def dense_tally(activations: torch.Tensor, thresholds: torch.Tensor, label_maps:
         if denominator == "paper":  # a category is present when any of the image's labels has it
             counted = ((region.any(1).float() @ category_of.float()) > 0).unsqueeze(1)
         elif denominator == "global":
-            counted = torch.ones(batch, 1, num_categories, dtype=torch.bool)
+            counted = torch.ones(batch, 1, num_categories, dtype=torch.bool, device=device)
         else:  # lite: the mask touches a pixel label of the category, or an image-level label has it
             pixel_category = (pixel_region.float() @ category_of.float()) > 0  # (B, P, num_categories)
             touched = torch.einsum("bkp,bpn->bkn", masks_float, pixel_category.float()) > 0

@@ -108,8 +108,8 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{model}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; Python {platform.python_version()}")
+    return (f"{model}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; Python {platform.python_version()}")
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

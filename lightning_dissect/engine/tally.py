@@ -151,6 +151,14 @@ class _TilePlan:
     cols: _Axis
     # How far (relative to the largest |cell| of a tile) the tile arithmetic may be from the kernel's.
     slack: float
+    # (row bands * column bands, S * S): the output pixel `row * sw + column` of each tile position.
+    pixels: torch.Tensor
+
+    @staticmethod
+    def build(rows: _Axis, cols: _Axis, slack: float, width: int) -> _TilePlan:
+        pixels = rows.output.view(-1, 1, rows.output.shape[1], 1) * width + cols.output.view(1, -1, 1,
+                                                                                            cols.output.shape[1])
+        return _TilePlan(rows, cols, slack, pixels.reshape(rows.output.shape[0] * cols.output.shape[0], -1))
 
 
 _PLANS: dict[tuple, _TilePlan | None] = {}
@@ -176,8 +184,8 @@ def _tile_plan(in_size: tuple[int, int], out_size: tuple[int, int], device: torc
                 match = _kernel_match(rows, cols, in_size, out_size, device)
                 if match is not None:
                     slack = _EXACT_WEIGHTS_SLACK if match == "exact" else _DECISION_SLACK
-                    plan = _TilePlan(_Axis.build(*rows, math.ceil(sh / h), device),
-                                     _Axis.build(*cols, math.ceil(sw / w), device), slack)
+                    plan = _TilePlan.build(_Axis.build(*rows, math.ceil(sh / h), device),
+                                           _Axis.build(*cols, math.ceil(sw / w), device), slack, sw)
                     break
         _PLANS[key] = plan
     return _PLANS[key]
@@ -252,47 +260,46 @@ def mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple
     # Cells all <= 0 give pixels <= 0 (every product and sum keeps the sign): none exceeds a T >= 0.
     near = float32_below(torch.where(thresholds >= 0, near.clamp(min=0), near)).view(1, units, 1, 1)
     # Tile (by, bx) reads cells {source0, source1} x {source0, source1} of its row and column bands.
-    band_rows = torch.maximum(activations[:, :, rows.source0], activations[:, :, rows.source1])
-    tile_max = torch.maximum(band_rows[..., cols.source0], band_rows[..., cols.source1])
+    band_rows = torch.maximum(activations.index_select(2, rows.source0), activations.index_select(2, rows.source1))
+    tile_max = torch.maximum(band_rows.index_select(3, cols.source0), band_rows.index_select(3, cols.source1))
     hot = (tile_max > near).view(-1).nonzero().squeeze(1)
-    tiles_per_map = rows.source0.shape[0] * cols.source0.shape[0]
-    out_maps, out_pixels = [], []
-    uncertain_maps = []
+    tiles_per_map = plan.pixels.shape[0]
     flat = activations.view(-1)
-    chunk = max(1, _CHUNK_ELEMENTS // (rows.output.shape[1] * cols.output.shape[1]))
-    for start in range(0, hot.shape[0], chunk):
-        tile = hot[start : start + chunk]
-        map_index = tile // tiles_per_map
-        by = (tile % tiles_per_map) // cols.source0.shape[0]
-        bx = tile % cols.source0.shape[0]
+    redo = torch.zeros(batch * units, dtype=torch.int32, device=activations.device)
+    out_maps, out_pixels = [], []
+    for start in range(0, hot.shape[0], max(1, _CHUNK_ELEMENTS // plan.pixels.shape[1])):
+        tile = hot[start : start + max(1, _CHUNK_ELEMENTS // plan.pixels.shape[1])]
+        map_index, local = tile // tiles_per_map, tile % tiles_per_map
+        by, bx = local // cols.source0.shape[0], local % cols.source0.shape[0]
         base = map_index * (h * w)
-        y0, y1 = base + rows.source0[by] * w, base + rows.source1[by] * w
-        x0, x1 = cols.source0[bx], cols.source1[bx]
-        a00, a01, a10, a11 = flat[y0 + x0], flat[y0 + x1], flat[y1 + x0], flat[y1 + x1]
-        wx0, wx1 = cols.weight0[bx], cols.weight1[bx]
+        y0, y1 = base + rows.source0.index_select(0, by) * w, base + rows.source1.index_select(0, by) * w
+        x0, x1 = cols.source0.index_select(0, bx), cols.source1.index_select(0, bx)
+        a00, a01, a10, a11 = (flat.index_select(0, index) for index in (y0 + x0, y0 + x1, y1 + x0, y1 + x1))
+        # The kernel's order of operations: along the row first, then across the two rows.
+        wx0, wx1 = cols.weight0.index_select(0, bx), cols.weight1.index_select(0, bx)
+        wy0, wy1 = rows.weight0.index_select(0, by).unsqueeze(2), rows.weight1.index_select(0, by).unsqueeze(2)
         top = a00.unsqueeze(1) * wx0 + a01.unsqueeze(1) * wx1
         bottom = a10.unsqueeze(1) * wx0 + a11.unsqueeze(1) * wx1
-        values = top.unsqueeze(1) * rows.weight0[by].unsqueeze(2) + bottom.unsqueeze(1) * rows.weight1[by].unsqueeze(2)
-        magnitude = torch.stack([a00, a01, a10, a11]).abs().amax(0).double()
-        slack = magnitude * plan.slack + _TINY
+        values = (top.unsqueeze(1) * wy0 + bottom.unsqueeze(1) * wy1).view(tile.shape[0], -1)
+        # Decided here only farther from T than any rounding difference; padded pixels are NaN: False.
+        slack = torch.stack([a00, a01, a10, a11]).abs().amax(0).double() * plan.slack + _TINY
         threshold = thresholds[map_index % units]
-        above = (values > _float32_above(threshold + slack).view(-1, 1, 1))
-        maybe = (values >= float32_below(threshold - slack).view(-1, 1, 1))
-        unsure = (maybe & ~above).flatten(1).any(1)
-        if unsure.any():
-            uncertain_maps.append(map_index[unsure])
-        which, row, column = above.nonzero(as_tuple=True)
-        out_maps.append(map_index[which])
-        out_pixels.append(rows.output[by[which], row] * size[1] + cols.output[bx[which], column])
+        above = values > _float32_above(threshold + slack).unsqueeze(1)
+        unsure = (values >= float32_below(threshold - slack).unsqueeze(1)) & ~above
+        redo.index_add_(0, map_index, unsure.any(1).int())
+        which, position = above.nonzero(as_tuple=True)
+        out_maps.append(map_index.index_select(0, which))
+        out_pixels.append(plan.pixels.view(-1).index_select(0, local.index_select(0, which) * values.shape[1]
+                                                            + position))
     maps = torch.cat(out_maps) if out_maps else torch.zeros(0, dtype=torch.long, device=activations.device)
     pixels = torch.cat(out_pixels) if out_pixels else torch.zeros_like(maps)
-    if uncertain_maps:
-        # Near the threshold only the kernel itself decides: redo these maps whole.
-        redo = torch.cat(uncertain_maps).unique()
-        keep = ~torch.isin(maps, redo)
-        exact_maps, exact_pixels = _dense_mask_pixels(activations.view(-1, 1, h, w)[redo].view(-1, 1, h, w),
-                                                      thresholds[redo % units], size, per_map=True)
-        maps = torch.cat([maps[keep], redo[exact_maps]])
+    # Near the threshold only the kernel itself decides: those maps are upsampled whole.
+    redone = redo.nonzero().squeeze(1)
+    if redone.shape[0]:
+        keep = redo[maps] == 0
+        exact_maps, exact_pixels = _dense_mask_pixels(activations.view(-1, 1, h, w)[redone],
+                                                      thresholds[redone % units], size, per_map=True)
+        maps = torch.cat([maps[keep], redone[exact_maps]])
         pixels = torch.cat([pixels[keep], exact_pixels])
     return maps, pixels
 

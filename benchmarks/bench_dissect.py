@@ -1,0 +1,161 @@
+"""Targets 1 and 2 of the performance issue: `ld.dissect` against a plain forward pass, and against
+the straightforward dense method.
+
+A ResNet-18-shaped CNN with random weights (`benchmarks.common.ResNet18Shaped`, no torchvision),
+224x224 input, `layer3` (256 x 14 x 14) and `layer4` (512 x 7 x 7) dissected together over the
+synthetic dataset at 224 (segmentations 112 x 112), batch size 64, on a warm, decoded probe set.
+
+    python -m benchmarks.bench_dissect            # 512 images, baseline on 64 (about 6 minutes on 2 cores)
+    python -m benchmarks.bench_dissect --quick    # 128 images, baseline on 32
+    python -m benchmarks.bench_dissect --device cuda
+
+Prints markdown tables (docs/performance.md quotes them) and the profile of one `ld.dissect`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import time
+
+import torch
+
+import lightning_dissect as ld
+from benchmarks.baseline import dense_tally, dense_thresholds
+from benchmarks.common import ResNet18Shaped, machine, print_table, synchronize, synthetic_probe
+from lightning_dissect.engine.dissect import LayerCapture, resolve_layers
+
+LAYERS = ["layer3", "layer4"]
+
+
+def timed_forward(model: torch.nn.Module, probe: ld.ProbeSet, batch_size: int, device: torch.device
+                  ) -> tuple[float, dict[str, torch.Tensor]]:
+    """A plain `torch.no_grad()` forward pass over the probe set, timed. The dissected layers'
+    outputs are kept by reference (hooks that store a pointer; no copy), for the engine-alone row."""
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in LAYERS}
+    model.eval()
+    with torch.no_grad(), LayerCapture(resolve_layers(model, LAYERS), stop_early=False) as capture:
+        synchronize(device)
+        started = time.perf_counter()
+        for start in range(0, len(probe), batch_size):
+            outputs = capture.run(model, probe.model_input(range(start, min(start + batch_size, len(probe))), device))
+            for name in LAYERS:
+                captured[name].append(outputs[name])
+        synchronize(device)
+        seconds = time.perf_counter() - started
+    return seconds, {name: torch.cat(parts) for name, parts in captured.items()}
+
+
+def timed(run) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = run()
+    return time.perf_counter() - started, result
+
+
+def profile_table(profile: cProfile.Profile, total: float) -> list[list[object]]:
+    """Where one `ld.dissect` spends its time, from cProfile's cumulative times."""
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    parts = {
+        "model forward (LayerCapture.run)": ("dissect.py", "run"),
+        "input transform (ProbeSet.model_input)": ("probe.py", "model_input"),
+        "threshold state (RunningTopK.add)": ("thresholds.py", "add"),
+        "top images (_top_images_update)": ("dissect.py", "_top_images_update"),
+        "masks: tiles near thresholds (mask_pixels)": ("tally.py", "mask_pixels"),
+        "intersections, areas (IoUTally.add_pixels)": ("tally.py", "add_pixels"),
+        "scores (iou, category_best, unit_labels)": ("scores.py", None),
+    }
+    rows = []
+    for label, (filename, function) in parts.items():
+        seconds = sum(value[3] for (path, _, name), value in stats.items()
+                      if path.endswith(filename) and (function is None or name == function))
+        rows.append([label, seconds, f"{100 * seconds / total:.1f}%"])
+    accounted = sum(row[1] for row in rows)
+    rows.append(["everything else", total - accounted, f"{100 * (total - accounted) / total:.1f}%"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="128 images, baseline on 32, no uncached run")
+    parser.add_argument("--images", type=int, default=None, help="probe size (default 512, quick 128)")
+    parser.add_argument("--baseline-images", type=int, default=None, help="images for the dense method (64/32)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--cache-dir", default=None, help="where the synthetic dataset is generated and cached")
+    args = parser.parse_args()
+    images = args.images or (128 if args.quick else 512)
+    baseline_images = args.baseline_images or (32 if args.quick else 64)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    print(f"machine: {machine()}")
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    probe = synthetic_probe(images, 224, cache_dir=args.cache_dir)
+    probe.tensors(device)
+    model = ResNet18Shaped().to(device).eval()
+    print(f"probe: {len(probe)} synthetic images at 224, segmentation {probe.segmentation_size}; "
+          f"model: ResNet-18-shaped, random weights; layers {LAYERS}; batch size {args.batch_size}; device {device}")
+    with torch.no_grad():  # warm-up: allocator and kernels
+        model(probe.model_input(range(min(args.batch_size, len(probe))), device))
+
+    # ------------------------------------------------------------------ target 1
+    forward, activations = timed_forward(model, probe, args.batch_size, device)
+    profile = cProfile.Profile()
+    profile.enable()
+    dissect_seconds, result = timed(lambda: ld.dissect(model, probe, LAYERS, batch_size=args.batch_size))
+    profile.disable()
+    forward_again, _ = timed_forward(model, probe, args.batch_size, device)
+    forward = min(forward, forward_again)
+    started = time.perf_counter()
+    engine_result = ld.dissect_activations(activations, probe, batch_size=args.batch_size)
+    engine_seconds = time.perf_counter() - started
+    for name in LAYERS:
+        assert torch.equal(engine_result[name].iou, result[name].iou), name
+    rows = [["plain forward pass, torch.no_grad()", forward, "1.00"],
+            ["ld.dissect, activations kept between passes (default)", dissect_seconds,
+             f"{dissect_seconds / forward:.3f}"]]
+    if not args.quick:
+        uncached, _ = timed(lambda: ld.dissect(model, probe, LAYERS, batch_size=args.batch_size,
+                                               activation_cache_bytes=0))
+        rows.append(["ld.dissect, activation_cache_bytes=0 (model runs twice)", uncached, f"{uncached / forward:.3f}"])
+    rows.append(["engine alone: ld.dissect_activations on captured outputs", engine_seconds,
+                 f"{engine_seconds / forward:.3f}"])
+    print(f"\n### Target 1: dissection vs forward pass ({len(probe)} images, target <= 1.25 on CPU, 1.10 on CUDA)\n")
+    print_table(["run", "seconds", "x forward"], rows)
+    print(f"\nactivations cached: {result.settings['activations_cached']}; "
+          f"cached bytes: {sum(a.numel() * 4 for a in activations.values()) / 2**20:.0f} MiB")
+    print(f"\n### Where one ld.dissect spends its {dissect_seconds:.1f} s (cProfile, cumulative)\n")
+    print_table(["part", "seconds", "share"], profile_table(profile, dissect_seconds))
+    activations.clear()
+
+    # ------------------------------------------------------------------ target 2
+    subset = ld.ProbeSet(probe.broden, size=baseline_images, seed=0)
+    _, sub_activations = timed_forward(model, subset, args.batch_size, device)
+    fast_seconds, fast = timed(lambda: ld.dissect_activations(sub_activations, subset, batch_size=args.batch_size))
+    dense_seconds = 0.0
+    identical = True
+    for name, acts in sub_activations.items():
+        seconds, (thresholds, (intersection, unit_area)) = timed(lambda acts=acts: (
+            (t := dense_thresholds(acts, 0.005)),
+            dense_tally(acts, t, subset.label_maps.to(device), subset.image_labels.to(device),
+                        subset.label_category.to(device), len(subset.categories), "paper")))
+        dense_seconds += seconds
+        identical &= bool(torch.equal(thresholds.cpu(), fast[name].thresholds)
+                          and torch.equal(intersection.cpu(), fast[name].intersection)
+                          and torch.equal(unit_area.cpu(), fast[name].unit_area))
+    print(f"\n### Target 2: against the straightforward dense method ({baseline_images} images, "
+          "thresholds + tally on captured activations)\n")
+    print_table(["method", "seconds", "speed-up"], [
+        ["dense: upsample every map, float64 compare, one-hot label products", dense_seconds, "1"],
+        ["lightning_dissect engine (ld.dissect_activations)", fast_seconds, f"{dense_seconds / fast_seconds:.0f}x"],
+    ])
+    print(f"\nidentical thresholds, intersections and unit areas: {'yes' if identical else 'NO'}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

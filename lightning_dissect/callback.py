@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+# Imported at run time, not under TYPE_CHECKING: LightningCLI (jsonargparse) resolves the annotations
+# of __init__ to parse configs.
 from lightning_dissect.broden import Broden
 from lightning_dissect.dissector import Dissector
 from lightning_dissect.distributed import StrategySynchronizer, check_strategy, local_zero_first
@@ -104,6 +106,7 @@ class _DissectionCallback:
         save_json: bool = True,
         on_error: str = "warn",
     ) -> None:
+        # The options are spelled out (not **kwargs) so LightningCLI and help() see them.
         super().__init__()
         self.dissector = Dissector(
             probe, layers, schedule, every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, quantile=quantile,

@@ -481,7 +481,7 @@ class Dissector:
         if not self.due(step, epoch if epoch_end else None):
             return None
         if self.layers is None:
-            self.setup(model)
+            self.setup(model)  # outside the try: configuration errors always raise
         try:
             return self.run(model, step, epoch)
         except Exception as error:

@@ -280,6 +280,10 @@ class atomic_write:  # noqa: N801 - used as a context manager, reads like open()
     def __exit__(self, kind, value, traceback) -> None:
         self.handle.close()
         if kind is None:
+            # mkstemp creates 0600 files; give the result the permissions a plain open() would.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.temporary, 0o666 & ~umask)
             os.replace(self.temporary, self.path)
         else:
             os.unlink(self.temporary)

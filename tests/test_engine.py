@@ -338,3 +338,14 @@ def test_concept_changes_counts_switches(random_dataset):
     expected = [u for u in range(6) if was[u] and now[u] and before.labels[u] != after.labels[u]]
     assert changes["switched_units"] == expected and changes["switches"] == len(expected)
     assert sum(changes["transitions"].values()) == len(expected)
+
+
+def test_result_files_get_ordinary_permissions(random_dataset, tmp_path):
+    import os
+    import stat
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    result = ld.dissect_activations({"l": random_activations(len(probe), 2, 4, seed=0)}, probe)
+    result.to_json(tmp_path / "r.json")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == 0o666 & ~umask

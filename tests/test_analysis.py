@@ -183,3 +183,60 @@ def test_read_run_names_the_missing_path(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bad.json"):
         analysis.read_run(tmp_path / "bad.json")
+
+
+def gaussian_classes(seed: int, n: int, k: int = 12, classes: int = 4, spread: float = 1.0):
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, k, generator=generator) * 2
+    labels = torch.randint(0, classes, (n,), generator=generator)
+    return torch.relu(centres[labels] + spread * torch.randn(n, k, generator=generator)), labels
+
+
+def test_linear_probe_separates_separable_classes_and_is_at_chance_on_noise():
+    features, labels = gaussian_classes(0, 400, spread=0.05)
+    assert analysis.linear_probe_accuracy(features[:300], labels[:300], features[300:], labels[300:]) == 1.0
+    generator = torch.Generator().manual_seed(1)
+    noise, coin = torch.randn(2000, 8, generator=generator), torch.randint(0, 2, (2000,), generator=generator)
+    assert abs(analysis.linear_probe_accuracy(noise[:1000], coin[:1000], noise[1000:], coin[1000:]) - 0.5) < 0.05
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_linear_probe_accuracy_is_the_same_in_a_rotated_basis(seed):
+    from lightning_dissect.engine.rotation import fractional_power, random_rotation
+
+    features, labels = gaussian_classes(seed, 600, spread=1.5)
+    accuracy = analysis.linear_probe_accuracy(features[:400], labels[:400], features[400:], labels[400:])
+    assert 0.5 < accuracy < 1.0  # an informative, imperfect probe: a change would show
+    for alpha in (0.5, 1.0):
+        rotation = fractional_power(random_rotation(12, seed), alpha).float()
+        rotated = features @ rotation.T
+        assert analysis.linear_probe_accuracy(rotated[:400], labels[:400], rotated[400:], labels[400:]) == accuracy
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small float64 products: threads only add waiting on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_linear_probe_matches_logistic_regression_by_lbfgs(one_thread):
+    features, labels = gaussian_classes(2, 600, spread=1.5)
+    train, test = slice(0, 400), slice(400, None)
+    # The slow reference: the same penalised logistic regression on the raw features, by L-BFGS.
+    x = features.double()
+    weight = torch.zeros(12, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x[train] @ weight + bias, labels[train])
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    reference = float(((x[test] @ weight + bias).argmax(1) == labels[test]).double().mean())
+    found = analysis.linear_probe_accuracy(features[train], labels[train], features[test], labels[test])
+    assert abs(found - reference) <= 0.02

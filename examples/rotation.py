@@ -7,6 +7,11 @@ accuracy on the layer's pooled features does not change; if interpretability wer
 the space rather than of the units, the detectors would not change either. They drop: the
 network's own units are more interpretable than random directions in the same space.
 
+The default layer is `conv3`, whose detectors are mostly shape (object) detectors. In this small
+network the last block's detectors are mostly textures, which fill whole images: a random mixture
+of units still fires most on some texture, so `conv4` loses fewer detectors under rotation
+(`--layer conv4` shows it).
+
 This script trains :class:`~lightning_dissect.demo.SmallCNN` from scratch on the synthetic
 dataset's `background` task, then for each `alpha` and seed dissects the layer with
 `lightning_dissect.dissect(..., rotation={"seed": s, "alpha": a})` and measures the linear
@@ -43,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=64, help="image size of the synthetic dataset")
     parser.add_argument("--steps", type=int, default=400, help="training steps before the dissections")
     parser.add_argument("--width", type=int, default=32, help="the CNN's width")
-    parser.add_argument("--layer", default="conv4", help="the layer to dissect")
+    parser.add_argument("--layer", default="conv3",
+                        help="the layer to dissect (default conv3: its detectors are mostly shapes)")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
                         help="rotation powers, 0 (own basis) to 1 (a random basis)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the random rotations")

@@ -155,7 +155,27 @@ class ProbeSet:
         if cache_dir is False:
             return None
         root = Path(cache_dir) if cache_dir not in (None, True) else cache_root() / "probes"
-        return root / f"probe-{self.fingerprint[:32]}.pt"
+        return root / f"probe-{self._cache_key()[:32]}.pt"
+
+    def _cache_key(self) -> str:
+        """The fingerprint plus the size and modification time of every file the probe decodes.
+
+        The fingerprint hashes the csv files only (reading every image would cost as much as
+        decoding); the file stats make a replaced image or label map invalidate the cache too.
+        """
+        digest = hashlib.sha256(self.fingerprint.encode())
+        images = self.broden.root / "images"
+        for i in self.rows:
+            row = self.broden.row(i)
+            paths = [row.image] + [item for category in self.categories for item in row.cells[category]
+                                   if isinstance(item, str)]
+            for path in paths:
+                try:
+                    info = os.stat(images / path)
+                    digest.update(f"{path}:{info.st_size}:{info.st_mtime_ns};".encode())
+                except OSError:
+                    digest.update(f"{path}:missing;".encode())  # decoding will name the file
+        return digest.hexdigest()
 
     def _load(self, cache_dir: str | os.PathLike | bool | None, progress: bool) -> None:
         path = self._cache_path(cache_dir)

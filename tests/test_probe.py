@@ -122,3 +122,14 @@ def test_model_input_resizes_and_normalises(random_dataset):
     std = torch.tensor(ld.probe.IMAGENET_STD).view(1, 3, 1, 1)
     assert torch.allclose(plain, (probe.images[:1].float() / 255 - mean) / std)
     assert probe.segmentation_size == (8, 8)
+
+
+def test_cache_key_changes_when_an_image_file_changes(tmp_path):
+    root = random_broden(tmp_path / "b", num_images=4)
+    first = ld.ProbeSet(root, cache_dir=tmp_path / "cache")
+    from PIL import Image
+    Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(root / "images" / "img2.png")
+    second = ld.ProbeSet(root, cache_dir=tmp_path / "cache")
+    assert first.fingerprint == second.fingerprint  # same csv files: same recorded identity
+    assert not torch.equal(first.images, second.images)
+    assert int(second.images[2].float().mean()) == 7

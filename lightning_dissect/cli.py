@@ -36,9 +36,9 @@ def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
         description="Generate the synthetic dataset (cached), train a small CNN from scratch on it with "
                     "DissectionCallback on a log-spaced schedule (steps 0, 1, 2, 4, 9, 20, ...), write TensorBoard "
                     "logs and the paper's emergence figures, and print the numbers found.")
-    parser.add_argument("-o", "--output", type=Path, default=Path("lightning_dissect_demo"),
-                        help="where logs and figures go (default: ./lightning_dissect_demo)")
-    parser.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
+    parser.add_argument("-o", "--output", type=Path, default=Path("runs/demo"),
+                        help="where logs and figures go (default: ./runs/demo)")
+    parser.add_argument("--steps", type=int, default=500, help="training steps (default: 500)")
     parser.add_argument("--images", type=int, default=1000, help="images in the synthetic dataset (default: 1000)")
     parser.add_argument("--image-size", type=int, default=64, help="their size in pixels (default: 64)")
     parser.add_argument("--probe-size", type=int, default=None,

@@ -170,3 +170,34 @@ def test_the_console_script_of_setup_cfg_is_main():
     name, target = (part.strip() for part in script.split("="))
     module, function = target.split(":")
     assert name == "lightning-dissect" and getattr(importlib.import_module(module), function) is main
+
+
+def test_demo_trains_draws_and_prints_the_numbers_and_the_tensorboard_command(tmp_path, capsys):
+    import warnings
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert main(["demo", "--images", "48", "--image-size", "32", "--steps", "6", "--width", "8",
+                         "--probe-size", "12", "--output", str(tmp_path / "demo"), "--cache-dir",
+                         str(tmp_path / "cache"), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    output = capsys.readouterr().out
+    log_dir = tmp_path / "demo" / "emergence" / "version_0"
+    history = [Dissection.from_json(log_dir / "dissections" / f"step={step}" / "dissection.json")
+               for step in (0, 4)]
+    for layer in ("model.conv3", "model.conv4"):
+        first, last = (dissection[layer].summary()["unique_concepts"] for dissection in history)
+        assert f"{layer}: {first:.0f} unique concepts at step 0 -> {last:.0f} at step 4" in output
+        assert (log_dir / "figures" / f"emergence_{layer}.png").stat().st_size > 1000
+    assert f"tensorboard --logdir {tmp_path / 'demo' / 'emergence'}" in output
+    assert f"lightning-dissect report {log_dir}" in output
+    assert list(log_dir.glob("events.out.tfevents.*"))
+
+
+def test_demo_refuses_a_nonpositive_size(capsys):
+    assert main(["demo", "--steps", "0"]) == 2
+    assert "--steps 0 must be a positive integer" in capsys.readouterr().err

@@ -62,9 +62,17 @@ def run_demo(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise UsageError(f"the demo needs Lightning and TensorBoard ({error}); pip install "
                          "'lightning-dissect[lightning,tensorboard]'") from error
-    run = emergence_run(args.output, steps=args.steps, num_images=args.images, image_size=args.image_size,
-                        probe_size=args.probe_size, task=args.task, width=args.width, seed=args.seed,
-                        cache_dir=args.cache_dir, progress=args.progress, echo=print)
+    import logging
+    import warnings
+
+    # The demo prints its own story: Lightning's start-up notes (no GPU, logger tips) and its advice
+    # about dataloader workers for in-memory tensors are noise here.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*(num_workers|treespec|LeafSpec).*")
+        run = emergence_run(args.output, steps=args.steps, num_images=args.images, image_size=args.image_size,
+                            probe_size=args.probe_size, task=args.task, width=args.width, seed=args.seed,
+                            cache_dir=args.cache_dir, progress=args.progress, echo=print)
     first_step, last_step = run["steps"][0], run["steps"][-1]
     print()
     for layer, (first, last) in run["unique_concepts"].items():

@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pretrained", type=Path, default=None,
                         help="a state dict of SyntheticTaskModule (e.g. model.pt of an emergence run)")
     parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps")
+    parser.add_argument("--factor", type=float, default=2.2, help="spacing of the log-spaced dissection steps")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="fine-tuning learning rate")
     parser.add_argument("--width", type=int, default=32, help="the CNN's width")
     parser.add_argument("--layers", nargs="+", default=["model.conv3", "model.conv4"],
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     module.set_task(args.to_task)
     module.learning_rate = args.learning_rate
     probe = ProbeSet(root, size=args.probe_size, split="val")
-    callback = DissectionCallback(probe=probe, layers=args.layers, schedule=log_spaced())
+    callback = DissectionCallback(probe=probe, layers=args.layers, schedule=log_spaced(first=1, factor=args.factor))
     logger = TensorBoardLogger(args.output, name="finetune")
     print(f"fine-tuning on {args.to_task!r} for {args.steps} steps, dissecting {args.layers}")
     trainer = make_trainer(args.steps, callbacks=[callback], logger=logger, progress=args.progress)

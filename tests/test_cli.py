@@ -172,30 +172,31 @@ def test_the_console_script_of_setup_cfg_is_main():
     assert name == "lightning-dissect" and getattr(importlib.import_module(module), function) is main
 
 
-def test_demo_trains_draws_and_prints_the_numbers_and_the_tensorboard_command(tmp_path, capsys):
-    import warnings
+def test_demo_prints_the_numbers_the_figures_and_the_tensorboard_command(tmp_path, monkeypatch, capsys):
+    # The run itself is demo.emergence_run, run end to end by tests/test_examples.py; here the
+    # command's arguments and what it prints.
+    import lightning_dissect.demo
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            assert main(["demo", "--images", "48", "--image-size", "32", "--steps", "6", "--width", "8",
-                         "--probe-size", "12", "--output", str(tmp_path / "demo"), "--cache-dir",
-                         str(tmp_path / "cache"), "--no-progress"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    output = capsys.readouterr().out
+    calls = {}
     log_dir = tmp_path / "demo" / "emergence" / "version_0"
-    history = [Dissection.from_json(log_dir / "dissections" / f"step={step}" / "dissection.json")
-               for step in (0, 4)]
-    for layer in ("model.conv3", "model.conv4"):
-        first, last = (dissection[layer].summary()["unique_concepts"] for dissection in history)
-        assert f"{layer}: {first:.0f} unique concepts at step 0 -> {last:.0f} at step 4" in output
-        assert (log_dir / "figures" / f"emergence_{layer}.png").stat().st_size > 1000
+
+    def emergence_run(output, **options):
+        calls.update(options, output=output)
+        return {"steps": [0, 1, 2, 4, 9], "unique_concepts": {"model.conv4": (1.0, 11.0)},
+                "detectors": {"model.conv4": (1.0, 37.0)}, "accuracy": 0.807,
+                "figures": [log_dir / "figures" / "emergence_model.conv4.png"], "dissections": log_dir / "dissections",
+                "log_root": tmp_path / "demo" / "emergence", "log_dir": log_dir}
+
+    monkeypatch.setattr(lightning_dissect.demo, "emergence_run", emergence_run)
+    assert main(["demo", "--steps", "7", "--images", "64", "--output", str(tmp_path / "demo"), "--no-progress"]) == 0
+    assert calls == dict(output=tmp_path / "demo", steps=7, num_images=64, image_size=64, probe_size=None,
+                         task="background", width=32, seed=0, cache_dir=None, progress=False, echo=print)
+    output = capsys.readouterr().out
+    assert "model.conv4: 1 unique concepts at step 0 -> 11 at step 9 (1 -> 37 detectors)" in output
+    assert "validation accuracy on the background task: 80.7%" in output
+    assert f"  {log_dir / 'figures' / 'emergence_model.conv4.png'}" in output
     assert f"tensorboard --logdir {tmp_path / 'demo' / 'emergence'}" in output
     assert f"lightning-dissect report {log_dir}" in output
-    assert list(log_dir.glob("events.out.tfevents.*"))
 
 
 def test_demo_refuses_a_nonpositive_size(capsys):

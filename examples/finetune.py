@@ -4,8 +4,9 @@ The paper fine-tuned a network trained on one task on another and watched units 
 (SEMANTICS §5: a unit that is a detector before and after with a different label). Here the
 small CNN first learns the synthetic dataset's `background` task (scenes and textures), as in
 `examples/emergence.py`, or is loaded from `--pretrained`; then its head is replaced and it is
-fine-tuned on a task that rewards other concepts (`objects`: which shapes are visible), with
-`DissectionCallback` dissecting at step 0 (the pretrained model) and at log-spaced steps.
+fine-tuned on a task that rewards other concepts (`materials`: which materials the shapes are
+made of, seen in their surface patterns), with `DissectionCallback` dissecting at step 0 (the
+pretrained model) and at log-spaced steps.
 
 Figures in the run's log folder: `figures/switches_<layer>.png` (switches, units becoming and
 stopping being detectors, at every dissection) and `figures/transitions_<layer>.png` (the units
@@ -41,7 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--probe-size", type=int, default=None, help="probe images (default: the val split)")
     parser.add_argument("--from-task", default="background", choices=list(SYNTHETIC_TASKS),
                         help="the task learned first")
-    parser.add_argument("--to-task", default="objects", choices=list(SYNTHETIC_TASKS), help="the fine-tuning task")
+    parser.add_argument("--to-task", default="materials", choices=list(SYNTHETIC_TASKS),
+                        help="the fine-tuning task (objects: this small CNN does not learn it beyond chance)")
     parser.add_argument("--pretrain-steps", type=int, default=600, help="steps on --from-task (without --pretrained)")
     parser.add_argument("--pretrained", type=Path, default=None,
                         help="a state dict of SyntheticTaskModule (e.g. model.pt of an emergence run)")

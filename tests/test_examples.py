@@ -70,6 +70,12 @@ def test_emergence_finds_more_unique_concepts_at_the_last_dissection_than_at_the
     for figure in result["figures"]:
         assert_figure(figure)
     assert Path(result["weights"]).is_file()
+    # `lightning-dissect compare` reads the run the callback saved: untrained against trained.
+    from lightning_dissect.cli import main as cli
+
+    run = result["log_dir"]
+    assert cli(["compare", f"{run}@0", run, "--layer", "model.conv4", "-o", str(tmp_path / "stages.png")]) == 0
+    assert_figure(tmp_path / "stages.png")
 
 
 def test_finetune_counts_switches_and_draws_the_transition_table(tmp_path, cache):

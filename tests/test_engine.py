@@ -349,3 +349,19 @@ def test_result_files_get_ordinary_permissions(random_dataset, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("units", [9, 12, 16])
+def test_masks_follow_the_layer_tensor_interpolation_for_many_units(random_dataset, units):
+    # On CPU, ATen upsamples small outputs of tensors with 8+ channels through a vectorised path that
+    # rounds differently from the per-channel one; SEMANTICS §2 defines the mask on the layer's own
+    # contiguous (N, K, h, w) output, so the engine must reproduce that tensor's bits. Coarse values
+    # put many upsampled pixels exactly at the threshold, where a one-ulp difference flips them.
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    acts = random_activations(len(probe), units, 3, seed=units, ties=True)
+    acts = acts / 3  # thirds are inexact in float32: the interpolation rounds
+    for quantile in (0.1, 0.3):
+        result = ld.dissect_activations({"l": acts}, probe, quantile=quantile, batch_size=7)["l"]
+        expected = reference_dissection(acts, probe.broden, probe.rows, probe.categories, quantile, 0.04, "paper")
+        assert torch.equal(result.intersection.double(), expected["intersection"])
+        assert torch.equal(result.unit_area.double(), expected["unit_area"])

@@ -54,11 +54,11 @@ def dense_tally(activations: torch.Tensor, thresholds: torch.Tensor, label_maps:
     category_of[scored.nonzero().squeeze(1), label_category[scored]] = True
     for start in range(0, n, step):
         part = slice(start, start + step)
-        batch = activations[part].shape[0]
-        # Each map on its own, as `(n, 1, h, w)`: the layout SEMANTICS §2 fixes (see tally.upsample_masks).
-        upsampled = F.interpolate(activations[part].float().reshape(-1, 1, *activations.shape[2:]), size=(sh, sw),
-                                  mode="bilinear", align_corners=False).view(batch, units, sh, sw)
+        # The layer tensor itself, as SEMANTICS §2 defines the mask.
+        upsampled = F.interpolate(activations[part].float().contiguous(), size=(sh, sw), mode="bilinear",
+                                  align_corners=False)
         masks = (upsampled.double() > thresholds.view(1, -1, 1, 1)).flatten(2)  # (B, K, P)
+        batch = masks.shape[0]
         maps = label_maps[part].long().flatten(2)  # (B, M, P)
         # L_c(x) for every label: a pixel carries c if any map does, or c is an image-level label.
         pixel_region = torch.zeros(batch, pixels, num_labels, dtype=torch.bool, device=device)

@@ -8,13 +8,17 @@ grid into *tiles*: runs of output rows (and columns) that read the same two
 source rows (columns), so every pixel of a tile is a combination of the same
 four raw cells. Only tiles with a cell near the threshold are evaluated.
 
-Exactness. The mask is defined by `F.interpolate` (SEMANTICS §2), whose CPU
-kernel rounds in its own way (fused multiply-adds on most builds). The tile
-evaluation recomputes the interpolation with its own float32 arithmetic and
-decides a pixel only where it is farther from the threshold than any rounding
-difference could reach (`_DECISION_SLACK`, relative to the four cells'
-magnitude). A map with a pixel inside that band is upsampled whole by
-`F.interpolate` and decided by it, so the result equals the dense definition
+Exactness. The mask is defined by `F.interpolate` of the layer's `(N, K, h, w)`
+output (SEMANTICS §2), whose CPU kernel rounds in its own way (fused
+multiply-adds on most builds; for small outputs a channels-last path that
+vectorises over units, so a unit's bits can depend on its position in the
+tensor). The tile evaluation recomputes the interpolation with its own float32
+arithmetic and decides a pixel only where it is farther from the threshold
+than any rounding difference could reach (`_DECISION_SLACK`, relative to the
+four cells' magnitude). A map with a pixel inside that band is decided by
+`F.interpolate` itself: the map alone where probes show the kernel gives every
+layout the same bits (`_layout_free`; always so for Broden's 112 and 113),
+else the image's whole layer tensor. So the result equals the dense definition
 bit for bit. Before the tiles are trusted for a layer shape, the kernel's
 source cells and weights are checked against one-hot probes on the device
 (`_tile_plan`); where they do not match, the tally upsamples candidate maps
@@ -53,11 +57,11 @@ _CHUNK_ELEMENTS = 2**23
 def upsample_masks(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """`M_u(x) = upsample(A[x, u]) > T_u` for a stack of raw maps (SEMANTICS §2).
 
-    This is the definition; the tally reaches the same masks without upsampling whole maps.
-    Each map is upsampled on its own, as `(n, 1, h, w)`: on CPU, for outputs with
-    `sh + sw <= 128`, ATen's kernel rounds differently when a tensor has 8 or more
-    channels (a vectorised path), so the layout is part of the definition. For
-    larger outputs (Broden's 112 and 113) every layout gives the same bits.
+    Each map is upsampled on its own, as `(n, 1, h, w)`. This equals the upsampled layer
+    tensor of SEMANTICS §2 wherever ATen's kernel does not depend on the layout (on CPU,
+    outputs with `sh + sw > 128`, such as Broden's 112 and 113; see `_layout_free`). On
+    CPU, smaller outputs of tensors with 8 or more units go through a vectorised path
+    whose last bit can differ; `mask_pixels` follows the layer tensor there.
 
     Args:
         maps: float32 `(n, h, w)` raw activation maps.
@@ -191,6 +195,25 @@ def _tile_plan(in_size: tuple[int, int], out_size: tuple[int, int], device: torc
     return _PLANS[key]
 
 
+_LAYOUT_FREE: dict[tuple, bool] = {}
+
+
+def _layout_free(in_size: tuple[int, int], out_size: tuple[int, int], device: torch.device) -> bool:
+    """Whether `F.interpolate` gives a map the same bits alone `(n, 1, h, w)` as inside a layer tensor.
+
+    Probed once per shape and device with 33 random units (vector bodies of 8 and 16 lanes and a
+    scalar tail); where it does not, maps near a threshold are decided on their image's whole
+    layer tensor.
+    """
+    key = (in_size, out_size, device.type, device.index)
+    if key not in _LAYOUT_FREE:
+        probe = torch.randn(2, 33, *in_size, generator=torch.Generator().manual_seed(0)).to(device)
+        whole = F.interpolate(probe, size=out_size, mode="bilinear", align_corners=False)
+        alone = F.interpolate(probe.view(-1, 1, *in_size), size=out_size, mode="bilinear", align_corners=False)
+        _LAYOUT_FREE[key] = torch.equal(whole, alone.view_as(whole))
+    return _LAYOUT_FREE[key]
+
+
 def _axis_matrix(i0: torch.Tensor, i1: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, in_size: int,
                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """`(out, in)`: the weight of every source cell in every output (both weights added where `i0 == i1`)."""
@@ -253,8 +276,11 @@ def mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple
     batch, units, h, w = activations.shape
     activations = activations.float().contiguous()
     plan = _tile_plan((h, w), size, activations.device)
+    layout_free = _layout_free((h, w), size, activations.device)
     if plan is None:
-        return _dense_mask_pixels(activations, thresholds, size)
+        if layout_free:
+            return _dense_mask_pixels(activations, thresholds, size)
+        return _layer_mask_pixels(activations, thresholds, size)
     rows, cols = plan.rows, plan.cols
     near = thresholds - thresholds.abs() * _HOT_SLACK - _TINY
     # Cells all <= 0 give pixels <= 0 (every product and sum keeps the sign): none exceeds a T >= 0.
@@ -297,11 +323,39 @@ def mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple
     redone = redo.nonzero().squeeze(1)
     if redone.shape[0]:
         keep = redo[maps] == 0
-        exact_maps, exact_pixels = _dense_mask_pixels(activations.view(-1, 1, h, w)[redone],
-                                                      thresholds[redone % units], size, per_map=True)
-        maps = torch.cat([maps[keep], redone[exact_maps]])
+        if layout_free:
+            exact_maps, exact_pixels = _dense_mask_pixels(activations.view(-1, 1, h, w)[redone],
+                                                          thresholds[redone % units], size, per_map=True)
+            exact_maps = redone[exact_maps]
+        else:  # upsample the images' whole layer tensors, keep the redone maps
+            images = (redone // units).unique()
+            image_maps, exact_pixels = _layer_mask_pixels(activations[images], thresholds, size)
+            exact_maps = images[image_maps // units] * units + image_maps % units
+            wanted = redo[exact_maps] > 0
+            exact_maps, exact_pixels = exact_maps[wanted], exact_pixels[wanted]
+        maps = torch.cat([maps[keep], exact_maps])
         pixels = torch.cat([pixels[keep], exact_pixels])
     return maps, pixels
+
+
+def _layer_mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mask_pixels` by upsampling the layer tensor `(B, K, h, w)` whole, a few images at a time:
+    the definition itself, for shapes where the kernel's bits depend on the layout."""
+    batch, units = activations.shape[:2]
+    below = float32_below(thresholds).view(1, units, 1)
+    step = max(1, _CHUNK_ELEMENTS // (units * size[0] * size[1]))
+    out_maps, out_pixels = [], []
+    for start in range(0, batch, step):
+        upsampled = F.interpolate(activations[start : start + step], size=size, mode="bilinear",
+                                  align_corners=False)
+        which, pixel = (upsampled.flatten(2) > below).flatten(0, 1).nonzero(as_tuple=True)
+        out_maps.append(which + start * units)
+        out_pixels.append(pixel)
+    if not out_maps:
+        empty = torch.zeros(0, dtype=torch.long, device=activations.device)
+        return empty, empty
+    return torch.cat(out_maps), torch.cat(out_pixels)
 
 
 def _dense_mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int],

@@ -59,7 +59,17 @@ class RunningTopK:
 
     def add(self, values: torch.Tensor) -> None:
         """Merge `values` of shape `(K, n)` (one row per unit) into the state."""
-        self.values = _top(torch.cat([self.values, values.to(self.values.dtype)], dim=1), self.k)
+        values = values.to(self.values.dtype)
+        if self.values.shape[1] == self.k and self.k > 0:
+            # Only values above a unit's smallest kept value can enter its top k (an equal one
+            # would replace an equal one); usually few do, so select them with a small top-k first.
+            above = values > self.values[:, -1:]
+            count = int(above.sum(1).max())
+            if count == 0:
+                return
+            if count < values.shape[1] // 2:
+                values = values.masked_fill(~above, -math.inf).topk(count, dim=1, sorted=False).values
+        self.values = _top(torch.cat([self.values, values], dim=1), self.k)
 
     def merge(self, values: torch.Tensor) -> None:
         """Merge another state's `values` `(K, k')` (from a disjoint shard)."""

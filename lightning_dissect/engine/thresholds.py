@@ -64,11 +64,17 @@ class RunningTopK:
             # Only values above a unit's smallest kept value can enter its top k (an equal one
             # would replace an equal one); usually few do, so select them with a small top-k first.
             above = values > self.values[:, -1:]
-            count = int(above.sum(1).max())
-            if count == 0:
+            counts = above.sum(1)
+            width = int(counts.max())
+            if width == 0:
                 return
-            if count < values.shape[1] // 2:
-                values = values.masked_fill(~above, -math.inf).topk(count, dim=1, sorted=False).values
+            if width < values.shape[1] // 2:
+                # Each unit's values above its minimum, packed left into a (K, width) block padded with -inf.
+                unit, _ = above.nonzero(as_tuple=True)
+                position = torch.arange(unit.shape[0], device=unit.device) - (counts.cumsum(0) - counts)[unit]
+                packed = torch.full((values.shape[0], width), -math.inf, dtype=values.dtype, device=values.device)
+                packed[unit, position] = values[above]
+                values = packed
         self.values = _top(torch.cat([self.values, values], dim=1), self.k)
 
     def merge(self, values: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ import torch
 import lightning_dissect as ld
 from benchmarks.baseline import dense_tally, dense_thresholds
 from benchmarks.common import ResNet18Shaped, machine, print_table, synchronize, synthetic_probe
-from lightning_dissect.engine.dissect import LayerCapture, resolve_layers
+from lightning_dissect.engine.dissect import resolve_layers
 
 LAYERS = ["layer3", "layer4"]
 
@@ -36,15 +36,21 @@ def timed_forward(model: torch.nn.Module, probe: ld.ProbeSet, batch_size: int, d
     outputs are kept by reference (hooks that store a pointer; no copy), for the engine-alone row."""
     captured: dict[str, list[torch.Tensor]] = {name: [] for name in LAYERS}
     model.eval()
-    with torch.no_grad(), LayerCapture(resolve_layers(model, LAYERS), stop_early=False) as capture:
-        synchronize(device)
-        started = time.perf_counter()
-        for start in range(0, len(probe), batch_size):
-            outputs = capture.run(model, probe.model_input(range(start, min(start + batch_size, len(probe))), device))
-            for name in LAYERS:
-                captured[name].append(outputs[name])
-        synchronize(device)
-        seconds = time.perf_counter() - started
+    modules = resolve_layers(model, LAYERS)
+    # Nothing in this model changes a layer's output in place afterwards: a reference is the output.
+    hooks = [modules[name].register_forward_hook(lambda module, inputs, output, name=name:
+                                                 captured[name].append(output)) for name in LAYERS]
+    try:
+        with torch.no_grad():
+            synchronize(device)
+            started = time.perf_counter()
+            for start in range(0, len(probe), batch_size):
+                model(probe.model_input(range(start, min(start + batch_size, len(probe))), device))
+            synchronize(device)
+            seconds = time.perf_counter() - started
+    finally:
+        for hook in hooks:
+            hook.remove()
     return seconds, {name: torch.cat(parts) for name, parts in captured.items()}
 
 

@@ -203,3 +203,18 @@ def test_non_finite_activations_are_caught_and_huge_finite_ones_are_not(random_d
     huge[:, :, 0, 0] = 0
     layer = ld.dissect_activations({"l": huge}, probe, quantile=0.1)["l"]
     assert torch.equal(layer.thresholds, torch.tensor([3e38, 3e38]).double())
+
+
+def test_a_layer_output_changed_in_place_later_in_the_pass_is_dissected_as_the_layer_gave_it(random_dataset):
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                          nn.Conv2d(4, 3, 3, stride=2, padding=1)).eval()
+    with torch.no_grad():
+        inputs = probe.model_input(range(len(probe)), "cpu")
+        normalized = model[1](model[0](inputs)).clone()  # negative values that the in-place ReLU would zero
+    assert (normalized < 0).any()
+    result = ld.dissect(model, probe, ["1", "3"], quantile=0.3, batch_size=5)
+    expected = ld.dissect_activations({"1": normalized}, probe, quantile=0.3)
+    assert torch.equal(result["1"].thresholds, expected["1"].thresholds)
+    assert torch.equal(result["1"].iou, expected["1"].iou)

@@ -158,8 +158,11 @@ class LayerCapture:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if name in self.outputs:
                 raise DissectionError(f"layer {name!r} ran twice in one forward pass; dissect a module that runs once")
-            self.outputs[name] = output
-            if self.stop_early and len(self.outputs) == len(self.modules):
+            last = self.stop_early and len(self.outputs) + 1 == len(self.modules)
+            # The forward pass goes on with this tensor: a later in-place operation (ReLU(inplace=True)
+            # after a BatchNorm) would change it. Keep a copy unless the pass stops right here.
+            self.outputs[name] = output.clone() if isinstance(output, torch.Tensor) and not last else output
+            if last:
                 raise _StopForward
 
         return hook

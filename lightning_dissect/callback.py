@@ -72,6 +72,8 @@ class _DissectionCallback:
         save_json: also write each dissection's `dissection.json`.
         on_error: `"warn"` (default): a failing periodic dissection warns and
             training goes on; `"raise"`: it stops the fit.
+        figure_budget: the largest fraction of wall time that drawing strips and figures may
+            take (`Dissector`); None: figures at every dissection.
 
     Attributes:
         dissector: the `Dissector` doing the work; `dissector.history` is the timeline.
@@ -105,6 +107,7 @@ class _DissectionCallback:
         dirpath: str | os.PathLike | None = None,
         save_json: bool = True,
         on_error: str = "warn",
+        figure_budget: float | None = 0.05,
     ) -> None:
         # The options are spelled out (not **kwargs) so LightningCLI and help() see them.
         super().__init__()
@@ -113,6 +116,7 @@ class _DissectionCallback:
             iou_threshold=iou_threshold, denominator=denominator, batch_size=batch_size, rotation=rotation,
             prefix_tokens=prefix_tokens, top_k=top_k, probe_size=probe_size, probe_seed=probe_seed,
             image_size=image_size, max_seconds=max_seconds, dirpath=dirpath, save_json=save_json, on_error=on_error,
+            figure_budget=figure_budget,
         )
         self._dirpath_given = dirpath is not None
         self._active = False

@@ -340,6 +340,10 @@ class Dissector:
         loggers: loggers or adapters to show scalars and media through (`loggers.adapt`).
         on_error: a failing periodic dissection (e.g. out of memory) `"warn"`s and
             training goes on, or `"raise"`s. Configuration errors always raise.
+        figure_budget: the largest fraction of wall time (since the first dissection)
+            that drawing unit strips and figures may take: a dissection whose figures
+            would exceed it logs its scalars, tables and files but no figures. The first
+            dissection always draws them. None draws them at every dissection.
 
     Raises:
         ValueError: an option out of range, naming the argument.
@@ -368,6 +372,7 @@ class Dissector:
         save_json: bool = True,
         loggers: Sequence[Any] = (),
         on_error: str = "warn",
+        figure_budget: float | None = 0.05,
     ) -> None:
         validate_options(quantile, iou_threshold, denominator, batch_size, top_k)
         if not (probe is None or isinstance(probe, (ProbeSet, Broden, str, os.PathLike))):
@@ -394,6 +399,10 @@ class Dissector:
             raise ValueError(f"max_seconds={max_seconds!r} must be a positive number of seconds or None")
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r} must be one of {list(ON_ERROR)}")
+        if figure_budget is not None and (isinstance(figure_budget, bool) or not isinstance(figure_budget, (int, float))
+                                          or not figure_budget > 0):
+            raise ValueError(f"figure_budget={figure_budget!r} must be a positive fraction of wall time (e.g. 0.05) "
+                             "or None (figures at every dissection)")
         if prefix_tokens is not None and (not isinstance(prefix_tokens, int) or prefix_tokens < 0):
             raise ValueError(f"prefix_tokens={prefix_tokens!r} must be a non-negative integer or None")
         self.probe_source = probe
@@ -408,6 +417,9 @@ class Dissector:
         self.save_json = save_json
         self.adapters: list[LoggerAdapter] = [adapt(logger) for logger in loggers]
         self.on_error = on_error
+        self.figure_budget = figure_budget
+        self._clock_start: float | None = None  # wall time of the first dissection
+        self._figure_seconds = 0.0  # wall time spent drawing strips and figures so far
         # Set by an adapter such as the Lightning callback:
         self.forward_context: Callable[[], contextlib.AbstractContextManager] | None = None
         self.convert_input: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -507,9 +519,14 @@ class Dissector:
             seconds = slowest(synchronizer, time.perf_counter() - started)  # the same on every rank
             report = self._record(dissection, step, epoch, seconds)
             if self.is_global_zero:
-                report.strips = self._strips(model, probe, report)
+                figures = self._figures_due()
+                drawing = time.perf_counter()
+                if figures:
+                    report.strips = self._strips(model, probe, report)
                 self._write(report)
-                self._show(report)
+                self._show(report, figures)
+                if figures:
+                    self._figure_seconds += time.perf_counter() - drawing
         self._apply_budget(seconds)
         return report
 
@@ -584,8 +601,16 @@ class Dissector:
             for entry in self.history:
                 handle.write(json.dumps(entry) + "\n")
 
-    def _show(self, report: DissectionReport) -> None:
-        media = make_media(report) if any(adapter.shows_media for adapter in self.adapters) else []
+    def _figures_due(self) -> bool:
+        """Whether this dissection may draw figures within `figure_budget` (see `__init__`)."""
+        now = time.perf_counter()
+        if self._clock_start is None:
+            self._clock_start = now
+        return self.figure_budget is None or self._figure_seconds <= self.figure_budget * (now - self._clock_start)
+
+    def _show(self, report: DissectionReport, figures: bool = True) -> None:
+        shown = any(adapter.shows_media for adapter in self.adapters)
+        media = make_media(report, figures=figures) if shown else []
         for adapter in self.adapters:
             try:
                 adapter.log_scalars(report.metrics, report.step)

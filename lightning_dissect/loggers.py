@@ -126,9 +126,15 @@ MEDIA_PRODUCERS: list[Callable[[DissectionReport], Iterable[Media]]] = [
 ]
 
 
-def make_media(report: DissectionReport) -> list[Media]:
-    """Every producer's media for one dissection."""
-    return [media for producer in MEDIA_PRODUCERS for media in producer(report)]
+def make_media(report: DissectionReport, figures: bool = True) -> list[Media]:
+    """Every producer's media for one dissection; with `figures=False`, only the producers
+    that draw nothing (tables), which cost next to nothing."""
+    return [media for producer in MEDIA_PRODUCERS if figures or not getattr(producer, "draws_figures", False)
+            for media in producer(report)]
+
+
+for _producer in (detector_figures, emergence_figures, unit_figures):
+    _producer.draws_figures = True  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------- adapters

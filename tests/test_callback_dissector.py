@@ -60,7 +60,8 @@ def test_fabric_loop_with_dissector_dissects_on_schedule_and_trains_bit_identica
     from lightning.fabric.loggers import CSVLogger
 
     logger = CSVLogger(tmp_path, name="fabric")
-    dissector = ld.Dissector(probe, layers=["block2"], every_n_steps=2, loggers=[logger], dirpath=tmp_path / "d")
+    dissector = ld.Dissector(probe, layers=["block2"], every_n_steps=2, loggers=[logger], dirpath=tmp_path / "d",
+                             figure_budget=None)
     dissector.strips_per_layer = 0  # issue 7's media, tested in test_report*: time saved here
     model, optimizer_state = train(dissector, fabric_loggers=[logger])
     plain, plain_optimizer_state = train(None)
@@ -199,7 +200,8 @@ def test_probe_size_and_time_budget_cut_the_probe_to_a_subset_of_the_same_draw(p
 
 
 def test_files_are_replaced_whole_and_a_failed_write_leaves_the_last_complete_history(probe, tmp_path):
-    dissector = ld.Dissector(probe, ["block1", "block2"], every_n_steps=1, dirpath=tmp_path, save_json=False)
+    dissector = ld.Dissector(probe, ["block1", "block2"], every_n_steps=1, dirpath=tmp_path, save_json=False,
+                             figure_budget=None)
     model = Net()
     dissector.maybe_run(model, 0)
     dissector.maybe_run(model, 1)
@@ -238,7 +240,7 @@ def test_a_plain_summary_writer_gets_scalars_tables_and_figures(probe, tmp_path)
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(tmp_path)
-    dissector = ld.Dissector(probe, ["block2"], every_n_steps=1, loggers=[writer])
+    dissector = ld.Dissector(probe, ["block2"], every_n_steps=1, loggers=[writer], figure_budget=None)
     dissector.strips_per_layer = 0
     for step in range(2):
         dissector.maybe_run(Net(), step)
@@ -249,3 +251,30 @@ def test_a_plain_summary_writer_gets_scalars_tables_and_figures(probe, tmp_path)
         [(entry["step"], entry["summary"]["detectors"]) for entry in dissector.history]
     assert [event.step for event in events.Tensors("dissect/block2/units/text_summary")] == [0, 1]
     assert [event.step for event in events.Images("dissect/block2/emergence")] == [0, 1]
+
+
+def test_figure_budget_skips_figures_but_never_scalars_tables_or_files(probe, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    def logged(budget, folder):
+        writer = SummaryWriter(folder)
+        dissector = ld.Dissector(probe, ["block2"], every_n_steps=1, loggers=[writer], dirpath=folder / "d",
+                                 figure_budget=budget)
+        dissector.strips_per_layer = 0
+        for step in range(3):  # drawing takes far more than 1e-9 of the wall time: only step 0 may draw
+            dissector.maybe_run(Net(), step)
+        writer.close()
+        events = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0, "tensors": 0}).Reload()
+        return ([e.step for e in events.Scalars("dissect/block2/detectors")],
+                [e.step for e in events.Tensors("dissect/block2/units/text_summary")],
+                [e.step for e in events.Images("dissect/block2/detectors_per_category")],
+                sorted(p.name for p in (folder / "d").iterdir()))
+
+    scalars, tables, images, files = logged(1e-9, tmp_path / "a")
+    all_scalars, all_tables, all_images, all_files = logged(None, tmp_path / "b")
+    assert scalars == all_scalars == [0, 1, 2] and tables == all_tables == [0, 1, 2]
+    assert images == [0] and all_images == [0, 1, 2]
+    assert files == all_files
+    with pytest.raises(ValueError, match="figure_budget"):
+        ld.Dissector(probe, ["block2"], figure_budget=0)

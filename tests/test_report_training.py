@@ -56,7 +56,7 @@ def test_dissector_logs_strips_and_bar_graphs_and_the_report_reads_its_files(two
     writer = SummaryWriter(str(tmp_path / "tb"))
     wandb_run = wandb.init(mode="offline", dir=str(tmp_path), project="lightning-dissect-test")
     dissector = Dissector(probe, layers=["pool"], every_n_steps=1, quantile=0.15, top_k=3,
-                          dirpath=tmp_path / "logs" / "dissections", loggers=[writer, wandb_run])
+                          dirpath=tmp_path / "logs" / "dissections", loggers=[writer, wandb_run], figure_budget=None)
     dissector.strips_per_layer = 1
     first = dissector.maybe_run(model, 0)
     assert [first.dissection["pool"].label_name(u) for u in (0, 1)] == ["blob", "spot"]

@@ -118,8 +118,9 @@ def test_a_kernel_that_disagrees_with_the_tiles_falls_back_to_whole_maps(monkeyp
 def test_tiles_are_trusted_only_where_they_pay():
     cpu = torch.device("cpu")
     assert tally._tile_plan((14, 14), (112, 112), cpu) is not None
-    assert tally._tile_plan((56, 56), (112, 112), cpu) is not None
-    assert tally._tile_plan((112, 112), (112, 112), cpu) is None  # no upsampling: whole maps are as cheap
+    assert tally._tile_plan((28, 28), (112, 112), cpu) is not None
+    assert tally._tile_plan((56, 56), (112, 112), cpu) is None  # 2x: whole maps are cheaper
+    assert tally._tile_plan((112, 112), (112, 112), cpu) is None
     assert tally._tile_plan((20, 20), (8, 8), cpu) is None  # downsampling
 
 

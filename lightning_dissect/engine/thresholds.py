@@ -70,10 +70,10 @@ class RunningTopK:
                 return
             if width < values.shape[1] // 2:
                 # Each unit's values above its minimum, packed left into a (K, width) block padded with -inf.
-                unit, _ = above.nonzero(as_tuple=True)
+                unit, column = above.nonzero(as_tuple=True)
                 position = torch.arange(unit.shape[0], device=unit.device) - (counts.cumsum(0) - counts)[unit]
                 packed = torch.full((values.shape[0], width), -math.inf, dtype=values.dtype, device=values.device)
-                packed[unit, position] = values[above]
+                packed[unit, position] = values[unit, column]
                 values = packed
         self.values = _top(torch.cat([self.values, values], dim=1), self.k)
 

@@ -31,6 +31,31 @@ def test_thresholds_equal_torch_quantile_in_float64(n, q):
     assert torch.equal(quantile_from_top(top.values, n, q), expected)
 
 
+@pytest.mark.parametrize("kind", ["normal", "sparse", "ties", "constant"])
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_running_top_k_equals_the_top_k_of_everything(kind, k, monkeypatch):
+    """Large first batches take a bound from a strided sample (`_sample_bound`); it must hold for
+    every row, and rows where fewer than k values lie above it (mostly exact zeros) fall back."""
+    from lightning_dissect.engine import thresholds
+
+    g = torch.Generator().manual_seed(k)
+    values = torch.randn(6, 4000, generator=g)
+    if kind == "sparse":  # the first batch: about 12 positive values per row, the rest exactly 0
+        values = torch.cat([(values[:, :2000] - 2.5).relu(), -1 - values[:, 2000:].abs()], dim=1)
+    elif kind == "ties":
+        values = (values * 2).round() / 2
+    elif kind == "constant":
+        values[2] = 0.25
+    sampled = []
+    real = thresholds._sample_bound
+    monkeypatch.setattr(thresholds, "_sample_bound", lambda v, kk: sampled.append(1) or real(v, kk))
+    top = RunningTopK(6, k)
+    for part in values.split([2000, 1, 999, 1000], dim=1):
+        top.add(part)
+    assert sampled, "the first batch did not take the sampled bound"
+    assert torch.equal(top.values, values.topk(k, dim=1).values)
+
+
 def test_top_count_matches_semantics_formula():
     for n in [2, 10, 100, 201, 1000, 12544, 10**6 + 3]:
         assert top_count(n, 0.005) in (int(0.005 * (n - 1)) + 2, int(0.005 * (n - 1)) + 1)

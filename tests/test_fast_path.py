@@ -19,7 +19,8 @@ from lightning_dissect.engine import tally
 from tests.conftest import random_broden
 
 SHAPES = [((14, 14), (112, 112)), ((7, 7), (112, 112)), ((13, 13), (113, 113)), ((5, 9), (70, 81)),
-          ((4, 4), (8, 8)), ((3, 5), (8, 16)), ((28, 28), (112, 112)), ((6, 6), (10, 10))]
+          ((4, 4), (8, 8)), ((3, 5), (8, 16)), ((28, 28), (112, 112)), ((6, 6), (10, 10)), ((8, 8), (8, 8)),
+          ((20, 20), (8, 8)), ((16, 16), (32, 32)), ((64, 64), (32, 32))]
 
 
 def dense_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -113,6 +114,28 @@ def test_a_kernel_that_disagrees_with_the_tiles_falls_back_to_whole_maps(monkeyp
     maps = random_maps(3, 5, (14, 14), seed=1)
     thresholds = torch.quantile(maps.transpose(0, 1).flatten(1).double(), 0.99, dim=1)
     assert torch.equal(fast_pixels(maps, thresholds, (112, 112)), dense_pixels(maps, thresholds, (112, 112)))
+
+
+def test_layer_kernel_shortcuts_are_taken_only_where_they_give_the_same_bits():
+    """Equal sizes skip the kernel (it returns its input); on CPU small outputs run on a
+    channels-last copy, which the kernel computes the way it computes an NCHW layer tensor
+    anyway; large outputs keep the NCHW tensor. Each choice is checked by running the kernel."""
+    cpu = torch.device("cpu")
+    assert tally._layer_kernel(12, (8, 8), (8, 8), cpu) == "identity"
+    assert tally._layer_kernel(12, (16, 16), (32, 32), cpu) == "channels_last"
+    maps = random_maps(3, 12, (9, 9), seed=4)
+    for size in [(9, 9), (30, 30), (112, 112)]:
+        whole = torch.nn.functional.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        kernel = tally._layer_kernel(12, (9, 9), size, cpu)
+        if kernel == "identity":
+            assert torch.equal(whole, maps)
+        elif kernel == "channels_last":
+            last = maps.contiguous(memory_format=torch.channels_last)
+            assert torch.equal(whole, torch.nn.functional.interpolate(last, size=size, mode="bilinear"))
+        thresholds = torch.quantile(maps.transpose(0, 1).flatten(1).double(), 0.99, dim=1)
+        maps_, pixels = tally._layer_mask_pixels(maps, thresholds, size)
+        fast = (maps_ * size[0] * size[1] + pixels).sort().values
+        assert torch.equal(fast, dense_pixels(maps, thresholds, size))
 
 
 def test_tiles_are_trusted_only_where_they_pay():

@@ -315,9 +315,9 @@ def _run(
         else:
             maps = unit_maps(batch)
         index = torch.tensor(batch, device=device)
+        labels = [data[key][index] for key in ("label_maps", "image_labels", "present", "image_level_present")]
         for name, value in maps.items():
-            tallies[name].add(value, thresholds[name], data["label_maps"][index], data["image_labels"][index],
-                              data["present"][index], data["image_level_present"][index])
+            tallies[name].add(value, thresholds[name], *labels)
         bar.update(1)
     bar.close()
 

@@ -131,7 +131,7 @@ class _Axis:
 
     @staticmethod
     def build(i0: torch.Tensor, i1: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, width: int,
-              device: torch.device) -> _Axis:
+              device: torch.device, in_size: int) -> _Axis:
         bands: list[list[int]] = []
         for o in range(i0.shape[0]):
             if bands and (i0[o], i1[o]) == (i0[bands[-1][0]], i1[bands[-1][0]]) and len(bands[-1]) < width:
@@ -147,8 +147,8 @@ class _Axis:
             weight1[b, : len(members)] = w1[members]
         first = torch.tensor([members[0] for members in bands])
         source0 = i0[first]
-        per_source = [(source0 == cell).nonzero().squeeze(1).tolist() for cell in range(int(i0.max()) + 1)]
-        bands_of_source = torch.full((len(per_source), max(map(len, per_source))), -1, dtype=torch.long)
+        per_source = [(source0 == cell).nonzero().squeeze(1).tolist() for cell in range(in_size)]
+        bands_of_source = torch.full((len(per_source), max(1, *map(len, per_source))), -1, dtype=torch.long)
         for cell, members in enumerate(per_source):
             bands_of_source[cell, : len(members)] = torch.tensor(members, dtype=torch.long)
         return _Axis(source0.to(device), i1[first].to(device), output.to(device), weight0.to(device),
@@ -195,8 +195,8 @@ def _tile_plan(in_size: tuple[int, int], out_size: tuple[int, int], device: torc
                 match = _kernel_match(rows, cols, in_size, out_size, device)
                 if match is not None:
                     slack = _EXACT_WEIGHTS_SLACK if match == "exact" else _DECISION_SLACK
-                    plan = _TilePlan.build(_Axis.build(*rows, math.ceil(sh / h), device),
-                                           _Axis.build(*cols, math.ceil(sw / w), device), slack, sw)
+                    plan = _TilePlan.build(_Axis.build(*rows, math.ceil(sh / h), device, h),
+                                           _Axis.build(*cols, math.ceil(sw / w), device, w), slack, sw)
                     break
         _PLANS[key] = plan
     return _PLANS[key]
@@ -285,7 +285,7 @@ def mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple
     plan = _tile_plan((h, w), size, activations.device)
     layout_free = _layout_free((h, w), size, activations.device)
     if plan is None:
-        if layout_free:
+        if layout_free and _layer_kernel(units, (h, w), size, activations.device) != "identity":
             return _dense_mask_pixels(activations, thresholds, size)
         return _layer_mask_pixels(activations, thresholds, size)
     rows, cols = plan.rows, plan.cols
@@ -351,20 +351,54 @@ def mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple
     return maps, pixels
 
 
+_LAYER_KERNEL: dict[tuple, str] = {}
+
+
+def _layer_kernel(units: int, in_size: tuple[int, int], out_size: tuple[int, int], device: torch.device) -> str:
+    """How to get `F.interpolate`'s bits for a `(B, units, h, w)` layer tensor cheaply.
+
+    `"identity"`: equal sizes, where the kernel returns its input (weights 1 and 0);
+    `"channels_last"`: the kernel run on a channels-last copy gives the same bits (on CPU,
+    small outputs of NCHW tensors go through a channels-last path anyway, and converting the
+    output back costs most of the time); `"nchw"`: the layer tensor as it is. Decided once per
+    shape and device by running the kernel both ways on random layer tensors of this shape.
+    """
+    key = (units, in_size, out_size, device.type, device.index)
+    if key not in _LAYER_KERNEL:
+        generator = torch.Generator().manual_seed(1)
+        probe = torch.randn(3, units, *in_size, generator=generator).to(device)
+        probe[1] = probe[1].relu()
+        whole = F.interpolate(probe, size=out_size, mode="bilinear", align_corners=False)
+        if in_size == out_size and torch.equal(whole, probe):
+            _LAYER_KERNEL[key] = "identity"
+        else:
+            last = F.interpolate(probe.contiguous(memory_format=torch.channels_last), size=out_size,
+                                 mode="bilinear", align_corners=False)
+            _LAYER_KERNEL[key] = "channels_last" if torch.equal(whole, last) else "nchw"
+    return _LAYER_KERNEL[key]
+
+
 def _layer_mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """`mask_pixels` by upsampling the layer tensor `(B, K, h, w)` whole, a few images at a time:
     the definition itself, for shapes where the kernel's bits depend on the layout."""
-    batch, units = activations.shape[:2]
-    below = float32_below(thresholds).view(1, units, 1)
+    batch, units, h, w = activations.shape
+    below = float32_below(thresholds)
+    kernel = _layer_kernel(units, (h, w), size, activations.device)
+    if kernel == "identity":
+        image, unit, row, column = (activations > below.view(1, units, 1, 1)).nonzero(as_tuple=True)
+        return image * units + unit, row * w + column
     step = max(1, _CHUNK_ELEMENTS // (units * size[0] * size[1]))
     out_maps, out_pixels = [], []
     for start in range(0, batch, step):
-        upsampled = F.interpolate(activations[start : start + step], size=size, mode="bilinear",
-                                  align_corners=False)
-        which, pixel = (upsampled.flatten(2) > below).flatten(0, 1).nonzero(as_tuple=True)
-        out_maps.append(which + start * units)
-        out_pixels.append(pixel)
+        chunk = activations[start : start + step]
+        if kernel == "channels_last":
+            chunk = chunk.contiguous(memory_format=torch.channels_last)
+        # (b, sh, sw, K): a contiguous view of a channels-last result, a strided one of an NCHW result.
+        upsampled = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+        image, row, column, unit = (upsampled > below).nonzero(as_tuple=True)
+        out_maps.append((image + start) * units + unit)
+        out_pixels.append(row * size[1] + column)
     if not out_maps:
         empty = torch.zeros(0, dtype=torch.long, device=activations.device)
         return empty, empty

@@ -60,21 +60,30 @@ class RunningTopK:
     def add(self, values: torch.Tensor) -> None:
         """Merge `values` of shape `(K, n)` (one row per unit) into the state."""
         values = values.to(self.values.dtype)
-        if self.values.shape[1] == self.k and self.k > 0:
+        full = self.values.shape[1] == self.k > 0
+        bound = None
+        if full:
             # Only values above a unit's smallest kept value can enter its top k (an equal one
-            # would replace an equal one); usually few do, so select them with a small top-k first.
-            above = values > self.values[:, -1:]
-            counts = above.sum(1)
-            width = int(counts.max())
-            if width == 0:
-                return
-            if width < values.shape[1] // 2:
-                # Each unit's values above its minimum, packed left into a (K, width) block padded with -inf.
-                unit, column = above.nonzero(as_tuple=True)
-                position = torch.arange(unit.shape[0], device=unit.device) - (counts.cumsum(0) - counts)[unit]
-                packed = torch.full((values.shape[0], width), -math.inf, dtype=values.dtype, device=values.device)
-                packed[unit, position] = values[unit, column]
-                values = packed
+            # would replace an equal one).
+            bound = self.values[:, -1:]
+        elif self.values.shape[1] == 0 and values.shape[1] >= 8 * self.k > 0:
+            bound = _sample_bound(values, self.k)
+        if bound is not None:
+            unit, column = (values > bound).nonzero(as_tuple=True)
+            counts = torch.bincount(unit, minlength=values.shape[0])
+            # A sampled bound counts only where every unit has k values above it.
+            if full or bool((counts >= self.k).all()):
+                if unit.shape[0] == 0:
+                    return
+                width = int(counts.max())
+                if width < values.shape[1] // 2:
+                    # Usually few values pass: each unit's, packed left into a (K, width) block
+                    # padded with -inf, go to the top-k instead of the whole batch.
+                    position = torch.arange(unit.shape[0], device=unit.device) - (counts.cumsum(0) - counts)[unit]
+                    packed = torch.full((values.shape[0], width), -math.inf, dtype=values.dtype,
+                                        device=values.device)
+                    packed[unit, position] = values[unit, column]
+                    values = packed
         self.values = _top(torch.cat([self.values, values], dim=1), self.k)
 
     def merge(self, values: torch.Tensor) -> None:
@@ -95,6 +104,16 @@ class RunningTopK:
     def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
         self.k = int(state["k"])
         self.values = state["values"]
+
+
+def _sample_bound(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Per unit, a value that a strided sample of its row puts near rank `2k`: usually about `2k`
+    of the row's values lie above it, so a first batch much larger than `k` needs no top-k over
+    all its values. The caller checks that at least `k` do."""
+    stride = values.shape[1] // (4 * k)
+    sample = values[:, ::stride]
+    rank = min(sample.shape[1], math.ceil(2 * k / stride))
+    return sample.topk(rank, dim=1, sorted=False).values.amin(1, keepdim=True)
 
 
 def _top(values: torch.Tensor, k: int) -> torch.Tensor:

@@ -116,6 +116,13 @@ def test_a_kernel_that_disagrees_with_the_tiles_falls_back_to_whole_maps(monkeyp
     assert torch.equal(fast_pixels(maps, thresholds, (112, 112)), dense_pixels(maps, thresholds, (112, 112)))
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5), (4, 1), (7, 9)])
+def test_block_max_is_two_by_two_max_pooling(shape):
+    maps = random_maps(2, 3, shape, seed=shape[1])
+    padded = torch.nn.functional.pad(maps, (0, 1, 0, 1), value=-float("inf"))
+    assert torch.equal(tally._block_max(maps), torch.nn.functional.max_pool2d(padded, kernel_size=2, stride=1))
+
+
 def test_layer_kernel_shortcuts_are_taken_only_where_they_give_the_same_bits():
     """Equal sizes skip the kernel (it returns its input); on CPU small outputs run on a
     channels-last copy, which the kernel computes the way it computes an NCHW layer tensor

@@ -237,3 +237,20 @@ def test_bar_graph_colours_bars_by_category(planted):
     histogram = iou_histogram(result["pool"])
     assert histogram.dtype == np.uint8 and histogram.shape[2] == 3
     assert sorted(bar_graph_media(result)) == ["dissect/pool/bar_graph", "dissect/pool/iou_histogram"]
+
+
+@pytest.mark.parametrize("outside", [False, True])
+def test_figures_are_trimmed_to_their_content_and_never_clipped(outside):
+    """One draw, cut to the content plus the padding; content past the figure's edge (here a
+    label at x = -0.3) grows the canvas instead of being cut off."""
+    from lightning_dissect.report.bargraph import _figure, figure_to_array
+
+    figure = _figure(4.0, 2.0)
+    figure.text(-0.3 if outside else 0.5, 0.5, "a label", fontsize=20, color="black", ha="center")
+    image = figure_to_array(figure, pad_inches=0.1)
+    dark = (image < 128).all(axis=2)
+    rows, columns = dark.any(axis=1).nonzero()[0], dark.any(axis=0).nonzero()[0]
+    # The dark pixels sit about 0.1 inch (10 px) inside every edge; a wider margin or a cut would show.
+    margins = [rows[0], image.shape[0] - 1 - rows[-1], columns[0], image.shape[1] - 1 - columns[-1]]
+    assert all(3 <= margin <= 20 for margin in margins), margins  # the bottom one holds the font descent
+    assert image.shape[1] < 400  # trimmed well inside the 400 px wide figure, or the label alone when outside

@@ -295,7 +295,7 @@ def mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple
     # Tile (by, bx) reads cells {source0, source1} x {source0, source1} with source1 = source0 + 1 (or the
     # last cell): the 2 x 2 block at (source0[by], source0[bx]). Each tile reads one block, so the tiles
     # of the hot blocks are the hot tiles, each once.
-    block_max = F.max_pool2d(F.pad(activations, (0, 1, 0, 1), value=-math.inf), kernel_size=2, stride=1)
+    block_max = _block_max(activations)
     block = (block_max > near).view(-1).nonzero().squeeze(1)
     cell = block % (h * w)
     row_bands, col_bands = rows.bands_of_source[cell // w], cols.bands_of_source[cell % w]
@@ -349,6 +349,14 @@ def mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple
         maps = torch.cat([maps[keep], exact_maps])
         pixels = torch.cat([pixels[keep], exact_pixels])
     return maps, pixels
+
+
+def _block_max(activations: torch.Tensor) -> torch.Tensor:
+    """The largest of each cell's 2 x 2 block (the cell, its right, lower and lower-right
+    neighbours; past the last row or column, the cell's own row or column): 2 x 2 max pooling
+    with -inf padding, several times faster on CPU than `max_pool2d`."""
+    rows = torch.cat([torch.maximum(activations[:, :, :-1], activations[:, :, 1:]), activations[:, :, -1:]], dim=2)
+    return torch.cat([torch.maximum(rows[..., :-1], rows[..., 1:]), rows[..., -1:]], dim=3)
 
 
 _LAYER_KERNEL: dict[tuple, str] = {}

@@ -11,6 +11,7 @@ backend or figure state is touched.
 from __future__ import annotations
 
 import io
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -68,12 +69,29 @@ def _figure(width: float, height: float) -> Figure:
     return figure
 
 
-def figure_to_array(figure: Figure) -> np.ndarray:
-    """Render a figure to uint8 RGB `(H, W, 3)`, trimmed to its content."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.08, facecolor="white")
-    buffer.seek(0)
-    return np.asarray(Image.open(buffer).convert("RGB")).copy()
+def figure_to_array(figure: Figure, pad_inches: float = 0.08) -> np.ndarray:
+    """Render a figure to uint8 RGB `(H, W, 3)`, trimmed to its content plus `pad_inches`.
+
+    The figure is drawn once and its content's bounding box cut out of the canvas; only when
+    the content reaches past the figure's edges (long rotated labels) is it saved again with
+    `bbox_inches="tight"`, which grows the canvas (and draws twice).
+    """
+    canvas = figure.canvas
+    canvas.draw()
+    content = figure.get_tightbbox(canvas.get_renderer())
+    width, height = figure.get_size_inches()
+    if content.x0 < 0 or content.y0 < 0 or content.x1 > width or content.y1 > height:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", bbox_inches="tight", pad_inches=pad_inches, facecolor="white")
+        buffer.seek(0)
+        return np.asarray(Image.open(buffer).convert("RGB")).copy()
+    dpi = figure.dpi
+    image = np.asarray(canvas.buffer_rgba())[..., :3]
+    left, right = max(0, math.floor((content.x0 - pad_inches) * dpi)), math.ceil((content.x1 + pad_inches) * dpi)
+    # Pixel rows count from the top, figure coordinates from the bottom.
+    top = max(0, math.floor((height - content.y1 - pad_inches) * dpi))
+    bottom = math.ceil((height - content.y0 + pad_inches) * dpi)
+    return image[top:bottom, left:right].copy()
 
 
 def bar_graph_figure(layer_result: LayerDissection) -> Figure:
@@ -94,19 +112,21 @@ def bar_graph_figure(layer_result: LayerDissection) -> Figure:
         axes.text(0.5, 0.5, "no detectors", ha="center", va="center", transform=axes.transAxes, color="#777777")
         return figure
     position = 0
-    ticks, names = [], []
+    ticks, names, heights, colors = [], [], [], []
     for category, concepts in groups:
         color = category_color(category, layer_result.categories)
         start = position
         for concept, count in concepts:
-            axes.bar(position, count, width=0.8, color=color)
             ticks.append(position)
             names.append(concept)
+            heights.append(count)
+            colors.append(color)
             position += 1
         axes.annotate(category, xy=((start + position - 1) / 2, 1), xycoords=("data", "axes fraction"),
                       xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8,
                       color=color, fontweight="bold", annotation_clip=False)
         position += 1  # a gap between categories
+    axes.bar(ticks, heights, width=0.8, color=colors)  # one call: one container, one limits update
     axes.set_xticks(ticks)
     axes.set_xticklabels(names, rotation=90, fontsize=7)
     axes.set_xlim(-0.7, position - 1.3)
@@ -123,15 +143,18 @@ def iou_histogram_figure(layer_result: LayerDissection, bins: int = 40) -> Figur
     scores = layer_result.scores.double().numpy()
     top = max(float(scores.max()) if scores.size else 0.0, 2 * layer_result.iou_threshold, 0.1)
     edges = np.linspace(0.0, top * 1.0001, bins + 1)
-    stacks, colors, names = [], [], []
+    categories = [layer_result.unit_category(unit) for unit in range(layer_result.num_units)]
+    bottom = np.zeros(bins)
     for category in layer_result.categories:
-        values = [s for u, s in enumerate(scores.tolist()) if layer_result.unit_category(u) == category]
-        if values:
-            stacks.append(values)
-            colors.append(category_color(category, layer_result.categories))
-            names.append(category)
-    if stacks:
-        axes.hist(stacks, bins=edges, stacked=True, color=colors, label=names)
+        values = scores[[name == category for name in categories]]
+        if values.size:
+            counts = np.histogram(values, bins=edges)[0]
+            # One filled outline per category, stacked on the ones before (hist() draws a patch per bin).
+            axes.stairs(bottom + counts, edges, baseline=bottom.copy(), fill=True, label=category,
+                        color=category_color(category, layer_result.categories))
+            bottom += counts
+    if bottom.any():
+        axes.set_ylim(0, bottom.max() * 1.05)
         axes.legend(fontsize=7, frameon=False)
     axes.axvline(layer_result.iou_threshold, color="#333333", linestyle="--", linewidth=1)
     axes.set_title(f"{layer_result.layer}: IoU of each unit's label ({layer_result.num_units} units)", fontsize=9)

@@ -117,16 +117,20 @@ class LayerDissection:
         header = ["unit", "category", "label", "score"]
         for name in self.categories:
             header += [f"{name}-{column}" for column in ("label", "truth", "activation", "intersect", "iou")]
+        # Plain lists: indexing tensors element by element costs more than the whole table.
+        scores, category_labels = self.scores.tolist(), self.category_labels.tolist()
+        category_scores, unit_area = self.category_scores.tolist(), self.unit_area.tolist()
+        label_area, intersection = self.label_area.tolist(), self.intersection.tolist()
         rows = []
         for unit in range(self.num_units):
-            row: list[Any] = [unit + 1, self.unit_category(unit), self.label_name(unit), repr(float(self.scores[unit]))]
+            row: list[Any] = [unit + 1, self.unit_category(unit), self.label_name(unit), repr(float(scores[unit]))]
             for k in range(len(self.categories)):
-                label = int(self.category_labels[unit, k])
+                label = int(category_labels[unit][k])
                 if label < 0:
-                    row += ["", 0, int(self.unit_area[unit, k]), 0, 0.0]
+                    row += ["", 0, int(unit_area[unit][k]), 0, 0.0]
                     continue
-                row += [self.label_names[label], int(self.label_area[label]), int(self.unit_area[unit, k]),
-                        int(self.intersection[unit, label]), repr(float(self.category_scores[unit, k]))]
+                row += [self.label_names[label], int(label_area[label]), int(unit_area[unit][k]),
+                        int(intersection[unit][label]), repr(float(category_scores[unit][k]))]
             rows.append(row)
         with atomic_write(path) as handle:
             writer = csv.writer(handle)
@@ -221,8 +225,9 @@ class Dissection(Mapping[str, LayerDissection]):
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write every number and setting; `Dissection.from_json` reads it back exactly."""
+        text = json.dumps(self.to_dict())  # dumps, not dump: one call into the C encoder
         with atomic_write(path) as handle:
-            json.dump(self.to_dict(), handle)
+            handle.write(text)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Dissection:

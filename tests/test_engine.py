@@ -340,6 +340,14 @@ def test_json_round_trip_is_exact_and_csv_has_netdissect_columns(random_dataset,
     layer = result["l"]
     assert [r["label"] for r in rows] == [layer.label_name(u) for u in range(4)]
     assert [float(r["score"]) for r in rows] == layer.scores.tolist()
+    for unit, row in enumerate(rows):
+        for k, category in enumerate(layer.categories):
+            label = int(layer.category_labels[unit, k])
+            expected = ([layer.label_names[label], int(layer.label_area[label]), int(layer.unit_area[unit, k]),
+                         int(layer.intersection[unit, label]), float(layer.category_scores[unit, k])]
+                        if label >= 0 else ["", 0, int(layer.unit_area[unit, k]), 0, 0.0])
+            got = [row[f"{category}-{column}"] for column in ("label", "truth", "activation", "intersect", "iou")]
+            assert [got[0], int(got[1]), int(got[2]), int(got[3]), float(got[4])] == expected, (unit, category)
 
 
 def test_top_images_equal_brute_force(random_dataset):

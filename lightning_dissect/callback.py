@@ -73,7 +73,7 @@ class _DissectionCallback:
         on_error: `"warn"` (default): a failing periodic dissection warns and
             training goes on; `"raise"`: it stops the fit.
         figure_budget: the largest fraction of wall time that drawing strips and figures may
-            take (`Dissector`); None: figures at every dissection.
+            take (default 0.02, see `Dissector`); None: figures at every dissection.
 
     Attributes:
         dissector: the `Dissector` doing the work; `dissector.history` is the timeline.
@@ -107,7 +107,7 @@ class _DissectionCallback:
         dirpath: str | os.PathLike | None = None,
         save_json: bool = True,
         on_error: str = "warn",
-        figure_budget: float | None = 0.05,
+        figure_budget: float | None = 0.02,
     ) -> None:
         # The options are spelled out (not **kwargs) so LightningCLI and help() see them.
         super().__init__()

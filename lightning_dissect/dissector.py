@@ -341,9 +341,10 @@ class Dissector:
         on_error: a failing periodic dissection (e.g. out of memory) `"warn"`s and
             training goes on, or `"raise"`s. Configuration errors always raise.
         figure_budget: the largest fraction of wall time (since the first dissection)
-            that drawing unit strips and figures may take: a dissection whose figures
-            would exceed it logs its scalars, tables and files but no figures. The first
-            dissection always draws them. None draws them at every dissection.
+            that drawing unit strips and figures may take (default 2%): a dissection whose
+            figures would exceed it (expecting them to take as long as the last ones) logs
+            its scalars, tables and files but no figures. The first dissection always draws
+            them. None draws them at every dissection.
 
     Raises:
         ValueError: an option out of range, naming the argument.
@@ -372,7 +373,7 @@ class Dissector:
         save_json: bool = True,
         loggers: Sequence[Any] = (),
         on_error: str = "warn",
-        figure_budget: float | None = 0.05,
+        figure_budget: float | None = 0.02,
     ) -> None:
         validate_options(quantile, iou_threshold, denominator, batch_size, top_k)
         if not (probe is None or isinstance(probe, (ProbeSet, Broden, str, os.PathLike))):
@@ -401,7 +402,7 @@ class Dissector:
             raise ValueError(f"on_error={on_error!r} must be one of {list(ON_ERROR)}")
         if figure_budget is not None and (isinstance(figure_budget, bool) or not isinstance(figure_budget, (int, float))
                                           or not figure_budget > 0):
-            raise ValueError(f"figure_budget={figure_budget!r} must be a positive fraction of wall time (e.g. 0.05) "
+            raise ValueError(f"figure_budget={figure_budget!r} must be a positive fraction of wall time (e.g. 0.02) "
                              "or None (figures at every dissection)")
         if prefix_tokens is not None and (not isinstance(prefix_tokens, int) or prefix_tokens < 0):
             raise ValueError(f"prefix_tokens={prefix_tokens!r} must be a non-negative integer or None")
@@ -420,6 +421,7 @@ class Dissector:
         self.figure_budget = figure_budget
         self._clock_start: float | None = None  # wall time of the first dissection
         self._figure_seconds = 0.0  # wall time spent drawing strips and figures so far
+        self._last_figure_seconds = 0.0  # the last drawing's wall time: what the next one is expected to take
         # Set by an adapter such as the Lightning callback:
         self.forward_context: Callable[[], contextlib.AbstractContextManager] | None = None
         self.convert_input: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -526,7 +528,8 @@ class Dissector:
                 self._write(report)
                 self._show(report, figures)
                 if figures:
-                    self._figure_seconds += time.perf_counter() - drawing
+                    self._last_figure_seconds = time.perf_counter() - drawing
+                    self._figure_seconds += self._last_figure_seconds
         self._apply_budget(seconds)
         return report
 
@@ -606,7 +609,8 @@ class Dissector:
         now = time.perf_counter()
         if self._clock_start is None:
             self._clock_start = now
-        return self.figure_budget is None or self._figure_seconds <= self.figure_budget * (now - self._clock_start)
+        expected = self._figure_seconds + self._last_figure_seconds
+        return self.figure_budget is None or expected <= self.figure_budget * (now - self._clock_start)
 
     def _show(self, report: DissectionReport, figures: bool = True) -> None:
         shown = any(adapter.shows_media for adapter in self.adapters)

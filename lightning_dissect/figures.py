@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 
 def _figure(width: float = 6.0, height: float = 3.2) -> Figure:
@@ -61,6 +62,8 @@ def emergence_curve(steps: Sequence[int], unique_concepts: Mapping[str, Sequence
     for name, counts in unique_concepts.items():
         axes.plot(steps, counts, marker="o", markersize=3, label=name)
     axes.set_xscale("symlog", linthresh=1)
+    # Steps as plain numbers (1, 10, 100): the default 10^k labels go through mathtext, slow to lay out.
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axes.set_xlabel("training step")
     axes.set_ylabel("unique concepts")
     axes.set_title(title)

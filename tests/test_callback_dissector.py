@@ -278,3 +278,22 @@ def test_figure_budget_skips_figures_but_never_scalars_tables_or_files(probe, tm
     assert files == all_files
     with pytest.raises(ValueError, match="figure_budget"):
         ld.Dissector(probe, ["block2"], figure_budget=0)
+
+
+def test_figure_budget_expects_the_next_drawing_to_cost_as_much_as_the_last(probe, monkeypatch):
+    """Figures are drawn only when the time spent so far plus the last drawing's time fits in the
+    budget: with 10% and a 1 s drawing at t = 0, the next one waits until 20 s have passed."""
+    import types
+
+    import lightning_dissect.dissector as module
+
+    now = [100.0]
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    dissector = ld.Dissector(probe, ["block2"], figure_budget=0.1)
+    assert dissector._figures_due()  # the first dissection always draws
+    dissector._figure_seconds = dissector._last_figure_seconds = 1.0
+    due = {}
+    for elapsed in [10.0, 15.0, 19.9, 20.0, 30.0]:
+        now[0] = 100.0 + elapsed
+        due[elapsed] = dissector._figures_due()
+    assert due == {10.0: False, 15.0: False, 19.9: False, 20.0: True, 30.0: True}

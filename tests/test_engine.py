@@ -56,6 +56,21 @@ def test_running_top_k_equals_the_top_k_of_everything(kind, k, monkeypatch):
     assert torch.equal(top.values, values.topk(k, dim=1).values)
 
 
+@pytest.mark.parametrize("shape", [(9, 5, 4, 4), (3, 2, 1, 7), (40, 3, 2, 2)])
+@pytest.mark.parametrize("k", [1, 6, 30])
+def test_running_top_k_of_maps_equals_the_top_k_of_each_unit(shape, k):
+    """`add_maps` takes batches `(B, K, h, w)` without reordering them unit by unit; whatever the
+    batch, map size and k (first batches sampled within maps, across images, or too small to sample)."""
+    g = torch.Generator().manual_seed(k + shape[0])
+    batches = [(torch.randn(*shape, generator=g) * 2).round() / 2 for _ in range(4)]  # many ties
+    batches[1][:, 1] = 0.0
+    top = RunningTopK(shape[1], k)
+    for batch in batches:
+        top.add_maps(batch)
+    everything = torch.cat(batches).transpose(0, 1).flatten(1)
+    assert torch.equal(top.values, everything.topk(min(k, everything.shape[1]), dim=1).values)
+
+
 def test_top_count_matches_semantics_formula():
     for n in [2, 10, 100, 201, 1000, 12544, 10**6 + 3]:
         assert top_count(n, 0.005) in (int(0.005 * (n - 1)) + 2, int(0.005 * (n - 1)) + 1)

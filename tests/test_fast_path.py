@@ -54,7 +54,8 @@ def test_mask_pixels_equal_layer_tensor_interpolation(shape, size, quantile):
     assert torch.equal(fast_pixels(maps, thresholds, size), dense_pixels(maps, thresholds, size))
 
 
-@pytest.mark.parametrize("shape,size", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[4], ((7, 7), (28, 28))])
+@pytest.mark.parametrize("shape,size", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[4], ((7, 7), (28, 28)),
+                                        ((20, 20), (8, 8)), ((64, 64), (32, 32))])
 def test_thresholds_on_upsampled_values_are_decided_like_the_kernel(shape, size, monkeypatch):
     """Thresholds exactly at an upsampled pixel value, one float64 step either side, and at the
     float32 neighbours: the pixels there are within rounding reach and must go to the kernel, and

@@ -283,7 +283,7 @@ def _run(
             if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
                 raise DissectionError(f"layer {name!r} produced non-finite activations (NaN or inf) on probe images "
                                       f"{batch[0]}..{batch[-1]}")
-            tops[name].add(value.transpose(0, 1).reshape(value.shape[1], -1))
+            tops[name].add_maps(value)
             if top_k:
                 peaks = value.amax(dim=(2, 3)).t()
                 top_values[name], top_indices[name] = _top_images_update(

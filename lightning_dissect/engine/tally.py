@@ -285,8 +285,12 @@ def mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple
     plan = _tile_plan((h, w), size, activations.device)
     layout_free = _layout_free((h, w), size, activations.device)
     if plan is None:
-        if layout_free and _layer_kernel(units, (h, w), size, activations.device) != "identity":
+        kernel = _layer_kernel(units, (h, w), size, activations.device)
+        if kernel != "identity" and layout_free:
             return _dense_mask_pixels(activations, thresholds, size)
+        if kernel != "identity" and size[0] * size[1] <= h * w:
+            # Converting the layer tensor for the kernel costs more than upsampling its candidate maps.
+            return _per_map_mask_pixels(activations, thresholds, size)
         return _layer_mask_pixels(activations, thresholds, size)
     rows, cols = plan.rows, plan.cols
     near = thresholds - thresholds.abs() * _HOT_SLACK - _TINY
@@ -413,6 +417,51 @@ def _layer_mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size
     return torch.cat(out_maps), torch.cat(out_pixels)
 
 
+def _per_map_mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mask_pixels` for shapes where the kernel's bits depend on the layout, without running it
+    on the whole layer tensor: each candidate map is upsampled alone, and its pixels are decided
+    there only farther from the threshold than the two layouts' results can differ
+    (`_DECISION_SLACK` of the map's largest |cell|). A map with a pixel inside that band is
+    decided on its image's layer tensor, as in `mask_pixels`."""
+    n, units, h, w = activations.shape
+    maps = activations.view(-1, h, w)
+    map_thresholds = thresholds.repeat(n)
+    flat = maps.view(n * units, -1)
+    peak = flat.amax(dim=1).double()
+    magnitude = torch.maximum(peak, -flat.amin(dim=1).double())  # (two reductions beat aminmax on CPU)
+    candidates = (peak + peak.abs() * _HOT_SLACK + _TINY > map_thresholds).nonzero().squeeze(1)
+    chunk = max(1, _CHUNK_ELEMENTS // (size[0] * size[1]))
+    out_maps, out_pixels, redo = [], [], []
+    for start in range(0, candidates.shape[0], chunk):
+        index = candidates[start : start + chunk]
+        sources = maps.index_select(0, index).unsqueeze(1)
+        upsampled = F.interpolate(sources, size=size, mode="bilinear", align_corners=False).flatten(1)
+        threshold = map_thresholds[index]
+        slack = magnitude[index] * _DECISION_SLACK + _TINY
+        above = upsampled > _float32_above(threshold + slack).unsqueeze(1)
+        unsure = (upsampled >= float32_below(threshold - slack).unsqueeze(1)) & ~above
+        redo.append(index[unsure.any(1)])
+        which, pixel = above.nonzero(as_tuple=True)
+        out_maps.append(index[which])
+        out_pixels.append(pixel)
+    if not out_maps:
+        empty = torch.zeros(0, dtype=torch.long, device=activations.device)
+        return empty, empty
+    found, pixels = torch.cat(out_maps), torch.cat(out_pixels)
+    redone = torch.cat(redo)
+    if redone.shape[0]:
+        flagged = torch.zeros(n * units, dtype=torch.bool, device=activations.device)
+        flagged[redone] = True
+        images = (redone // units).unique()
+        image_maps, exact_pixels = _layer_mask_pixels(activations[images], thresholds, size)
+        exact_maps = images[image_maps // units] * units + image_maps % units
+        wanted, keep = flagged[exact_maps], ~flagged[found]
+        found = torch.cat([found[keep], exact_maps[wanted]])
+        pixels = torch.cat([pixels[keep], exact_pixels[wanted]])
+    return found, pixels
+
+
 def _dense_mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int],
                        per_map: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`mask_pixels` by upsampling every candidate map whole. With `per_map`, `activations` is
@@ -491,9 +540,8 @@ class IoUTally:
         pixel_count = label_maps.shape[-2] * label_maps.shape[-1]
         image, unit = maps // units, maps % units
         area = torch.bincount(maps, minlength=batch * units).view(batch, units)
-        # (B * P, M): the labels at one pixel are contiguous, so a gather reads one row.
-        labels_at_pixel = label_maps.reshape(batch, num_maps, pixel_count).transpose(1, 2).reshape(-1, num_maps)
-        labels = labels_at_pixel[image * pixel_count + pixels].long()  # (mask pixels, M)
+        # (mask pixels, M): the M label maps at each mask pixel, gathered without reordering the batch.
+        labels = label_maps.reshape(batch, num_maps, pixel_count)[image, :, pixels].long()
         hit = labels > 0
         cells = (unit.unsqueeze(1) * num_labels + labels)[hit]
         self.intersection.view(-1).add_(torch.bincount(cells, minlength=self.intersection.numel()))

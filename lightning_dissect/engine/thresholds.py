@@ -59,32 +59,46 @@ class RunningTopK:
 
     def add(self, values: torch.Tensor) -> None:
         """Merge `values` of shape `(K, n)` (one row per unit) into the state."""
-        values = values.to(self.values.dtype)
+        self.add_maps(values.unsqueeze(0))
+
+    def add_maps(self, maps: torch.Tensor) -> None:
+        """Merge a batch of maps `(B, K, ...)` (units on axis 1) into the state: the same as
+        `add(maps.transpose(0, 1).reshape(K, -1))`, without copying the batch into unit order."""
+        flat = maps.reshape(maps.shape[0], maps.shape[1], -1).to(self.values.dtype)
+        batch, units, size = flat.shape
         full = self.values.shape[1] == self.k > 0
         bound = None
         if full:
             # Only values above a unit's smallest kept value can enter its top k (an equal one
             # would replace an equal one).
-            bound = self.values[:, -1:]
-        elif self.values.shape[1] == 0 and values.shape[1] >= 8 * self.k > 0:
-            bound = _sample_bound(values, self.k)
+            bound = self.values[:, -1]
+        elif self.values.shape[1] == 0 and batch * size >= 8 * self.k > 0:
+            bound = _sample_bound(flat, self.k)
         if bound is not None:
-            unit, column = (values > bound).nonzero(as_tuple=True)
-            counts = torch.bincount(unit, minlength=values.shape[0])
+            image, unit, column = (flat > bound.view(1, units, 1)).nonzero(as_tuple=True)
+            # nonzero lists the values image by image, unit by unit: `runs` of one (image, unit) each.
+            runs = torch.bincount(image * units + unit, minlength=batch * units)
+            per_image = runs.view(batch, units)
+            counts = per_image.sum(0)
             # A sampled bound counts only where every unit has k values above it.
             if full or bool((counts >= self.k).all()):
-                if unit.shape[0] == 0:
+                if image.shape[0] == 0:
                     return
                 width = int(counts.max())
-                if width < values.shape[1] // 2:
+                if width < batch * size // 2:
                     # Usually few values pass: each unit's, packed left into a (K, width) block
-                    # padded with -inf, go to the top-k instead of the whole batch.
-                    position = torch.arange(unit.shape[0], device=unit.device) - (counts.cumsum(0) - counts)[unit]
-                    packed = torch.full((values.shape[0], width), -math.inf, dtype=values.dtype,
-                                        device=values.device)
-                    packed[unit, position] = values[unit, column]
-                    values = packed
-        self.values = _top(torch.cat([self.values, values], dim=1), self.k)
+                    # padded with -inf, go to the top-k instead of the whole batch. A value's place
+                    # in its unit's row: the unit's values in earlier images, then its rank in its run.
+                    run = image * units + unit
+                    earlier = (per_image.cumsum(0) - per_image).view(-1)
+                    position = (torch.arange(run.shape[0], device=run.device) - (runs.cumsum(0) - runs)[run]
+                                + earlier[run])
+                    packed = torch.full((units, width), -math.inf, dtype=flat.dtype, device=flat.device)
+                    packed[unit, position] = flat[image, unit, column]
+                    self.values = _top(torch.cat([self.values, packed], dim=1), self.k)
+                    return
+        rows = flat.transpose(0, 1).reshape(units, batch * size)
+        self.values = _top(torch.cat([self.values, rows], dim=1), self.k)
 
     def merge(self, values: torch.Tensor) -> None:
         """Merge another state's `values` `(K, k')` (from a disjoint shard)."""
@@ -106,14 +120,16 @@ class RunningTopK:
         self.values = state["values"]
 
 
-def _sample_bound(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Per unit, a value that a strided sample of its row puts near rank `2k`: usually about `2k`
-    of the row's values lie above it, so a first batch much larger than `k` needs no top-k over
-    all its values. The caller checks that at least `k` do."""
-    stride = values.shape[1] // (4 * k)
-    sample = values[:, ::stride]
-    rank = min(sample.shape[1], math.ceil(2 * k / stride))
-    return sample.topk(rank, dim=1, sorted=False).values.amin(1, keepdim=True)
+def _sample_bound(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Per unit of `flat` `(B, K, m)`, a value that a strided sample of its `B * m` values puts
+    near rank `2k`: usually about `2k` values lie above it, so a first batch much larger than
+    `k` needs no top-k over all its values. The caller checks that at least `k` do."""
+    batch, units, size = flat.shape
+    stride = batch * size // (4 * k)
+    sample = flat[:, :, ::stride] if stride <= size else flat[:: stride // size]  # else whole maps of some images
+    sample = sample.transpose(0, 1).reshape(units, -1)
+    rank = min(sample.shape[1], math.ceil(2 * k * sample.shape[1] / (batch * size)))
+    return sample.topk(rank, dim=1, sorted=False).values.amin(1)
 
 
 def _top(values: torch.Tensor, k: int) -> torch.Tensor:

@@ -74,7 +74,7 @@ def profile_table(profile: cProfile.Profile, total: float) -> list[list[object]]
     parts = {
         "model forward (LayerCapture.run)": ("dissect.py", "run"),
         "input transform (ProbeSet.model_input)": ("probe.py", "model_input"),
-        "threshold state (RunningTopK.add)": ("thresholds.py", "add"),
+        "threshold state (RunningTopK.add_maps)": ("thresholds.py", "add_maps"),
         "top images (_top_images_update)": ("dissect.py", "_top_images_update"),
         "masks: tiles near thresholds (mask_pixels)": ("tally.py", "mask_pixels"),
         "intersections, areas (IoUTally.add_pixels)": ("tally.py", "add_pixels"),

@@ -246,7 +246,24 @@ def test_a_layer_output_changed_in_place_later_in_the_pass_is_dissected_as_the_l
         inputs = probe.model_input(range(len(probe)), "cpu")
         normalized = model[1](model[0](inputs)).clone()  # negative values that the in-place ReLU would zero
     assert (normalized < 0).any()
-    result = ld.dissect(model, probe, ["1", "3"], quantile=0.3, batch_size=5)
     expected = ld.dissect_activations({"1": normalized}, probe, quantile=0.3)
-    assert torch.equal(result["1"].thresholds, expected["1"].thresholds)
-    assert torch.equal(result["1"].iou, expected["1"].iou)
+    # Without a copy the in-place ReLU is noticed from the version counter and the batch captured
+    # again; inference tensors have no version counter and are always copied.
+    for context in [None, torch.inference_mode]:
+        result = ld.dissect(model, probe, ["1", "3"], quantile=0.3, batch_size=5, forward_context=context)
+        assert torch.equal(result["1"].thresholds, expected["1"].thresholds)
+        assert torch.equal(result["1"].iou, expected["1"].iou)
+
+
+def test_outputs_are_copied_only_once_the_pass_changes_them_in_place():
+    from lightning_dissect.engine.dissect import LayerCapture
+
+    inputs = torch.randn(2, 3, 8, 8)
+    for inplace in [False, True]:
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=inplace), nn.Conv2d(4, 2, 3)).eval()
+        capture = LayerCapture({"0": model[0], "2": model[2]})
+        with torch.no_grad(), capture:
+            outputs = capture.run(model, inputs)
+        with torch.no_grad():
+            assert torch.equal(outputs["0"], model[0](inputs))  # as the layer gave it, negative values kept
+        assert capture.copy == inplace

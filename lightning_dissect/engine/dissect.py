@@ -131,13 +131,19 @@ class LayerCapture:
     """Forward hooks that capture the outputs of named modules for one forward pass.
 
     Hooks are registered on entry and always removed on exit. Once every layer
-    has produced its output, the rest of the forward pass is skipped.
+    has produced its output, the rest of the forward pass is skipped. A captured
+    output that the pass goes on with is kept without a copy; when a later
+    operation of the pass changes it in place (an in-place ReLU after a
+    BatchNorm: the tensor's version counter moves), the batch is run again, and
+    from then on this capture keeps copies.
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], stop_early: bool = True) -> None:
         self.modules = modules
         self.stop_early = stop_early
+        self.copy = False
         self.outputs: dict[str, Any] = {}
+        self.versions: dict[str, tuple[torch.Tensor, int]] = {}
         self.handles: list[Any] = []
 
     def __enter__(self) -> LayerCapture:
@@ -159,16 +165,21 @@ class LayerCapture:
             if name in self.outputs:
                 raise DissectionError(f"layer {name!r} ran twice in one forward pass; dissect a module that runs once")
             last = self.stop_early and len(self.outputs) + 1 == len(self.modules)
-            # The forward pass goes on with this tensor: a later in-place operation (ReLU(inplace=True)
-            # after a BatchNorm) would change it. Keep a copy unless the pass stops right here.
-            self.outputs[name] = output.clone() if isinstance(output, torch.Tensor) and not last else output
+            if isinstance(output, torch.Tensor) and not last:
+                # The forward pass goes on with this tensor and may change it in place.
+                version = None if self.copy else _version(output)
+                if version is None:
+                    output = output.clone()
+                else:
+                    self.versions[name] = (output, version)
+            self.outputs[name] = output
             if last:
                 raise _StopForward
 
         return hook
 
     def run(self, model: nn.Module, inputs: torch.Tensor) -> dict[str, Any]:
-        self.outputs = {}
+        self.outputs, self.versions = {}, {}
         try:
             model(inputs)
         except _StopForward:
@@ -176,7 +187,18 @@ class LayerCapture:
         missing = [name for name in self.modules if name not in self.outputs]
         if missing:
             raise DissectionError(f"layers {missing} did not run in the model's forward pass")
+        if any(tensor._version != version for tensor, version in self.versions.values()):
+            self.copy = True  # changed in place after the hook: capture the batch again, with copies
+            return self.run(model, inputs)
         return self.outputs
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (None for inference tensors, which have none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -438,9 +460,11 @@ def dissect(
     device = torch.device(device) if device is not None else model_device(model)
     context = forward_context or contextlib.nullcontext
 
+    capture = LayerCapture(modules)  # one for all batches: it remembers whether outputs need copies
+
     def activations(batch: list[int]) -> dict[str, torch.Tensor]:
         inputs = probe.model_input(batch, device)
-        with LayerCapture(modules) as capture, context():
+        with capture, context():
             outputs = capture.run(model, inputs)
         return {name: as_unit_maps(outputs[name], name, prefix_tokens) for name in names}
 

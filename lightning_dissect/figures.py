@@ -41,8 +41,9 @@ def detectors_per_category(summary: Mapping[str, float], categories: Sequence[st
     axes.bar(positions + 0.2, unique, width=0.4, label="unique concepts")
     axes.set_xticks(positions, list(categories))
     axes.set_ylabel("count")
-    axes.set_title(title)
-    axes.legend()
+    # Fixed places: "best" legend placement and automatic title placement are slow to compute.
+    axes.set_title(title, y=1.0)
+    axes.legend(loc="upper right")
     return figure
 
 
@@ -66,8 +67,8 @@ def emergence_curve(steps: Sequence[int], unique_concepts: Mapping[str, Sequence
     axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axes.set_xlabel("training step")
     axes.set_ylabel("unique concepts")
-    axes.set_title(title)
-    axes.legend(fontsize="small", ncols=2)
+    axes.set_title(title, y=1.0)
+    axes.legend(fontsize="small", ncols=2, loc="upper left")
     return figure
 
 

@@ -290,7 +290,7 @@ def mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple
             return _dense_mask_pixels(activations, thresholds, size)
         if kernel != "identity" and size[0] * size[1] <= h * w:
             # Converting the layer tensor for the kernel costs more than upsampling its candidate maps.
-            return _per_map_mask_pixels(activations, thresholds, size)
+            return _dense_mask_pixels(activations, thresholds, size, layer_bits=True)
         return _layer_mask_pixels(activations, thresholds, size)
     rows, cols = plan.rows, plan.cols
     near = thresholds - thresholds.abs() * _HOT_SLACK - _TINY
@@ -417,39 +417,46 @@ def _layer_mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size
     return torch.cat(out_maps), torch.cat(out_pixels)
 
 
-def _per_map_mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mask_pixels` for shapes where the kernel's bits depend on the layout, without running it
-    on the whole layer tensor: each candidate map is upsampled alone, and its pixels are decided
-    there only farther from the threshold than the two layouts' results can differ
-    (`_DECISION_SLACK` of the map's largest |cell|). A map with a pixel inside that band is
-    decided on its image's layer tensor, as in `mask_pixels`."""
+def _dense_mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int],
+                       per_map: bool = False, layer_bits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mask_pixels` by upsampling every candidate map alone.
+
+    With `per_map`, `activations` is `(n, 1, h, w)` with one threshold per map, and the maps
+    returned index its first axis. With `layer_bits` (shapes where the kernel's bits depend on
+    the layout), a map's pixels are decided alone only farther from the threshold than the two
+    layouts' results can differ (`_DECISION_SLACK` of the map's largest |cell|); a map with a
+    pixel inside that band is decided on its image's layer tensor, as in `mask_pixels`.
+    """
     n, units, h, w = activations.shape
     maps = activations.view(-1, h, w)
-    map_thresholds = thresholds.repeat(n)
-    flat = maps.view(n * units, -1)
+    flat = maps.view(maps.shape[0], -1)
+    map_thresholds = thresholds if per_map else thresholds.repeat(n)
+    # A map whose every cell is below the threshold (with rounding slack) has an empty mask.
     peak = flat.amax(dim=1).double()
-    magnitude = torch.maximum(peak, -flat.amin(dim=1).double())  # (two reductions beat aminmax on CPU)
     candidates = (peak + peak.abs() * _HOT_SLACK + _TINY > map_thresholds).nonzero().squeeze(1)
+    if layer_bits:
+        magnitude = torch.maximum(peak, -flat.amin(dim=1).double())  # (two reductions beat aminmax on CPU)
     chunk = max(1, _CHUNK_ELEMENTS // (size[0] * size[1]))
     out_maps, out_pixels, redo = [], [], []
     for start in range(0, candidates.shape[0], chunk):
         index = candidates[start : start + chunk]
-        sources = maps.index_select(0, index).unsqueeze(1)
-        upsampled = F.interpolate(sources, size=size, mode="bilinear", align_corners=False).flatten(1)
-        threshold = map_thresholds[index]
-        slack = magnitude[index] * _DECISION_SLACK + _TINY
-        above = upsampled > _float32_above(threshold + slack).unsqueeze(1)
-        unsure = (upsampled >= float32_below(threshold - slack).unsqueeze(1)) & ~above
-        redo.append(index[unsure.any(1)])
-        which, pixel = above.nonzero(as_tuple=True)
+        if not layer_bits:
+            which, pixel = upsample_masks(maps[index], map_thresholds[index], size).nonzero(as_tuple=True)
+        else:
+            sources = maps.index_select(0, index).unsqueeze(1)
+            upsampled = F.interpolate(sources, size=size, mode="bilinear", align_corners=False).flatten(1)
+            threshold, slack = map_thresholds[index], magnitude[index] * _DECISION_SLACK + _TINY
+            above = upsampled > _float32_above(threshold + slack).unsqueeze(1)
+            unsure = (upsampled >= float32_below(threshold - slack).unsqueeze(1)) & ~above
+            redo.append(index[unsure.any(1)])
+            which, pixel = above.nonzero(as_tuple=True)
         out_maps.append(index[which])
         out_pixels.append(pixel)
     if not out_maps:
         empty = torch.zeros(0, dtype=torch.long, device=activations.device)
         return empty, empty
     found, pixels = torch.cat(out_maps), torch.cat(out_pixels)
-    redone = torch.cat(redo)
+    redone = torch.cat(redo) if redo else found[:0]
     if redone.shape[0]:
         flagged = torch.zeros(n * units, dtype=torch.bool, device=activations.device)
         flagged[redone] = True
@@ -460,29 +467,6 @@ def _per_map_mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, si
         found = torch.cat([found[keep], exact_maps[wanted]])
         pixels = torch.cat([pixels[keep], exact_pixels[wanted]])
     return found, pixels
-
-
-def _dense_mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int],
-                       per_map: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mask_pixels` by upsampling every candidate map whole. With `per_map`, `activations` is
-    `(n, 1, h, w)` with one threshold per map, and the maps returned index its first axis."""
-    n, units, h, w = activations.shape
-    maps = activations.view(-1, h, w)
-    map_thresholds = thresholds if per_map else thresholds.repeat(n)
-    # A map whose every cell is below the threshold (with rounding slack) has an empty mask.
-    peak = maps.amax(dim=(1, 2)).double()
-    candidates = (peak + peak.abs() * _HOT_SLACK + _TINY > map_thresholds).nonzero().squeeze(1)
-    chunk = max(1, _CHUNK_ELEMENTS // (size[0] * size[1]))
-    out_maps, out_pixels = [], []
-    for start in range(0, candidates.shape[0], chunk):
-        index = candidates[start : start + chunk]
-        which, pixel = upsample_masks(maps[index], map_thresholds[index], size).nonzero(as_tuple=True)
-        out_maps.append(index[which])
-        out_pixels.append(pixel)
-    if not out_maps:
-        empty = torch.zeros(0, dtype=torch.long, device=activations.device)
-        return empty, empty
-    return torch.cat(out_maps), torch.cat(out_pixels)
 
 
 # ---------------------------------------------------------------------------------------------- tally

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lightning_dissect.io import atomic_write
 from lightning_dissect.report.bargraph import category_color
 from lightning_dissect.result import Dissection, LayerDissection, concept_changes
 
@@ -289,15 +289,8 @@ def _figure(width: float, height: float, columns: int = 1) -> tuple[Any, list[An
 def _save(figure: Any, path: str | os.PathLike) -> Path:
     """Write the figure through a temporary file, so a reader never sees half an image."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(descriptor)
-    try:
-        figure.savefig(temporary, format=path.suffix.lstrip(".") or "png")
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format=path.suffix.lstrip(".") or "png")
     return path
 
 

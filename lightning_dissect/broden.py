@@ -42,6 +42,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from lightning_dissect.io import atomic_write
+
 __all__ = ["Broden", "BrodenError", "BrodenRow", "download_broden"]
 
 # The fixed columns of index.csv; every other column that category.csv names is a category.
@@ -631,9 +633,8 @@ def download_broden(
     finally:
         archive.unlink(missing_ok=True)
     marker = {"url": url, "bytes": size, "sha256": digest, "fingerprint": fingerprint}
-    staging = final / f"{_COMPLETE_MARKER}.tmp"
-    staging.write_text(json.dumps(marker, indent=1) + "\n")
-    os.replace(staging, final / _COMPLETE_MARKER)
+    with atomic_write(final / _COMPLETE_MARKER) as handle:
+        handle.write(json.dumps(marker, indent=1) + "\n")
     return final
 
 

@@ -58,9 +58,10 @@ from lightning_dissect.engine.dissect import (
     validate_options,
 )
 from lightning_dissect.engine.rotation import Rotation
+from lightning_dissect.io import atomic_write
 from lightning_dissect.loggers import LoggerAdapter, adapt, make_media
 from lightning_dissect.probe import ProbeSet, cache_root
-from lightning_dissect.result import Dissection, LayerDissection, atomic_write, concept_changes
+from lightning_dissect.result import Dissection, LayerDissection, concept_changes
 from lightning_dissect.schedule import Schedule
 
 log = logging.getLogger(__name__)

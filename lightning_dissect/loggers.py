@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 import urllib.parse
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lightning_dissect.result import atomic_write
+from lightning_dissect.io import atomic_write
 
 if TYPE_CHECKING:
     from lightning_dissect.dissector import DissectionReport
@@ -261,16 +259,8 @@ class CSVAdapter(LoggerAdapter):
     def log_image(self, image: Image, step: int) -> None:
         from PIL import Image as PILImage
 
-        path = self._path(image.tag, step, ".png")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-        os.close(descriptor)
-        try:
-            PILImage.fromarray(image.image).save(temporary)
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        with atomic_write(self._path(image.tag, step, ".png"), "wb") as handle:
+            PILImage.fromarray(image.image).save(handle, format="PNG")
 
 
 class ScalarsOnlyAdapter(LoggerAdapter):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from lightning_dissect.broden import Broden, BrodenError
 from lightning_dissect.engine.labels import canonical_labels, category_presence, label_area
+from lightning_dissect.io import atomic_write
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -190,10 +191,8 @@ class ProbeSet:
         state = self._decode(progress)
         self._set(state)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            torch.save(state, temporary)
-            os.replace(temporary, path)
+            with atomic_write(path, "wb") as handle:
+                torch.save(state, handle)
 
     def _decode(self, progress: bool) -> dict[str, Any]:
         broden, rows = self.broden, self.rows

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from lightning_dissect.engine.scores import summarize
+from lightning_dissect.io import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -267,28 +267,3 @@ def concept_changes(before: LayerDissection, after: LayerDissection) -> dict[str
         "lost_units": (was & ~now).nonzero(as_tuple=True)[0].tolist(),
         "transitions": transitions,
     }
-
-
-class atomic_write:  # noqa: N801 - used as a context manager, reads like open()
-    """Write a text file through a temporary file and `os.replace`, so a crash never leaves half a file."""
-
-    def __init__(self, path: str | os.PathLike, mode: str = "w") -> None:
-        self.path = Path(path)
-        self.mode = mode
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, self.temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        self.handle = os.fdopen(descriptor, self.mode, newline="" if "b" not in self.mode else None)
-        return self.handle
-
-    def __exit__(self, kind, value, traceback) -> None:
-        self.handle.close()
-        if kind is None:
-            # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.temporary, 0o666 & ~umask)
-            os.replace(self.temporary, self.path)
-        else:
-            os.unlink(self.temporary)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning_dissect.io import atomic_write
 from lightning_dissect.report.bargraph import bar_graph, category_color, iou_histogram
 from lightning_dissect.report.media import STRIP_SUFFIX, safe_name, save_image
 from lightning_dissect.report.strips import unit_strips
@@ -180,9 +181,8 @@ def _page_names(layers: list[str]) -> dict[str, str]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    with atomic_write(path) as handle:
+        handle.write(text)
 
 
 def _relative(path: Path, directory: Path) -> str:

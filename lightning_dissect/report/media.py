@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ import numpy as np
 from PIL import Image
 from torch import nn
 
+from lightning_dissect.io import atomic_write
 from lightning_dissect.report.bargraph import bar_graph, iou_histogram
 from lightning_dissect.report.strips import UnitStrip, unit_strips
 from lightning_dissect.result import concept_changes
@@ -164,17 +164,10 @@ def save_image(image: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a uint8 RGB array as a PNG, or a JPEG (quality 90, full-resolution colour) for a `.jpg` path, through a
     temporary file, so a crash leaves no half image."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     jpeg = path.suffix.lower() in (".jpg", ".jpeg")
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            options = {"format": "JPEG", "quality": 90, "subsampling": 0} if jpeg else {"format": "PNG"}
-            Image.fromarray(np.ascontiguousarray(image)).save(handle, **options)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    options = {"format": "JPEG", "quality": 90, "subsampling": 0} if jpeg else {"format": "PNG"}
+    with atomic_write(path, "wb") as handle:
+        Image.fromarray(np.ascontiguousarray(image)).save(handle, **options)
     return path
 
 

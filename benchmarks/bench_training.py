@@ -78,7 +78,7 @@ def train(steps: int, with_callback: bool, probe_size: int, cache_dir: str | Non
         if with_callback:
             dissector.dissect = dissector.dissect.__wrapped__
     seconds = time.perf_counter() - started
-    dissections = sorted({entry["step"] for entry in callbacks[0].dissector.history}) if callbacks else []
+    dissections = sorted({entry.step for entry in callbacks[0].dissector.history}) if callbacks else []
     return {"seconds": seconds, "dissections": dissections, "parts": parts}
 
 

@@ -22,6 +22,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import lightning_dissect as ld
 from lightning_dissect.demo import emergence_run
 
 TINY = dict(images=48, image_size=32, steps=6, width=8, batch_size=8, probe_size=12, layers=["conv3", "conv4"])
@@ -50,9 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def emergence_table(history: list[dict[str, Any]], layers: list[str]) -> str:
+def emergence_table(history: list[ld.HistoryEntry], layers: list[str]) -> str:
     """Unique concepts per layer (rows: dissected steps), as the paper's emergence plot reads them."""
-    counts = {(entry["step"], entry["layer"]): int(entry["summary"]["unique_concepts"]) for entry in history}
+    counts = {(entry.step, entry.layer): int(entry.summary["unique_concepts"]) for entry in history}
     steps = sorted({step for step, _ in counts})
     lines = ["step".rjust(6) + "".join(layer.rjust(14) for layer in layers)]
     lines += [str(step).rjust(6) + "".join(str(counts.get((step, layer), "")).rjust(14) for layer in layers)
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         probe_size=args.probe_size, task=args.task, width=args.width, seed=args.seed, layers=layers,
                         batch_size=args.batch_size, factor=args.factor, cache_dir=args.cache_dir,
                         progress=not args.tiny, echo=print)
-    probe_size = run["history"][0]["probe_size"]
+    probe_size = run["history"][0].probe_size
     print(f"unique concepts (IoU > 0.04) on {probe_size} validation images; TensorBoard: {run['log_dir']}")
     print(emergence_table(run["history"], layers))
     for figure in run["figures"]:

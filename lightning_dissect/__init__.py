@@ -5,14 +5,20 @@ The engine (`dissect`, `dissect_activations`) is plain PyTorch and works on any
 `Trainer`. Every number follows `SEMANTICS.md`.
 """
 
+from typing import TYPE_CHECKING
+
 from lightning_dissect.broden import Broden, BrodenError, BrodenRow, download_broden
-from lightning_dissect.dissector import Dissector
+from lightning_dissect.dissector import Dissector, RunContext
 from lightning_dissect.engine.dissect import DissectionError, dissect, dissect_activations
 from lightning_dissect.engine.rotation import Rotation, fractional_power, random_rotation, rotate_units
+from lightning_dissect.history import HistoryEntry, concept_changes
 from lightning_dissect.probe import ImageTransform, ProbeSet
-from lightning_dissect.result import Dissection, LayerDissection, concept_changes
+from lightning_dissect.result import Dissection, LayerDissection
 from lightning_dissect.schedule import at_steps, every_n_epochs, every_n_steps, log_spaced
 from lightning_dissect.synthetic import make_synthetic_broden
+
+if TYPE_CHECKING:  # imported on first use below: the callbacks need Lightning, the rest of the package does not
+    from lightning_dissect.callback import DissectionCallback, PLDissectionCallback
 
 __version__ = "0.1.0"
 
@@ -24,11 +30,13 @@ __all__ = [
     "DissectionCallback",
     "DissectionError",
     "Dissector",
+    "HistoryEntry",
     "ImageTransform",
     "LayerDissection",
     "PLDissectionCallback",
     "ProbeSet",
     "Rotation",
+    "RunContext",
     "at_steps",
     "concept_changes",
     "dissect",
@@ -44,8 +52,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # The callbacks import Lightning, so they are built on first use (lightning_dissect.callback).
+def __getattr__(name: str) -> type:
     if name in ("DissectionCallback", "PLDissectionCallback"):
         from lightning_dissect import callback
 

@@ -21,9 +21,12 @@ from typing import Any
 
 import torch
 
+from lightning_dissect.history import concept_changes
 from lightning_dissect.io import atomic_write
 from lightning_dissect.report.bargraph import category_color
-from lightning_dissect.result import Dissection, LayerDissection, concept_changes
+from lightning_dissect.report.figures import new_figure
+from lightning_dissect.result import Dissection, LayerDissection
+from lightning_dissect.run_folder import RunFolder
 
 History = Sequence[tuple[int, Dissection]]
 """Dissections of one run in ascending step order: `[(step, Dissection), ...]`."""
@@ -47,18 +50,17 @@ def read_run(path: str | os.PathLike) -> list[tuple[int, Dissection]]:
         FileNotFoundError: `path` does not exist or holds no dissection (says what was looked for).
         ValueError: a file that is not a dissection JSON (names the file).
     """
-    from lightning_dissect.report.run import Run
-
     path = Path(path)
     if path.is_file():
         dissection = Dissection.from_json(path)
         return [(int(dissection.settings.get("step", 0) or 0), dissection)]
     if not path.exists():
         raise FileNotFoundError(f"run {str(path)!r} does not exist; pass a run directory or a dissection JSON file")
-    run = Run.find(path)
-    if not run.steps:
+    run = RunFolder.find(path)
+    steps = run.steps
+    if not steps:
         raise FileNotFoundError(f"{run.directory}: no step=<step>/ folders with dissections")
-    return [(step, run.dissection(step)) for step in run.steps]
+    return [(step, run.dissection(step)) for step in steps]
 
 
 def layer_of(dissection: Dissection, layer: str | None) -> LayerDissection:
@@ -276,14 +278,9 @@ def format_counts(counts: Mapping[str, Mapping[str, int]], title: str = "") -> s
 # ---------------------------------------------------------------------------------------- figures
 
 
-def _figure(width: float, height: float, columns: int = 1) -> tuple[Any, list[Any]]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = [figure.add_subplot(1, columns, i + 1) for i in range(columns)]
-    return figure, axes
+def _axes_figure(width: float, height: float, columns: int = 1) -> tuple[Any, list[Any]]:
+    figure = new_figure(width, height, layout="constrained")
+    return figure, [figure.add_subplot(1, columns, i + 1) for i in range(columns)]
 
 
 def _save(figure: Any, path: str | os.PathLike) -> Path:
@@ -316,7 +313,7 @@ def plot_emergence(rows: Sequence[Mapping[str, float]], path: str | os.PathLike,
     if not rows:
         raise ValueError("plot_emergence: rows is empty; dissect at least once")
     steps = [row["step"] for row in rows]
-    figure, (unique_axis, detector_axis) = _figure(11, 4.2, columns=2)
+    figure, (unique_axis, detector_axis) = _axes_figure(11, 4.2, columns=2)
     for axis, key, label in ((unique_axis, "unique_concepts", "unique concepts (IoU > t)"),
                              (detector_axis, "detectors", "detectors")):
         categories = categories_of(rows, key)
@@ -340,7 +337,7 @@ def plot_switches(rows: Sequence[Mapping[str, int]], path: str | os.PathLike, ti
     """Switches, switch-ins and switch-outs at every dissection (:func:`switches_per_dissection`)."""
     if not rows:
         raise ValueError("plot_switches: rows is empty; it needs two dissections of the layer or more")
-    figure, (axis,) = _figure(8, 4)
+    figure, (axis,) = _axes_figure(8, 4)
     positions = range(len(rows))
     width = 0.27
     for offset, (key, color) in zip((-width, 0.0, width), (("switches", "#d62728"), ("switch_in", "#2ca02c"),
@@ -359,7 +356,7 @@ def plot_transition_table(rows: Sequence[Mapping[str, Any]], path: str | os.Path
                           max_rows: int = 20) -> Path:
     """The transition table of the units that switched (:func:`transition_table`) as an image."""
     shown = list(rows[:max_rows])
-    figure, (axis,) = _figure(8, 0.7 + 0.21 * (max(len(shown), 1) + 1))
+    figure, (axis,) = _axes_figure(8, 0.7 + 0.21 * (max(len(shown), 1) + 1))
     axis.axis("off")
     cells = [[row["from"], row["to"], str(row["count"]), ", ".join(str(u) for u in row["units"])] for row in shown]
     if cells:
@@ -383,7 +380,7 @@ def plot_rotation(rows: Sequence[Mapping[str, float]], path: str | os.PathLike, 
     if not rows:
         raise ValueError("plot_rotation: rows is empty")
     alphas = [row["alpha"] for row in rows]
-    figure, (axis,) = _figure(6, 4)
+    figure, (axis,) = _axes_figure(6, 4)
     for key, color, label in (("unique_concepts", "#1f77b4", "unique concepts"), ("detectors", "#d62728",
                                                                                   "detectors")):
         axis.plot(alphas, [row[f"{key}_mean"] for row in rows], marker="o", color=color, label=label)
@@ -408,7 +405,7 @@ def plot_comparison(counts: Mapping[str, Mapping[str, int]], path: str | os.Path
     for row in counts.values():
         categories.update(dict.fromkeys(row))
     names = list(counts)
-    figure, (axis,) = _figure(max(5.0, 1.0 + 0.9 * len(names)), 4.5)
+    figure, (axis,) = _axes_figure(max(5.0, 1.0 + 0.9 * len(names)), 4.5)
     bottom = [0] * len(names)
     for category in categories:
         heights = [counts[name].get(category, 0) for name in names]

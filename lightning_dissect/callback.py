@@ -1,14 +1,16 @@
 """`DissectionCallback`: live Network Dissection while a Lightning `Trainer` fits.
 
-The callback is a thin adapter over `Dissector`: it reads the trainer (step,
-epoch, loggers, log directory, precision, rank) and decides nothing else. One
-implementation serves both Lightning packages, each with its own `Callback`
-base class, built on first use so that importing `lightning_dissect` needs
-neither:
+The callback is a thin adapter over `Dissector`: it reads the trainer (step, epoch, loggers, log
+directory, precision, rank) into a `RunContext` and decides nothing else. One implementation
+(`DissectionHooks`) serves both Lightning packages, each class with its package's own `Callback`
+base:
 
 - `DissectionCallback` subclasses `lightning.pytorch.Callback` (or
   `pytorch_lightning.Callback` where only that package is installed);
-- `PLDissectionCallback` subclasses `pytorch_lightning.Callback`.
+- `PLDissectionCallback` subclasses `pytorch_lightning.Callback` (where it is installed).
+
+This module imports Lightning; `import lightning_dissect` does not (it imports this module on
+first use of either name).
 
 Logged, per layer, at `step=trainer.global_step` (and put in
 `trainer.callback_metrics`, so `ModelCheckpoint` and `EarlyStopping` can monitor them):
@@ -32,18 +34,31 @@ import torch
 # Imported at run time, not under TYPE_CHECKING: LightningCLI (jsonargparse) resolves the annotations
 # of __init__ to parse configs.
 from lightning_dissect.broden import Broden
-from lightning_dissect.dissector import Dissector
+from lightning_dissect.dissector import Dissector, OnError, RunContext
 from lightning_dissect.distributed import StrategySynchronizer, check_strategy, local_zero_first
 from lightning_dissect.engine.rotation import Rotation
-from lightning_dissect.loggers import adapt
+from lightning_dissect.loggers import LoggerGroup
 from lightning_dissect.probe import ProbeSet
 from lightning_dissect.schedule import Schedule
 
-_CLASSES = {"DissectionCallback": "lightning.pytorch", "PLDissectionCallback": "pytorch_lightning"}
-_built: dict[str, type] = {}
+try:
+    from lightning.pytorch import Callback as _LightningCallback
+
+    _LIGHTNING_NAMESPACE = "lightning.pytorch"
+except ImportError:  # only the standalone package: DissectionCallback falls back to it
+    from pytorch_lightning import Callback as _LightningCallback
+
+    _LIGHTNING_NAMESPACE = "pytorch_lightning"
+
+try:
+    from pytorch_lightning import Callback as _PLCallback
+except ImportError:
+    _PLCallback = None
+
+__all__ = ["DissectionCallback", "DissectionHooks", "PLDissectionCallback"]
 
 
-class _DissectionCallback:
+class DissectionHooks:
     """Dissects the model being fit on a schedule and logs what its units detect.
 
     With no arguments the probe is the Broden dataset (`$LIGHTNING_DISSECT_BRODEN`,
@@ -74,6 +89,7 @@ class _DissectionCallback:
             training goes on; `"raise"`: it stops the fit.
         figure_budget: the largest fraction of wall time that drawing strips and figures may
             take (default 0.02, see `Dissector`); None: figures at every dissection.
+        strips_per_layer: unit strips per layer at each dissection that draws (`Dissector`).
 
     Attributes:
         dissector: the `Dissector` doing the work; `dissector.history` is the timeline.
@@ -83,7 +99,7 @@ class _DissectionCallback:
         >>> trainer = Trainer(callbacks=[DissectionCallback(probe="synthetic")])  # doctest: +SKIP
     """
 
-    _namespace = "lightning.pytorch"
+    _namespace = _LIGHTNING_NAMESPACE
 
     def __init__(
         self,
@@ -104,10 +120,11 @@ class _DissectionCallback:
         probe_seed: int = 0,
         image_size: int | None = None,
         max_seconds: float | None = None,
-        dirpath: str | os.PathLike | None = None,
+        dirpath: str | os.PathLike[str] | None = None,
         save_json: bool = True,
-        on_error: str = "warn",
+        on_error: OnError = "warn",
         figure_budget: float | None = 0.02,
+        strips_per_layer: int = 4,
     ) -> None:
         # The options are spelled out (not **kwargs) so LightningCLI and help() see them.
         super().__init__()
@@ -116,10 +133,10 @@ class _DissectionCallback:
             iou_threshold=iou_threshold, denominator=denominator, batch_size=batch_size, rotation=rotation,
             prefix_tokens=prefix_tokens, top_k=top_k, probe_size=probe_size, probe_seed=probe_seed,
             image_size=image_size, max_seconds=max_seconds, dirpath=dirpath, save_json=save_json, on_error=on_error,
-            figure_budget=figure_budget,
+            figure_budget=figure_budget, strips_per_layer=strips_per_layer,
         )
-        self._dirpath_given = dirpath is not None
-        self._active = False
+        self._dirpath = Path(dirpath) if dirpath is not None else None
+        self._context: RunContext | None = None  # set in setup for a fit that dissects
 
     @property
     def state_key(self) -> str:
@@ -138,35 +155,35 @@ class _DissectionCallback:
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._active = False
+        self._context = None
         if stage != "fit":
             return
+        rank_zero = self._rank_zero()
         if trainer.fast_dev_run:
-            self._rank_zero().rank_zero_info("DissectionCallback: disabled under fast_dev_run")
+            rank_zero.rank_zero_info("DissectionCallback: disabled under fast_dev_run")
             return
         check_strategy(trainer.strategy)  # sharded parameters (FSDP, ZeRO-3) are refused here
-        # Several ranks: each dissects a share of the probe set, combined exactly through the strategy.
-        self.dissector.synchronizer = StrategySynchronizer(trainer.strategy) if trainer.world_size > 1 else None
         log_dir = trainer.log_dir  # a broadcast: every rank asks
-        if not self._dirpath_given:
-            self.dissector.dirpath = Path(log_dir or trainer.default_root_dir) / "dissections"
+        context = RunContext(
+            # Several ranks: each dissects a share of the probe set, combined exactly through the strategy.
+            synchronizer=StrategySynchronizer(trainer.strategy) if trainer.world_size > 1 else None,
+            forward_context=trainer.precision_plugin.forward_context,
+            convert_input=trainer.precision_plugin.convert_input,
+            is_global_zero=trainer.is_global_zero,
+            loggers=LoggerGroup(trainer.loggers if trainer.is_global_zero else ()),
+            dirpath=self._dirpath or Path(log_dir or trainer.default_root_dir) / "dissections",
+            info=rank_zero.rank_zero_info, warn=rank_zero.rank_zero_warn,
+        )
         # Each node's local rank zero fills the caches (download, synthetic data, decoded probe) first.
-        local_zero_first(self.dissector.synchronizer, trainer.local_rank, self.dissector.load_probe)
-        self._active = True
+        local_zero_first(context.synchronizer, trainer.local_rank, self.dissector.load_probe)
+        self._context = context
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if not self._active:
+        if self._context is None:
             return
-        rank_zero = self._rank_zero()
-        dissector = self.dissector
-        dissector.forward_context = trainer.precision_plugin.forward_context
-        dissector.convert_input = trainer.precision_plugin.convert_input
-        dissector.is_global_zero = trainer.is_global_zero
-        dissector.info, dissector.warn = rank_zero.rank_zero_info, rank_zero.rank_zero_warn
-        dissector.adapters = [adapt(logger) for logger in trainer.loggers] if trainer.is_global_zero else []
-        dissector.setup(pl_module)
+        self.dissector.setup(pl_module, self._context)
         if trainer.is_global_zero:
-            dissector.write_history()  # after a resume: the timeline up to the checkpoint
+            self.dissector.write_history(self._context)  # after a resume: the timeline up to the checkpoint
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._maybe_run(trainer, pl_module)
@@ -182,9 +199,10 @@ class _DissectionCallback:
             self.dissector.probe.release()  # the probe's device copy
 
     def _maybe_run(self, trainer: Any, pl_module: Any, epoch_end: bool = False) -> None:
-        if not self._active or trainer.sanity_checking:
+        if self._context is None or trainer.sanity_checking:
             return
-        report = self.dissector.maybe_run(pl_module, trainer.global_step, trainer.current_epoch, epoch_end)
+        report = self.dissector.maybe_run(pl_module, trainer.global_step, trainer.current_epoch, epoch_end,
+                                          self._context)
         if report is not None:
             trainer.callback_metrics.update({name: torch.tensor(value) for name, value in report.metrics.items()})
 
@@ -197,28 +215,19 @@ class _DissectionCallback:
         self.dissector.load_state_dict(state_dict)
 
 
-def _build(name: str) -> type:
-    namespace = _CLASSES[name]
-    try:
-        base = importlib.import_module(namespace).Callback
-    except ImportError:
-        if name != "DissectionCallback":
-            raise ImportError(f"{name} needs the pytorch_lightning package: pip install pytorch-lightning") from None
-        try:  # DissectionCallback falls back to the standalone package
-            namespace = "pytorch_lightning"
-            base = importlib.import_module(namespace).Callback
-        except ImportError:
-            raise ImportError("DissectionCallback needs Lightning: pip install lightning") from None
-    return type(name, (_DissectionCallback, base), {
-        "__module__": __name__, "__qualname__": name, "__doc__": _DissectionCallback.__doc__,
-        "_namespace": namespace,
-    })
+class DissectionCallback(DissectionHooks, _LightningCallback):
+    __doc__ = DissectionHooks.__doc__
 
 
-def __getattr__(name: str) -> type:
-    if name not in _CLASSES:
+if _PLCallback is not None:
+
+    class PLDissectionCallback(DissectionHooks, _PLCallback):
+        __doc__ = DissectionHooks.__doc__
+        _namespace = "pytorch_lightning"
+
+else:
+
+    def __getattr__(name: str) -> Any:
+        if name == "PLDissectionCallback":
+            raise ImportError("PLDissectionCallback needs the pytorch_lightning package: pip install pytorch-lightning")
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if name not in _built:
-        _built[name] = _build(name)
-    return _built[name]
-

@@ -1,10 +1,7 @@
-"""One small adapter per logger kind, and the media every adapter shows.
+"""One small adapter per logger kind, and the fan-out of a dissection to a run's loggers.
 
-A dissection is shown as scalars (`DissectionReport.metrics`), tables and
-images. The media are made once per dissection by the producers in
-`MEDIA_PRODUCERS` (a list: append a producer to add media, e.g. unit strips),
-and each adapter only knows how its logger writes a scalar, a table and an
-image:
+Each adapter only knows how its logger writes a scalar, a table and an image; what is shown
+(`DissectionReport.metrics` and the media of `dashboard.make_media`) is decided in `dashboard.py`:
 
 | logger | scalars | tables | images |
 | --- | --- | --- | --- |
@@ -21,119 +18,14 @@ packages is imported here.
 
 from __future__ import annotations
 
-import csv
-import io
 import urllib.parse
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-
+from lightning_dissect.dashboard import DissectionReport, Image, Media, Table, make_media
 from lightning_dissect.io import atomic_write
-
-if TYPE_CHECKING:
-    from lightning_dissect.dissector import DissectionReport
-
-
-@dataclass
-class Table:
-    """A table to show: `columns` names and `rows` of plain values."""
-
-    tag: str
-    columns: list[str]
-    rows: list[list[Any]]
-
-    def to_csv(self) -> str:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(self.columns)
-        writer.writerows(self.rows)
-        return buffer.getvalue()
-
-    def to_markdown(self) -> str:
-        lines = ["| " + " | ".join(self.columns) + " |", "|" + " --- |" * len(self.columns)]
-        lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in self.rows]
-        return "\n".join(lines)
-
-
-@dataclass
-class Image:
-    """An image to show: uint8 RGB `(height, width, 3)`."""
-
-    tag: str
-    image: np.ndarray
-
-
-Media = Table | Image
-
-
-# ---------------------------------------------------------------------- media producers
-
-
-def unit_tables(report: DissectionReport) -> Iterable[Media]:
-    """`dissect/<layer>/units`: every unit's label, category, score and whether it is a detector."""
-    for layer, entry in report.entries.items():
-        rows = [[unit, entry["label"][unit], entry["category"][unit], round(entry["score"][unit], 4),
-                 entry["score"][unit] > report.iou_threshold] for unit in range(len(entry["label"]))]
-        yield Table(f"dissect/{layer}/units", ["unit", "label", "category", "score", "detector"], rows)
-
-
-def transition_tables(report: DissectionReport) -> Iterable[Media]:
-    """`dissect/<layer>/transitions`: the concept switches since the previous dissection, with counts."""
-    for layer, entry in report.entries.items():
-        if entry["transitions"]:
-            yield Table(f"dissect/{layer}/transitions", ["from", "to", "units"], entry["transitions"])
-
-
-def detector_figures(report: DissectionReport) -> Iterable[Media]:
-    """`dissect/<layer>/detectors_per_category`: detectors and unique concepts per category."""
-    from lightning_dissect import figures  # matplotlib, imported when a figure is drawn
-
-    for layer, entry in report.entries.items():
-        figure = figures.detectors_per_category(entry["summary"], report.categories, f"{layer}, step {report.step}")
-        yield Image(f"dissect/{layer}/detectors_per_category", figures.to_image(figure))
-
-
-def emergence_figures(report: DissectionReport) -> Iterable[Media]:
-    """`dissect/<layer>/emergence`: unique concepts per category over all dissections so far."""
-    from lightning_dissect import figures
-
-    for layer in report.entries:
-        entries = [entry for entry in report.history if entry["layer"] == layer]
-        curves = {"all": [entry["summary"]["unique_concepts"] for entry in entries]}
-        for category in report.categories:
-            curves[category] = [entry["summary"][f"unique_concepts/{category}"] for entry in entries]
-        figure = figures.emergence_curve([entry["step"] for entry in entries], curves, f"{layer}: emergence")
-        yield Image(f"dissect/{layer}/emergence", figures.to_image(figure))
-
-
-def unit_figures(report: DissectionReport) -> Iterable[Media]:
-    """`dissect/<layer>/strips/unit_<u>` (the unit strips the dissector drew), `dissect/<layer>/bar_graph`
-    (detectors per concept) and `dissect/<layer>/iou_histogram` (`lightning_dissect.report`)."""
-    from lightning_dissect.report.media import bar_graph_media
-
-    for tag, image in {**report.strips, **bar_graph_media(report.dissection)}.items():
-        yield Image(tag, image)
-
-
-MEDIA_PRODUCERS: list[Callable[[DissectionReport], Iterable[Media]]] = [
-    unit_tables, transition_tables, detector_figures, emergence_figures, unit_figures,
-]
-
-
-def make_media(report: DissectionReport, figures: bool = True) -> list[Media]:
-    """Every producer's media for one dissection; with `figures=False`, only the producers
-    that draw nothing (tables), which cost next to nothing."""
-    return [media for producer in MEDIA_PRODUCERS if figures or not getattr(producer, "draws_figures", False)
-            for media in producer(report)]
-
-
-for _producer in (detector_figures, emergence_figures, unit_figures):
-    _producer.draws_figures = True  # type: ignore[attr-defined]
-
 
 # ---------------------------------------------------------------------- adapters
 
@@ -299,3 +191,40 @@ def adapt(logger: Any) -> LoggerAdapter:
         if names & kinds:
             return adapter(logger)
     return ScalarsOnlyAdapter(logger)
+
+
+class LoggerGroup:
+    """The loggers of a run: each gets the scalars and, when it shows media, the tables and images.
+
+    The media are made once for all loggers. One logger that fails does not keep the dissection
+    from the others (or from the files): under `on_error="warn"` it is reported through `warn`.
+
+    Args:
+        loggers: loggers or adapters (`adapt`).
+    """
+
+    def __init__(self, loggers: Iterable[Any] = ()) -> None:
+        self.adapters = [adapt(logger) for logger in loggers]
+
+    @property
+    def shows_media(self) -> bool:
+        """Whether any logger shows tables and images (so strips and figures are worth drawing)."""
+        return any(adapter.shows_media for adapter in self.adapters)
+
+    def show(self, report: DissectionReport, figures: bool, on_error: str, warn: Callable[[str], None]) -> None:
+        """Log `report`'s scalars to every logger and its media (with figures when `figures`) to those that show them.
+
+        Raises:
+            Exception: a logger's own error, under `on_error="raise"`.
+        """
+        media = make_media(report, figures=figures) if self.shows_media else []
+        for adapter in self.adapters:
+            try:
+                adapter.log_scalars(report.metrics, report.step)
+                if adapter.shows_media:
+                    adapter.log_media(media, report.step)
+            except Exception as error:  # one broken logger must not hide the dissection from the others
+                if on_error == "raise":
+                    raise
+                warn(f"{adapter!r} could not show the dissection at step {report.step} "
+                     f"({type(error).__name__}: {error}); the other loggers and the files have it")

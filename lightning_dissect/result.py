@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,31 +238,3 @@ class Dissection(Mapping[str, LayerDissection]):
         if not isinstance(data, dict) or "layers" not in data:
             raise ValueError(f"{path}: not a dissection JSON file (no 'layers' key)")
         return cls.from_dict(data)
-
-
-def concept_changes(before: LayerDissection, after: LayerDissection) -> dict[str, Any]:
-    """Compare two dissections of the same layer (SEMANTICS §5).
-
-    Returns:
-        `switches` (detector in both, different label), `switch_in` (becomes a
-        detector), `switch_out` (stops being one), their unit lists under
-        `switched_units`, `new_units`, `lost_units`, and `transitions`: a
-        Counter of `(from_label, to_label)` label-name pairs over the switched units.
-    """
-    if before.num_units != after.num_units:
-        raise ValueError(f"layer {after.layer!r} has {after.num_units} units now, {before.num_units} before")
-    was, now = before.detectors.cpu(), after.detectors.cpu()
-    old_labels, new_labels = before.labels.cpu(), after.labels.cpu()
-    switched = (was & now & (old_labels != new_labels)).nonzero(as_tuple=True)[0].tolist()
-    transitions = Counter(
-        (before.label_names[int(old_labels[u])], after.label_names[int(new_labels[u])]) for u in switched
-    )
-    return {
-        "switches": len(switched),
-        "switch_in": int((~was & now).sum()),
-        "switch_out": int((was & ~now).sum()),
-        "switched_units": switched,
-        "new_units": (~was & now).nonzero(as_tuple=True)[0].tolist(),
-        "lost_units": (was & ~now).nonzero(as_tuple=True)[0].tolist(),
-        "transitions": transitions,
-    }

@@ -7,6 +7,7 @@ synthetic probe) serve the other `test_callback_*` modules too.
 from __future__ import annotations
 
 import importlib
+import json
 import random
 import warnings
 
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_dissect as ld
 from lightning_dissect import dissector as dissector_module
+from lightning_dissect import probe_source
 from lightning_dissect.synthetic import make_synthetic_broden
 
 TRAINER = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -86,11 +88,11 @@ def probe(synthetic_root):
 
 
 def steps_of(callback) -> list[int]:
-    return sorted({entry["step"] for entry in callback.dissector.history})
+    return sorted({entry.step for entry in callback.dissector.history})
 
 
-def without_seconds(history: list[dict]) -> list[dict]:
-    return [{key: value for key, value in entry.items() if key != "seconds"} for entry in history]
+def without_seconds(history: list[ld.HistoryEntry]) -> list[dict]:
+    return [{key: value for key, value in entry.to_dict().items() if key != "seconds"} for entry in history]
 
 
 def fit(callbacks, model=None, data=None, val=None, ckpt_path=None, dropout=0.2, strips=False, **kwargs):
@@ -100,7 +102,7 @@ def fit(callbacks, model=None, data=None, val=None, ckpt_path=None, dropout=0.2,
     """
     for callback in callbacks:
         if isinstance(callback, ld.DissectionCallback) and not strips:
-            callback.dissector.strips_per_layer = 0
+            callback.dissector.strips_per_layer = 0  # a plain option of the dissector, set here for every test
     lightning = importlib.import_module("lightning.pytorch")
     lightning.seed_everything(0, verbose=False)
     model = model if model is not None else tiny_cnn(dropout=dropout)
@@ -198,7 +200,7 @@ def test_resumed_run_has_the_same_history_as_an_uninterrupted_run(probe, tmp_pat
     assert steps_of(first) == [0, 1, 2, 4]
     assert without_seconds(resumed.dissector.history) == without_seconds(uninterrupted.dissector.history)
     lines = (tmp_path / "resumed" / "history.jsonl").read_text().splitlines()
-    assert [ld.dissector.json.loads(line)["step"] for line in lines] == [0, 0, 1, 1, 2, 2, 4, 4, 9, 9]
+    assert [json.loads(line)["step"] for line in lines] == [0, 0, 1, 1, 2, 2, 4, 4, 9, 9]
 
 
 def test_state_key_names_layers_and_options_and_old_state_loads():
@@ -219,7 +221,7 @@ def test_nothing_is_dissected_during_the_sanity_check(probe):
     callback = ld.DissectionCallback(probe, layers="block2", every_n_steps=1)
     _, model = fit([callback], val=loader(num_images=8), max_steps=2, num_sanity_val_steps=2)
     assert model.validated == 1  # the sanity check ran its one batch
-    assert [entry["step"] for entry in callback.dissector.history] == [0, 1, 2]
+    assert [entry.step for entry in callback.dissector.history] == [0, 1, 2]
 
 
 def test_fast_dev_run_and_validate_dissect_nothing_and_load_no_probe(tmp_path):
@@ -237,14 +239,14 @@ def test_fast_dev_run_and_validate_dissect_nothing_and_load_no_probe(tmp_path):
 def test_every_n_epochs_dissects_at_epoch_ends(probe):
     callback = ld.DissectionCallback(probe, layers="block2", every_n_epochs=2)
     fit([callback], max_epochs=4)  # 4 steps an epoch
-    assert [(entry["step"], entry["epoch"]) for entry in callback.dissector.history] == [(0, 0), (8, 1), (16, 3)]
+    assert [(entry.step, entry.epoch) for entry in callback.dissector.history] == [(0, 0), (8, 1), (16, 3)]
 
 
 def test_automatic_layers_are_the_deepest_spatial_blocks(probe):
     callback = ld.DissectionCallback(probe, every_n_steps=100)
     fit([callback], max_steps=1)
     assert callback.dissector.layers == ["block1", "block2"]
-    assert [entry["layer"] for entry in callback.dissector.history] == ["block1", "block2"]
+    assert [entry.layer for entry in callback.dissector.history] == ["block1", "block2"]
 
 
 # ---------------------------------------------------------------------- errors
@@ -272,7 +274,7 @@ def test_a_probe_that_does_not_load_fails_at_setup(tmp_path):
 
 
 def test_zero_configuration_without_network_says_how_to_point_at_data(monkeypatch):
-    monkeypatch.delenv(dissector_module.BRODEN_ENV, raising=False)
+    monkeypatch.delenv(probe_source.BRODEN_ENV, raising=False)
     monkeypatch.setenv("LIGHTNING_DISSECT_BRODEN_URL", "http://127.0.0.1:9/data/")  # nothing listens there
     with pytest.raises(ld.DissectionError) as raised:
         ld.Dissector().load_probe()
@@ -281,7 +283,7 @@ def test_zero_configuration_without_network_says_how_to_point_at_data(monkeypatc
 
 
 def test_zero_configuration_reads_the_broden_of_the_environment_variable(monkeypatch, synthetic_root):
-    monkeypatch.setenv(dissector_module.BRODEN_ENV, str(synthetic_root))
+    monkeypatch.setenv(probe_source.BRODEN_ENV, str(synthetic_root))
     probe = ld.Dissector().load_probe()
     assert probe.broden.root == synthetic_root and len(probe) == 48
 
@@ -348,4 +350,4 @@ def test_pytorch_lightning_package_has_its_own_callback_class(probe):
         trainer.fit(tiny_cnn("pytorch_lightning"), loader())
     assert steps_of(callback) == [0, 2, 4]
     assert float(trainer.callback_metrics["dissect/block2/unique_concepts"]) == \
-        callback.dissector.history[-1]["summary"]["unique_concepts"]
+        callback.dissector.history[-1].summary["unique_concepts"]

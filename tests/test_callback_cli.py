@@ -56,10 +56,10 @@ def test_emergence_example_trains_and_logs_dissections_to_tensorboard(tmp_path):
         warnings.simplefilter("ignore")
         result = example.main(["--tiny", "--output", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")])
     assert result["layers"] == ["model.conv3", "model.conv4"]
-    assert [entry["step"] for entry in result["history"]] == [0, 0, 1, 1, 2, 2, 4, 4]
+    assert [entry.step for entry in result["history"]] == [0, 0, 1, 1, 2, 2, 4, 4]
     events = EventAccumulator(result["log_dir"], size_guidance={"scalars": 0})
     events.Reload()
     for layer in result["layers"]:
         logged = [(event.step, event.value) for event in events.Scalars(f"dissect/{layer}/unique_concepts")]
-        assert logged == [(entry["step"], entry["summary"]["unique_concepts"]) for entry in result["history"]
-                          if entry["layer"] == layer]
+        assert logged == [(entry.step, entry.summary["unique_concepts"]) for entry in result["history"]
+                          if entry.layer == layer]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_dissect as ld
-from lightning_dissect.dissector import choose_layers
+from lightning_dissect.engine.dissect import choose_layers
 from tests import test_callback as shared
 from tests.test_callback import loader
 
@@ -61,11 +61,10 @@ def test_fabric_loop_with_dissector_dissects_on_schedule_and_trains_bit_identica
 
     logger = CSVLogger(tmp_path, name="fabric")
     dissector = ld.Dissector(probe, layers=["block2"], every_n_steps=2, loggers=[logger], dirpath=tmp_path / "d",
-                             figure_budget=None)
-    dissector.strips_per_layer = 0  # issue 7's media, tested in test_report*: time saved here
+                             figure_budget=None, strips_per_layer=0)  # strips: tested in test_report*, time saved
     model, optimizer_state = train(dissector, fabric_loggers=[logger])
     plain, plain_optimizer_state = train(None)
-    assert [entry["step"] for entry in dissector.history] == [0, 2, 4]
+    assert [entry.step for entry in dissector.history] == [0, 2, 4]
     for name, value in plain.state_dict().items():
         assert torch.equal(value, model.state_dict()[name]), name
     assert all(torch.equal(a["momentum_buffer"], b["momentum_buffer"])
@@ -73,7 +72,7 @@ def test_fabric_loop_with_dissector_dissects_on_schedule_and_trains_bit_identica
     with open(Path(logger.log_dir) / "metrics.csv", newline="") as handle:
         logged = [(int(row["step"]), float(row["dissect/block2/unique_concepts"])) for row in csv.DictReader(handle)
                   if row["dissect/block2/unique_concepts"]]
-    assert logged == [(entry["step"], entry["summary"]["unique_concepts"]) for entry in dissector.history]
+    assert logged == [(entry.step, entry.summary["unique_concepts"]) for entry in dissector.history]
     assert (Path(logger.log_dir) / "media" / "dissect" / "block2" / "emergence" / "step=4.png").is_file()
     assert [json.loads(line)["step"] for line in (tmp_path / "d" / "history.jsonl").read_text().splitlines()] == \
         [0, 2, 4]
@@ -104,17 +103,17 @@ def test_numbers_are_the_engines_and_switches_match_a_hand_written_comparison(pr
         switched = [unit for unit in range(new.num_units)
                     if was[unit] and now[unit] and int(old.labels[unit]) != int(new.labels[unit])]
         entry = second.entries[layer]
-        assert entry["switched_units"] == switched
-        assert entry["new_units"] == [unit for unit in range(new.num_units) if now[unit] and not was[unit]]
-        assert entry["lost_units"] == [unit for unit in range(new.num_units) if was[unit] and not now[unit]]
+        assert entry.switched_units == switched
+        assert entry.new_units == [unit for unit in range(new.num_units) if now[unit] and not was[unit]]
+        assert entry.lost_units == [unit for unit in range(new.num_units) if was[unit] and not now[unit]]
         assert second.metrics[f"dissect/{layer}/switches"] == len(switched)
-        assert second.metrics[f"dissect/{layer}/switch_in"] == len(entry["new_units"])
-        assert second.metrics[f"dissect/{layer}/switch_out"] == len(entry["lost_units"])
+        assert second.metrics[f"dissect/{layer}/switch_in"] == len(entry.new_units)
+        assert second.metrics[f"dissect/{layer}/switch_out"] == len(entry.lost_units)
         pairs = Counter((old.label_name(unit), new.label_name(unit)) for unit in switched)
-        assert sorted(map(tuple, entry["transitions"])) == sorted((a, b, n) for (a, b), n in pairs.items())
-        assert entry["label"] == [new.label_name(unit) for unit in range(new.num_units)]
-        assert (entry["step"], entry["epoch"]) == (7, 1)
-        changed += len(switched) + len(entry["new_units"]) + len(entry["lost_units"])
+        assert sorted(map(tuple, entry.transitions)) == sorted((a, b, n) for (a, b), n in pairs.items())
+        assert entry.label == [new.label_name(unit) for unit in range(new.num_units)]
+        assert (entry.step, entry.epoch) == (7, 1)
+        changed += len(switched) + len(entry.new_units) + len(entry.lost_units)
     assert changed > 0  # the comparison had something to find
 
 
@@ -128,7 +127,7 @@ def test_history_survives_a_state_dict_round_trip_through_json(probe):
     restored.load_state_dict(state)
     assert restored.history == dissector.history and restored.last_step == 2
     assert restored.maybe_run(model, 2) is None  # already dissected
-    assert restored.maybe_run(model, 3).entries["block2"]["switches"] == 0  # compared with the restored step 2
+    assert restored.maybe_run(model, 3).entries["block2"].switches == 0  # compared with the restored step 2
 
 
 def test_automatic_layers_of_a_resnet_are_its_last_two_stages():
@@ -171,8 +170,7 @@ def test_automatic_layers_skip_pooling_and_dropout_and_need_a_spatial_module(pro
                                nn.Flatten(), nn.Linear(16, 2))
     messages = []
     dissector = ld.Dissector(probe)
-    dissector.info = messages.append
-    assert dissector.setup(sequential) == ["1", "4"]
+    assert dissector.setup(sequential, ld.RunContext(info=messages.append)) == ["1", "4"]
     assert messages == ["DissectionCallback: dissecting ['1', '4'] (the deepest modules with spatial output; "
                         "pass layers=[...] to choose)"]
     flat = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4))
@@ -187,11 +185,11 @@ def test_probe_size_and_time_budget_cut_the_probe_to_a_subset_of_the_same_draw(p
 
     budget = ld.Dissector(probe, ["block2"], every_n_steps=1, max_seconds=1e-6)
     messages = []
-    budget.info = messages.append
+    context = ld.RunContext(info=messages.append)
     model = Net()
-    first = budget.maybe_run(model, 0)
-    second = budget.maybe_run(model, 1)
-    assert first.entries["block2"]["probe_size"] == 48 and second.entries["block2"]["probe_size"] == 1
+    first = budget.maybe_run(model, 0, context=context)
+    second = budget.maybe_run(model, 1, context=context)
+    assert first.entries["block2"].probe_size == 48 and second.entries["block2"].probe_size == 1
     assert set(budget.probe.rows) <= set(probe.rows)
     assert "later dissections use 1 of the 48 probe images" in messages[0]
     resumed = ld.Dissector(probe, ["block2"], every_n_steps=1, max_seconds=1e-6)
@@ -206,9 +204,9 @@ def test_files_are_replaced_whole_and_a_failed_write_leaves_the_last_complete_hi
     dissector.maybe_run(model, 0)
     dissector.maybe_run(model, 1)
     complete = (tmp_path / "history.jsonl").read_text()
-    assert [json.loads(line) for line in complete.splitlines()] == dissector.history
+    assert [json.loads(line) for line in complete.splitlines()] == [entry.to_dict() for entry in dissector.history]
     assert sorted(path.name for path in (tmp_path / "step=1").iterdir()) == ["block1.csv", "block2.csv", "strips"]
-    dissector.history.append({"step": 2, "layer": "block2", "epoch": object()})  # not JSON: fails mid-write
+    dissector.history.append(ld.HistoryEntry(step=2, layer="block2", epoch=object()))  # not JSON: fails mid-write
     with pytest.raises(TypeError):
         dissector.write_history()
     assert (tmp_path / "history.jsonl").read_text() == complete
@@ -240,15 +238,15 @@ def test_a_plain_summary_writer_gets_scalars_tables_and_figures(probe, tmp_path)
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(tmp_path)
-    dissector = ld.Dissector(probe, ["block2"], every_n_steps=1, loggers=[writer], figure_budget=None)
-    dissector.strips_per_layer = 0
+    dissector = ld.Dissector(probe, ["block2"], every_n_steps=1, loggers=[writer], figure_budget=None,
+                             strips_per_layer=0)
     for step in range(2):
         dissector.maybe_run(Net(), step)
     writer.close()
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     events.Reload()
     assert [(event.step, event.value) for event in events.Scalars("dissect/block2/detectors")] == \
-        [(entry["step"], entry["summary"]["detectors"]) for entry in dissector.history]
+        [(entry.step, entry.summary["detectors"]) for entry in dissector.history]
     assert [event.step for event in events.Tensors("dissect/block2/units/text_summary")] == [0, 1]
     assert [event.step for event in events.Images("dissect/block2/emergence")] == [0, 1]
 
@@ -260,8 +258,7 @@ def test_figure_budget_skips_figures_but_never_scalars_tables_or_files(probe, tm
     def logged(budget, folder):
         writer = SummaryWriter(folder)
         dissector = ld.Dissector(probe, ["block2"], every_n_steps=1, loggers=[writer], dirpath=folder / "d",
-                                 figure_budget=budget)
-        dissector.strips_per_layer = 0
+                                 figure_budget=budget, strips_per_layer=0)
         for step in range(3):  # drawing takes far more than 1e-9 of the wall time: only step 0 may draw
             dissector.maybe_run(Net(), step)
         writer.close()
@@ -280,20 +277,17 @@ def test_figure_budget_skips_figures_but_never_scalars_tables_or_files(probe, tm
         ld.Dissector(probe, ["block2"], figure_budget=0)
 
 
-def test_figure_budget_expects_the_next_drawing_to_cost_as_much_as_the_last(probe, monkeypatch):
+def test_figure_budget_expects_the_next_drawing_to_cost_as_much_as_the_last():
     """Figures are drawn only when the time spent so far plus the last drawing's time fits in the
     budget: with 10% and a 1 s drawing at t = 0, the next one waits until 20 s have passed."""
-    import types
-
-    import lightning_dissect.dissector as module
+    from lightning_dissect.budget import FigureBudget
 
     now = [100.0]
-    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
-    dissector = ld.Dissector(probe, ["block2"], figure_budget=0.1)
-    assert dissector._figures_due()  # the first dissection always draws
-    dissector._figure_seconds = dissector._last_figure_seconds = 1.0
+    budget = FigureBudget(0.1, clock=lambda: now[0])
+    assert budget.due()  # the first dissection always draws
+    budget.spent(1.0)
     due = {}
     for elapsed in [10.0, 15.0, 19.9, 20.0, 30.0]:
         now[0] = 100.0 + elapsed
-        due[elapsed] = dissector._figures_due()
+        due[elapsed] = budget.due()
     assert due == {10.0: False, 15.0: False, 19.9: False, 20.0: True, 30.0: True}

@@ -30,11 +30,11 @@ def expected_scalars(history: list[dict]) -> dict[str, dict[int, float]]:
     scalars: dict[str, dict[int, float]] = {}
     for entry in history:
         for name in COUNTS:
-            scalars.setdefault(f"dissect/block2/{name}", {})[entry["step"]] = entry["summary"][name]
-        if entry["switches"] is not None:
+            scalars.setdefault(f"dissect/block2/{name}", {})[entry.step] = entry.summary[name]
+        if entry.switches is not None:
             for name in SWITCHES:
-                scalars.setdefault(f"dissect/block2/{name}", {})[entry["step"]] = entry[name]
-        scalars.setdefault("dissect/seconds", {})[entry["step"]] = entry["seconds"]
+                scalars.setdefault(f"dissect/block2/{name}", {})[entry.step] = getattr(entry, name)
+        scalars.setdefault("dissect/seconds", {})[entry.step] = entry.seconds
     return scalars
 
 
@@ -99,7 +99,7 @@ def run(tmp_path_factory, probe):
 
 
 def test_the_run_dissected_at_the_scheduled_steps(run):
-    assert [entry["step"] for entry in run["history"]] == STEPS
+    assert [entry.step for entry in run["history"]] == STEPS
     assert set(expected_scalars(run["history"])) == {f"dissect/block2/{name}" for name in COUNTS + SWITCHES} | {
         "dissect/seconds"}
 
@@ -109,7 +109,7 @@ def test_metrics_are_in_callback_metrics_and_model_checkpoint_monitors_them(run)
     metrics = run["trainer"].callback_metrics
     for name, values in expected_scalars(run["history"]).items():
         assert float(metrics[name]) == pytest.approx(values[4], rel=1e-6), name
-    assert float(run["checkpoint"].best_model_score) == last["summary"]["unique_concepts"]
+    assert float(run["checkpoint"].best_model_score) == last.summary["unique_concepts"]
 
 
 def test_tensorboard_event_file_holds_scalars_unit_tables_and_figures(run):
@@ -125,8 +125,8 @@ def test_tensorboard_event_file_holds_scalars_unit_tables_and_figures(run):
     lines = tables[-1].tensor_proto.string_val[0].decode().splitlines()
     last = run["history"][-1]
     assert lines[0] == "| unit | label | category | score | detector |" and len(lines) == 2 + 16
-    assert lines[2 + 5] == (f"| 5 | {last['label'][5]} | {last['category'][5]} | {round(last['score'][5], 4)} | "
-                            f"{last['score'][5] > 0.04} |")
+    assert lines[2 + 5] == (f"| 5 | {last.label[5]} | {last.category[5]} | {round(last.score[5], 4)} | "
+                            f"{last.score[5] > 0.04} |")
     for tag in ("dissect/block2/detectors_per_category", "dissect/block2/emergence"):
         images = events.Images(tag)
         assert [image.step for image in images] == STEPS
@@ -155,7 +155,7 @@ def test_wandb_offline_run_holds_scalars_tables_and_images(run):
     assert sorted(units) == STEPS and all(value["_type"] == "table-file" for value in units.values())
     table = json.loads((run_dir / "files" / units[4]["path"]).read_text())
     assert table["columns"] == ["unit", "label", "category", "score", "detector"]
-    assert [row[1] for row in table["data"]] == run["history"][-1]["label"]
+    assert [row[1] for row in table["data"]] == run["history"][-1].label
     for tag in ("dissect/block2/detectors_per_category", "dissect/block2/emergence"):
         assert sorted(logged[tag]) == STEPS
         image = logged[tag][4]
@@ -192,7 +192,7 @@ def test_csv_logger_gets_metrics_and_media_files_beside_them(run):
     media = Path(logger.log_dir) / "media" / "dissect" / "block2"
     for step in STEPS:
         table = list(csv.reader((media / "units" / f"step={step}.csv").open()))
-        labels = run["history"][STEPS.index(step)]["label"]
+        labels = run["history"][STEPS.index(step)].label
         assert [row[1] for row in table[1:]] == labels
         emergence = np.asarray(Image.open(media / "emergence" / f"step={step}.png"))
         assert emergence.shape == (320, 600, 3)
@@ -202,18 +202,18 @@ def test_unknown_logger_gets_the_scalars_and_one_warning(run):
     recorded = run["loggers"][4].metrics
     dissections = [(step, metrics) for step, metrics in recorded if "dissect/seconds" in metrics]
     assert [step for step, _ in dissections] == STEPS
-    assert dissections[-1][1]["dissect/block2/unique_concepts"] == run["history"][-1]["summary"]["unique_concepts"]
+    assert dissections[-1][1]["dissect/block2/unique_concepts"] == run["history"][-1].summary["unique_concepts"]
     assert sum("no adapter for RecordingLogger" in message for message in run["warnings"]) == 1
 
 
 def test_files_in_the_log_directory_hold_every_dissection_and_the_history(run):
     folder = Path(run["loggers"][0].log_dir) / "dissections"  # trainer.log_dir is the first logger's
     lines = (folder / "history.jsonl").read_text().splitlines()
-    assert [json.loads(line) for line in lines] == run["history"]
+    assert [json.loads(line) for line in lines] == [entry.to_dict() for entry in run["history"]]
     for entry in run["history"]:
-        step_folder = folder / f"step={entry['step']}"
+        step_folder = folder / f"step={entry.step}"
         saved = ld.Dissection.from_json(step_folder / "dissection.json")["block2"]
-        assert {name: value for name, value in saved.summary().items() if name != "units"} == entry["summary"]
+        assert {name: value for name, value in saved.summary().items() if name != "units"} == entry.summary
         rows = list(csv.reader((step_folder / "block2.csv").open()))
-        assert [row[2] for row in rows[1:]] == entry["label"]
+        assert [row[2] for row in rows[1:]] == entry.label
     assert not list(folder.rglob(".*"))  # no temporary files left

@@ -73,8 +73,18 @@ class SaveRankState(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         callback = next(c for c in trainer.callbacks if isinstance(c, ld.DissectionCallback))
         metrics = {name: value.item() for name, value in trainer.callback_metrics.items() if name.startswith("dissect")}
-        torch.save({"history": callback.dissector.history, "state": callback.state_dict(), "metrics": metrics},
+        history = [entry.to_dict() for entry in callback.dissector.history]  # plain values: torch.load(weights_only)
+        torch.save({"history": history, "state": callback.state_dict(), "metrics": metrics},
                    self.out / f"rank{trainer.global_rank}.pt")
+
+
+def entries(history: list[dict]) -> list[ld.HistoryEntry]:
+    return [ld.HistoryEntry.from_dict(entry) for entry in history]
+
+
+def with_entries(saved: dict) -> dict:
+    """A rank's saved results with its history as `HistoryEntry`s again."""
+    return dict(saved, history=entries(saved["history"]))
 
 
 def ddp_spawn_trainer(tmp: Path, max_steps: int, **callback_options) -> pl.Trainer:
@@ -102,12 +112,12 @@ def assert_same_dissection(got: ld.Dissection, expected: ld.Dissection) -> None:
 
 
 def assert_history_matches(entries: list[dict], step: int, expected: ld.Dissection) -> None:
-    assert [entry["layer"] for entry in entries] == list(expected)
+    assert [entry.layer for entry in entries] == list(expected)
     for entry in entries:
-        layer = expected[entry["layer"]]
-        assert entry["step"] == step and entry["probe_size"] == PROBE_SIZE
-        assert entry["label_number"] == layer.labels.tolist() and entry["score"] == layer.scores.tolist()
-        assert entry["summary"] == {name: value for name, value in layer.summary().items() if name != "units"}
+        layer = expected[entry.layer]
+        assert entry.step == step and entry.probe_size == PROBE_SIZE
+        assert entry.label_number == layer.labels.tolist() and entry.score == layer.scores.tolist()
+        assert entry.summary == {name: value for name, value in layer.summary().items() if name != "units"}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +133,7 @@ def first_run(probe_root, tmp_path_factory):
     initial = TinyNet()  # the same seeded weights
     ddp_spawn_trainer(tmp, max_steps=STEPS_PER_EPOCH, probe=str(probe_root), probe_size=PROBE_SIZE).fit(model)
     # ddp_spawn loads rank zero's final weights back into `model`.
-    return tmp, initial, model, [torch.load(tmp / f"rank{rank}.pt") for rank in range(2)]
+    return tmp, initial, model, [with_entries(torch.load(tmp / f"rank{rank}.pt")) for rank in range(2)]
 
 
 def test_ddp_spawn_dissections_equal_single_process_on_every_rank(probe_root, first_run):
@@ -136,7 +146,7 @@ def test_ddp_spawn_dissections_equal_single_process_on_every_rank(probe_root, fi
     assert ranks[0]["history"] == ranks[1]["history"]  # seconds included: the slowest rank's, agreed
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
     for step, dissection in expected.items():
-        assert_history_matches([e for e in ranks[1]["history"] if e["step"] == step], step, dissection)
+        assert_history_matches([e for e in ranks[1]["history"] if e.step == step], step, dissection)
     assert sorted(path.name for path in (tmp / "dissections").iterdir()) == ["history.jsonl", "step=0", "step=2"]
 
 
@@ -177,8 +187,8 @@ def two_node_worker(rank: int, world_size: int, port: int, root: str, checkpoint
                 error = type(raised).__name__ + (str(raised.ranks) if isinstance(raised, RankFailedError) else "")
         history = next(c for c in trainer.callbacks if isinstance(c, ld.DissectionCallback)).dissector.history
         outcomes[on_error] = {
-            "error": error, "global_step": trainer.global_step, "history": history,
-            "history_steps": [entry["step"] for entry in history],
+            "error": error, "global_step": trainer.global_step, "history": [entry.to_dict() for entry in history],
+            "history_steps": [entry.step for entry in history],
             "warnings": [str(w.message) for w in caught if "dissection at step" in str(w.message)],
         }
     torch.save(outcomes, out / f"rank{rank}.pt")
@@ -196,13 +206,13 @@ def test_ddp_run_resumed_from_checkpoint_continues_the_same_history(probe_root, 
     first_history = first_run[3][0]["history"]
     rank0, rank1 = (outcome["resumed"] for outcome in two_node_run)
     assert rank0["state"] == rank1["state"]
-    history = rank1["state"]["history"]
+    history = entries(rank1["state"]["history"])
     assert history[: len(first_history)] == first_history  # steps 0 and 2, from the ddp_spawn checkpoint
     assert len(history) == 3 * len(OPTIONS["layers"])
     model = TinyNet()
     model.load_state_dict(rank0["weights"])
     probe = ld.ProbeSet(probe_root, size=PROBE_SIZE, cache_dir=False)
-    last = [entry for entry in history if entry["step"] == 2 * STEPS_PER_EPOCH]
+    last = [entry for entry in history if entry.step == 2 * STEPS_PER_EPOCH]
     assert_history_matches(last, 2 * STEPS_PER_EPOCH, single_process(model, probe))
 
 

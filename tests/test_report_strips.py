@@ -17,13 +17,13 @@ from lightning_dissect.report import (
     bar_graph_media,
     detectors_per_concept,
     iou_histogram,
-    saved_strips,
     select_units,
     strip_media,
     unit_strips,
 )
 from lightning_dissect.report.bargraph import CATEGORY_COLORS
 from lightning_dissect.report.strips import DIM, draw_mask
+from lightning_dissect.run_folder import saved_strips
 from tests.conftest import write_broden
 
 SIZE = 16  # image side; segmentations are 8 x 8
@@ -243,9 +243,9 @@ def test_bar_graph_colours_bars_by_category(planted):
 def test_figures_are_trimmed_to_their_content_and_never_clipped(outside):
     """One draw, cut to the content plus the padding; content past the figure's edge (here a
     label at x = -0.3) grows the canvas instead of being cut off."""
-    from lightning_dissect.report.bargraph import _figure, figure_to_array
+    from lightning_dissect.report.figures import figure_to_array, new_figure
 
-    figure = _figure(4.0, 2.0)
+    figure = new_figure(4.0, 2.0)
     figure.text(-0.3 if outside else 0.5, 0.5, "a label", fontsize=20, color="black", ha="center")
     image = figure_to_array(figure, pad_inches=0.1)
     dark = (image < 128).all(axis=2)

@@ -56,8 +56,8 @@ def test_dissector_logs_strips_and_bar_graphs_and_the_report_reads_its_files(two
     writer = SummaryWriter(str(tmp_path / "tb"))
     wandb_run = wandb.init(mode="offline", dir=str(tmp_path), project="lightning-dissect-test")
     dissector = Dissector(probe, layers=["pool"], every_n_steps=1, quantile=0.15, top_k=3,
-                          dirpath=tmp_path / "logs" / "dissections", loggers=[writer, wandb_run], figure_budget=None)
-    dissector.strips_per_layer = 1
+                          dirpath=tmp_path / "logs" / "dissections", loggers=[writer, wandb_run], figure_budget=None,
+                          strips_per_layer=1)
     first = dissector.maybe_run(model, 0)
     assert [first.dissection["pool"].label_name(u) for u in (0, 1)] == ["blob", "spot"]
     model.swap()
@@ -67,7 +67,7 @@ def test_dissector_logs_strips_and_bar_graphs_and_the_report_reads_its_files(two
 
     layer = second.dissection["pool"]
     assert [layer.label_name(u) for u in (0, 1)] == ["spot", "blob"]
-    assert second.entries["pool"]["switched_units"] == [0, 1]
+    assert second.entries["pool"].switched_units == [0, 1]
     # Step 0: the best unit; step 1: the best unit and the switched units, captioned with their former concept.
     assert list(first.strips) == [f"dissect/pool/strips/unit_{select_units(first.dissection['pool'], 1)[0]}"]
     assert sorted(second.strips) == ["dissect/pool/strips/unit_0", "dissect/pool/strips/unit_1"]
@@ -114,7 +114,7 @@ def test_a_failing_strip_warns_and_keeps_the_dissection(two_concepts, tmp_path, 
     def broken(*args, **kwargs):
         raise RuntimeError("no strips today")
 
-    monkeypatch.setattr(media, "report_strip_media", broken)
+    monkeypatch.setattr(media, "strip_media", broken)
     dissector = Dissector(two_concepts, layers=["pool"], every_n_steps=1, quantile=0.15, top_k=3,
                           dirpath=tmp_path / "dissections")
     with pytest.warns(UserWarning, match="unit strips at step 0 failed and were skipped .*no strips today"):

@@ -10,12 +10,11 @@ backend or figure state is touched.
 
 from __future__ import annotations
 
-import io
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+
+from lightning_dissect.report.figures import figure_to_array, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -60,45 +59,11 @@ def detectors_per_concept(layer_result: LayerDissection) -> list[tuple[str, list
     return groups
 
 
-def _figure(width: float, height: float) -> Figure:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def figure_to_array(figure: Figure, pad_inches: float = 0.08) -> np.ndarray:
-    """Render a figure to uint8 RGB `(H, W, 3)`, trimmed to its content plus `pad_inches`.
-
-    The figure is drawn once and its content's bounding box cut out of the canvas; only when
-    the content reaches past the figure's edges (long rotated labels) is it saved again with
-    `bbox_inches="tight"`, which grows the canvas (and draws twice).
-    """
-    canvas = figure.canvas
-    canvas.draw()
-    content = figure.get_tightbbox(canvas.get_renderer())
-    width, height = figure.get_size_inches()
-    if content.x0 < 0 or content.y0 < 0 or content.x1 > width or content.y1 > height:
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", bbox_inches="tight", pad_inches=pad_inches, facecolor="white")
-        buffer.seek(0)
-        return np.asarray(Image.open(buffer).convert("RGB")).copy()
-    dpi = figure.dpi
-    image = np.asarray(canvas.buffer_rgba())[..., :3]
-    left, right = max(0, math.floor((content.x0 - pad_inches) * dpi)), math.ceil((content.x1 + pad_inches) * dpi)
-    # Pixel rows count from the top, figure coordinates from the bottom.
-    top = max(0, math.floor((height - content.y1 - pad_inches) * dpi))
-    bottom = math.ceil((height - content.y0 + pad_inches) * dpi)
-    return image[top:bottom, left:right].copy()
-
-
 def bar_graph_figure(layer_result: LayerDissection) -> Figure:
     """NetDissect's bar graph of detectors per concept, as a matplotlib `Figure`."""
     groups = detectors_per_concept(layer_result)
     bars = sum(len(concepts) for _, concepts in groups)
-    figure = _figure(min(60.0, max(4.0, 1.0 + 0.24 * bars)), 3.2)
+    figure = new_figure(min(60.0, max(4.0, 1.0 + 0.24 * bars)), 3.2)
     axes = figure.add_axes((0.08 if bars > 8 else 0.15, 0.42, 0.9 if bars > 8 else 0.8, 0.4))
     summary = layer_result.summary()
     figure.suptitle(f"{layer_result.layer}: {int(summary['unique_top_concepts'])} concepts, "
@@ -138,7 +103,7 @@ def bar_graph_figure(layer_result: LayerDissection) -> Figure:
 def iou_histogram_figure(layer_result: LayerDissection, bins: int = 40) -> Figure:
     """A histogram of the units' scores, stacked by the category of their label,
     with the detector threshold marked."""
-    figure = _figure(5.0, 2.8)
+    figure = new_figure(5.0, 2.8)
     axes = figure.add_axes((0.12, 0.17, 0.84, 0.7))
     scores = layer_result.scores.double().numpy()
     top = max(float(scores.max()) if scores.size else 0.0, 2 * layer_result.iou_threshold, 0.1)

@@ -18,58 +18,23 @@ import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning_dissect.io import atomic_write
 from lightning_dissect.report.bargraph import bar_graph, category_color, iou_histogram
-from lightning_dissect.report.media import STRIP_SUFFIX, safe_name, save_image
+from lightning_dissect.report.media import save_image
 from lightning_dissect.report.strips import unit_strips
+from lightning_dissect.run_folder import STRIP_SUFFIX, safe_name
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from lightning_dissect.history import HistoryEntry
     from lightning_dissect.probe import ProbeSet
     from lightning_dissect.result import Dissection, LayerDissection
 
 SORT_KEYS = ("iou", "unit", "concept")
-
-
-@dataclass
-class LayerHistory:
-    """A layer's units over a training run, one row per dissection.
-
-    Attributes:
-        steps: the global step of each dissection, increasing.
-        labels: per step, each unit's label name.
-        categories: per step, the category of each unit's label.
-        scores: per step, each unit's score (IoU).
-        summaries: per step, the layer's counts (`LayerDissection.summary()`, and
-            `switches` since the previous dissection, None for the first).
-        iou_threshold: a unit is a detector when its score is above it.
-    """
-
-    steps: list[int] = field(default_factory=list)
-    labels: list[list[str]] = field(default_factory=list)
-    categories: list[list[str]] = field(default_factory=list)
-    scores: list[list[float]] = field(default_factory=list)
-    summaries: list[dict[str, Any]] = field(default_factory=list)
-    iou_threshold: float = 0.04
-    _previous: LayerDissection | None = field(default=None, repr=False, compare=False)
-
-    def add(self, step: int, layer_result: LayerDissection) -> None:
-        """Append the dissection made at `step`."""
-        from lightning_dissect.result import concept_changes
-
-        switches = concept_changes(self._previous, layer_result)["switches"] if self._previous is not None else None
-        self._previous = layer_result
-        self.summaries.append(dict(layer_result.summary(), switches=switches))
-        self.steps.append(int(step))
-        self.labels.append([layer_result.label_name(u) for u in range(layer_result.num_units)])
-        self.categories.append([layer_result.unit_category(u) for u in range(layer_result.num_units)])
-        self.scores.append([float(s) for s in layer_result.scores.tolist()])
-        self.iou_threshold = float(layer_result.iou_threshold)
 
 
 def write_report(
@@ -83,7 +48,7 @@ def write_report(
     num_images: int | None = 5,
     strips: Mapping[str, Mapping[int, str | os.PathLike]] | None = None,
     strip_notes: Mapping[str, Mapping[int, str]] | None = None,
-    history: Mapping[str, LayerHistory] | None = None,
+    history: Mapping[str, Sequence[HistoryEntry]] | None = None,
     step: int | None = None,
     title: str | None = None,
     **options: Any,
@@ -105,7 +70,7 @@ def write_report(
         num_images: top images per strip (None: all the dissection kept).
         strips: layer -> unit -> saved strip image, copied into the report.
         strip_notes: layer -> unit -> a line shown under its strip (e.g. "strip from step 400").
-        history: layer -> `LayerHistory`, the unit's concept over a training run.
+        history: layer -> its `HistoryEntry`s in step order: each unit's concept over a training run.
         step: the training step of this dissection, shown in the title.
         title: the report title.
         **options: passed to `unit_strips` (`device`, `batch_size`, `forward_context`).
@@ -343,7 +308,7 @@ def _short(value: Any) -> str:
 
 
 def _layer_page(layer_result: LayerDissection, directory: Path, folder: Path, strip_files: Mapping[int, Path],
-                strip_notes: Mapping[int, str], history: LayerHistory | None, title: str,
+                strip_notes: Mapping[int, str], history: Sequence[HistoryEntry] | None, title: str,
                 pages: Mapping[str, str]) -> str:
     name = html.escape(layer_result.layer)
     summary = layer_result.summary()
@@ -359,7 +324,7 @@ def _layer_page(layer_result: LayerDissection, directory: Path, folder: Path, st
         f"<p><a href=\"index.html\">index</a> · {navigation}</p>\n"
         f"<h1>{name}</h1>\n<p class=\"muted\">{html.escape(title)}</p>\n"
         f"{_summary_table({layer_result.layer: summary}, categories)}\n"
-        f"{_over_training(history) if history is not None and history.summaries else ''}"
+        f"{_over_training(history) if history else ''}"
         "<div class=\"figures\">"
         f"<img src=\"{html.escape(_relative(folder / 'bar_graph.png', directory))}\" alt=\"detectors per concept\">"
         f"<img src=\"{html.escape(_relative(folder / 'iou_histogram.png', directory))}\" alt=\"IoU histogram\">"
@@ -376,25 +341,25 @@ def _layer_page(layer_result: LayerDissection, directory: Path, folder: Path, st
     return _document(f"{layer_result.layer} - {title}", content, _SCRIPT)
 
 
-def _over_training(history: LayerHistory) -> str:
+def _over_training(history: Sequence[HistoryEntry]) -> str:
     """The layer's counts at every dissection of the run (the emergence of concepts)."""
     columns = [("detectors", "detectors"), ("unique_concepts", "unique concepts"),
                ("unique_top_concepts", "unique top concepts"), ("mean_score", "mean IoU"), ("switches", "switches")]
     rows = []
-    for step, summary in zip(history.steps, history.summaries):
+    for entry in history:
         cells = []
         for key, _ in columns:
-            value = summary.get(key)
+            value = entry.switches if key == "switches" else entry.summary.get(key)
             cells.append("<td>-</td>" if value is None else
                          f"<td>{value:.3f}</td>" if key == "mean_score" else f"<td>{int(value)}</td>")
-        rows.append(f"<tr><td>{step}</td>{''.join(cells)}</tr>")
+        rows.append(f"<tr><td>{entry.step}</td>{''.join(cells)}</tr>")
     head = "".join(f"<th>{label}</th>" for _, label in columns)
     return (f"<details><summary>over training ({len(rows)} dissections)</summary>"
             f"<table><tr><th>step</th>{head}</tr>{''.join(rows)}</table></details>\n")
 
 
 def _card(layer_result: LayerDissection, unit: int, strip: Path | None, note: str, directory: Path,
-          history: LayerHistory | None) -> str:
+          history: Sequence[HistoryEntry] | None) -> str:
     label = layer_result.label_name(unit)
     category = layer_result.unit_category(unit)
     score = float(layer_result.scores[unit])
@@ -420,17 +385,19 @@ def _card(layer_result: LayerDissection, unit: int, strip: Path | None, note: st
             rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(layer_result.label_names[best])}</td>"
                         f"<td>{float(layer_result.category_scores[unit, k]):.3f}</td></tr>")
     best = f"<details><summary>best per category</summary><table>{''.join(rows)}</table></details>" if rows else ""
-    timeline = _timeline(history, unit, layer_result.categories) if history is not None and history.steps else ""
+    timeline = _timeline(history, unit, layer_result.categories) if history else ""
     return f"<div class=\"card\" {attributes}>{head}{picture}{timeline}{best}</div>"
 
 
-def _timeline(history: LayerHistory, unit: int, all_categories: list[str], width: int = 240,
+def _timeline(history: Sequence[HistoryEntry], unit: int, all_categories: list[str], width: int = 240,
               height: int = 44) -> str:
     """An inline SVG of the unit's IoU over the dissections, and its concept at each."""
-    scores = [row[unit] if unit < len(row) else 0.0 for row in history.scores]
-    labels = [row[unit] if unit < len(row) else "" for row in history.labels]
-    categories = [row[unit] if unit < len(row) else "" for row in history.categories]
-    top = max(max(scores), 2 * history.iou_threshold, 1e-9)
+    scores = [entry.score[unit] if unit < entry.num_units else 0.0 for entry in history]
+    labels = [entry.label[unit] if unit < entry.num_units else "" for entry in history]
+    categories = [entry.category[unit] if unit < entry.num_units else "" for entry in history]
+    steps = [entry.step for entry in history]
+    iou_threshold = history[-1].iou_threshold
+    top = max(max(scores), 2 * iou_threshold, 1e-9)
     count = len(scores)
 
     def x(i: int) -> float:
@@ -442,20 +409,20 @@ def _timeline(history: LayerHistory, unit: int, all_categories: list[str], width
     points = " ".join(f"{x(i):.1f},{y(s):.1f}" for i, s in enumerate(scores))
     marks = []
     for i, (score, label, category) in enumerate(zip(scores, labels, categories)):
-        detector = score > history.iou_threshold
+        detector = score > iou_threshold
         fill = category_color(category, all_categories) if detector and category else "#bbbbbb"
-        tip = html.escape(f"step {history.steps[i]}: {label or '-'} ({category or '-'}) IoU {score:.3f}")
+        tip = html.escape(f"step {steps[i]}: {label or '-'} ({category or '-'}) IoU {score:.3f}")
         marks.append(f"<circle cx=\"{x(i):.1f}\" cy=\"{y(score):.1f}\" r=\"2.5\" fill=\"{fill}\"><title>{tip}"
                      "</title></circle>")
-    line = y(history.iou_threshold)
+    line = y(iou_threshold)
     svg = (f"<svg width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\" role=\"img\">"
            f"<line x1=\"0\" x2=\"{width}\" y1=\"{line:.1f}\" y2=\"{line:.1f}\" stroke=\"#999\" "
            "stroke-dasharray=\"3,3\"/>"
            f"<polyline points=\"{points}\" fill=\"none\" stroke=\"#555\" stroke-width=\"1\"/>{''.join(marks)}</svg>")
     # The concept as a detector at each dissection, runs of the same concept merged.
     runs: list[list[Any]] = []
-    for step, score, label in zip(history.steps, scores, labels):
-        concept = label if score > history.iou_threshold else "no detector"
+    for step, score, label in zip(steps, scores, labels):
+        concept = label if score > iou_threshold else "no detector"
         if runs and runs[-1][0] == concept:
             runs[-1][2] = step
         else:

@@ -19,7 +19,6 @@ from the run directory, without the model, shows strips (`report.html`).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,24 +27,16 @@ import numpy as np
 from PIL import Image
 from torch import nn
 
+from lightning_dissect.history import concept_changes
 from lightning_dissect.io import atomic_write
 from lightning_dissect.report.bargraph import bar_graph, iou_histogram
 from lightning_dissect.report.strips import UnitStrip, unit_strips
-from lightning_dissect.result import concept_changes
+from lightning_dissect.run_folder import strip_path
 
 if TYPE_CHECKING:
     from lightning_dissect.probe import ProbeSet
     from lightning_dissect.result import Dissection, LayerDissection
 
-STRIPS_FOLDER = "strips"
-# Strips are photographs: JPEG keeps a run's folder and a report a few times smaller than PNG.
-STRIP_SUFFIX = ".jpg"
-_UNIT_FILE = re.compile(r"^unit_(\d+)\.(?:jpg|png)$")
-
-
-def safe_name(layer: str) -> str:
-    """A layer name usable as a file or folder name (`features.3` stays, `a/b` becomes `a_b`)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", layer) or "_"
 
 
 def select_units(layer_result: LayerDissection, count: int, switched: Sequence[int] = (),
@@ -126,27 +117,6 @@ def strip_media(
     return media
 
 
-def report_strip_media(model: nn.Module, probe: ProbeSet, report: Any, units_per_layer: int = 4,
-                       **options: Any) -> dict[str, np.ndarray]:
-    """`strip_media` for a `Dissector`'s `DissectionReport`: the top units of each layer and the
-    units that switched concept since the layer's previous dissection, captioned with the concept
-    they had (read from `report.history`).
-
-    Args:
-        report: the `DissectionReport` (`dissection`, `entries`, `history`, `step`).
-        **options: passed to `strip_media` (`directory`, `forward_context`, `max_switched`, ...).
-    """
-    earlier: dict[str, dict[str, Any]] = {}
-    for entry in report.history:
-        if entry["step"] < report.step:
-            earlier[entry["layer"]] = entry  # the history is in step order: the last one wins
-    switched = {}
-    for layer, entry in report.entries.items():
-        labels = earlier[layer]["label"] if layer in earlier else None
-        switched[layer] = {u: labels[u] if labels else "?" for u in entry.get("switched_units", [])}
-    return strip_media(model, probe, report.dissection, units_per_layer, switched, **options)
-
-
 def bar_graph_media(dissection: Dissection) -> dict[str, np.ndarray]:
     """Per layer, the bar graph of detectors per concept and the IoU histogram.
 
@@ -176,18 +146,3 @@ def save_strips(strips: Mapping[int, UnitStrip], directory: str | os.PathLike) -
     return [save_image(strip.image, strip_path(directory, strip.layer, unit)) for unit, strip in strips.items()]
 
 
-def strip_path(directory: str | os.PathLike, layer: str, unit: int) -> Path:
-    """Where a saved strip lives: `<directory>/strips/<layer>/unit_<u>.jpg`."""
-    return Path(directory) / STRIPS_FOLDER / safe_name(layer) / f"unit_{unit}{STRIP_SUFFIX}"
-
-
-def saved_strips(directory: str | os.PathLike, layer: str) -> dict[int, Path]:
-    """The strips saved for `layer` under `directory`: unit -> image path."""
-    folder = Path(directory) / STRIPS_FOLDER / safe_name(layer)
-    found = {}
-    if folder.is_dir():
-        for path in folder.iterdir():
-            match = _UNIT_FILE.match(path.name)
-            if match:
-                found[int(match.group(1))] = path
-    return found

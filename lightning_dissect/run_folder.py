@@ -1,0 +1,161 @@
+"""The files of one training run's dissections: where each one lives, written and read here alone.
+
+    <folder>/step=<step>/<layer>.csv                    NetDissect's per-unit table (`LayerDissection.to_csv`)
+    <folder>/step=<step>/dissection.json                every number (`Dissection.to_json`)
+    <folder>/step=<step>/strips/<layer>/unit_<u>.jpg    strips of the top and switched units
+    <folder>/history.jsonl                              one `HistoryEntry` per dissection and layer
+
+The `Dissector` writes the folder (by default the callback's `<log_dir>/dissections`); the report,
+the analyses and `lightning-dissect compare` read it through `RunFolder.find`. Every file is written
+atomically (`lightning_dissect.io`), so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from lightning_dissect.history import HistoryEntry, read_history, write_history
+from lightning_dissect.result import Dissection
+
+HISTORY_FILE = "history.jsonl"
+DISSECTION_FILE = "dissection.json"
+STRIPS_FOLDER = "strips"
+# Strips are photographs: JPEG keeps a run's folder and a report a few times smaller than PNG.
+STRIP_SUFFIX = ".jpg"
+_STEP_FOLDER = re.compile(r"^step=(\d+)$")
+_UNIT_FILE = re.compile(r"^unit_(\d+)\.(?:jpg|png)$")
+
+
+def safe_name(layer: str) -> str:
+    """A layer name usable as a file or folder name (`features.3` stays, `a/b` becomes `a_b`)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", layer) or "_"
+
+
+def strip_path(directory: str | os.PathLike[str], layer: str, unit: int) -> Path:
+    """Where a saved strip lives: `<directory>/strips/<layer>/unit_<u>.jpg`."""
+    return Path(directory) / STRIPS_FOLDER / safe_name(layer) / f"unit_{unit}{STRIP_SUFFIX}"
+
+
+def saved_strips(directory: str | os.PathLike[str], layer: str) -> dict[int, Path]:
+    """The strips saved for `layer` under `directory`: unit -> image path."""
+    folder = Path(directory) / STRIPS_FOLDER / safe_name(layer)
+    found = {}
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = _UNIT_FILE.match(path.name)
+            if match:
+                found[int(match.group(1))] = path
+    return found
+
+
+class RunFolder:
+    """The dissections folder of one training run.
+
+    Args:
+        directory: the folder holding `step=<step>/` folders and `history.jsonl`.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.directory)!r})"
+
+    # ------------------------------------------------------------------ writing
+
+    def step_folder(self, step: int) -> Path:
+        """`<directory>/step=<step>`: the files of the dissection at `step`."""
+        return self.directory / f"step={step}"
+
+    def write_dissection(self, step: int, dissection: Dissection, save_json: bool = True) -> None:
+        """One CSV per layer and, with `save_json`, the JSON of every number."""
+        folder = self.step_folder(step)
+        for layer, result in dissection.items():
+            result.to_csv(folder / f"{layer}.csv")
+        if save_json:
+            dissection.to_json(folder / DISSECTION_FILE)
+
+    def write_history(self, entries: Iterable[HistoryEntry]) -> None:
+        """Rewrite `history.jsonl` from `entries`."""
+        write_history(self.directory / HISTORY_FILE, entries)
+
+    # ------------------------------------------------------------------ reading
+
+    @classmethod
+    def find(cls, path: str | os.PathLike[str]) -> RunFolder:
+        """The run at `path`: the dissections folder itself, or a log directory holding `dissections/`.
+
+        Raises:
+            FileNotFoundError: neither, with what was looked for.
+        """
+        path = Path(path)
+        for directory in (path, path / "dissections"):
+            found = cls(directory)
+            if found.steps or (directory / HISTORY_FILE).is_file():
+                return found
+        raise FileNotFoundError(
+            f"{path}: no dissections found (looked for step=<step>/ folders and {HISTORY_FILE} in it and in "
+            f"{path / 'dissections'}). Pass the callback's log directory, its dissections/ folder, or a "
+            f"{DISSECTION_FILE} file."
+        )
+
+    @property
+    def steps(self) -> dict[int, Path]:
+        """step -> its folder, in increasing step order."""
+        if not self.directory.is_dir():
+            return {}
+        found = {}
+        for child in self.directory.iterdir():
+            match = _STEP_FOLDER.match(child.name)
+            if match and child.is_dir():
+                found[int(match.group(1))] = child
+        return dict(sorted(found.items()))
+
+    def dissection(self, step: int) -> Dissection:
+        """The dissection saved at `step`.
+
+        Raises:
+            FileNotFoundError: no such step, or a step saved without its JSON.
+        """
+        steps = self.steps
+        if step not in steps:
+            raise FileNotFoundError(f"{self.directory}: no dissection at step {step}; steps: {list(steps)}")
+        path = steps[step] / DISSECTION_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the run was dissected with save_json=False, so the report "
+                                    "has no numbers to show. Run with save_json=True (the default).")
+        return Dissection.from_json(path)
+
+    def history(self, up_to: int | None = None) -> dict[str, list[HistoryEntry]]:
+        """layer -> its entries in step order, from `history.jsonl` (steps up to `up_to`).
+
+        A step recorded twice (a resumed run that dissected it again) keeps its last line.
+
+        Raises:
+            ValueError: a line that is not a history entry (names the file and line).
+        """
+        path = self.directory / HISTORY_FILE
+        if not path.is_file():
+            return {}
+        by_layer: dict[str, dict[int, HistoryEntry]] = {}
+        for entry in read_history(path):
+            if up_to is None or entry.step <= up_to:
+                by_layer.setdefault(entry.layer, {})[entry.step] = entry
+        return {layer: [entries[step] for step in sorted(entries)] for layer, entries in by_layer.items()}
+
+    def strips(self, layers: Sequence[str], up_to: int) -> tuple[dict[str, dict[int, Path]], dict[str, dict[int, str]]]:
+        """The newest saved strip of every unit at or before step `up_to`, and a note for the older ones."""
+        strips: dict[str, dict[int, Path]] = {layer: {} for layer in layers}
+        notes: dict[str, dict[int, str]] = {layer: {} for layer in layers}
+        steps = self.steps
+        for step in sorted((s for s in steps if s <= up_to), reverse=True):
+            for layer in layers:
+                for unit, path in saved_strips(steps[step], layer).items():
+                    if unit not in strips[layer]:
+                        strips[layer][unit] = path
+                        if step != up_to:
+                            notes[layer][unit] = f"strip from step {step}"
+        return strips, notes

@@ -41,19 +41,18 @@ from lightning_dissect.loggers import LoggerGroup
 from lightning_dissect.probe import ProbeSet
 from lightning_dissect.schedule import Schedule
 
+_LIGHTNING_NAMESPACE = "lightning.pytorch"
 try:
     from lightning.pytorch import Callback as _LightningCallback
-
-    _LIGHTNING_NAMESPACE = "lightning.pytorch"
 except ImportError:  # only the standalone package: DissectionCallback falls back to it
-    from pytorch_lightning import Callback as _LightningCallback
+    from pytorch_lightning import Callback as _LightningCallback  # type: ignore[assignment]
 
     _LIGHTNING_NAMESPACE = "pytorch_lightning"
 
 try:
-    from pytorch_lightning import Callback as _PLCallback
+    import pytorch_lightning as _pytorch_lightning
 except ImportError:
-    _PLCallback = None
+    _pytorch_lightning = None  # type: ignore[assignment]
 
 __all__ = ["DissectionCallback", "DissectionHooks", "PLDissectionCallback"]
 
@@ -142,7 +141,7 @@ class DissectionHooks:
     def state_key(self) -> str:
         # The same key in both Lightning packages, so a checkpoint of one resumes in the other.
         dissector = self.dissector
-        rotation = dissector.options["rotation"]
+        rotation: Rotation | None = dissector.options["rotation"]
         return "DissectionCallback" + repr({
             "layers": dissector.requested_layers, "quantile": dissector.options["quantile"],
             "iou_threshold": dissector.options["iou_threshold"], "denominator": dissector.options["denominator"],
@@ -219,9 +218,9 @@ class DissectionCallback(DissectionHooks, _LightningCallback):
     __doc__ = DissectionHooks.__doc__
 
 
-if _PLCallback is not None:
+if _pytorch_lightning is not None:
 
-    class PLDissectionCallback(DissectionHooks, _PLCallback):
+    class PLDissectionCallback(DissectionHooks, _pytorch_lightning.Callback):
         __doc__ = DissectionHooks.__doc__
         _namespace = "pytorch_lightning"
 

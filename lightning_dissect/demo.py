@@ -21,10 +21,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -187,8 +188,8 @@ def synthetic_task_data(root: str | os.PathLike, task: str, batch_size: int = 32
     return train_loader, val_loader
 
 
-def make_trainer(max_steps: int, root_dir: str | os.PathLike | None = None, callbacks: list | None = None,
-                 logger: object = False, progress: bool = False) -> object:
+def make_trainer(max_steps: int, root_dir: str | os.PathLike[str] | None = None, callbacks: list | None = None,
+                 logger: Any = False, progress: bool = False) -> Trainer:
     """A CPU `Trainer` for the demo's short runs: `max_steps` optimizer steps, validation after
     each epoch, no checkpoints. Seed first (`lightning.pytorch.seed_everything`) for a run that repeats.
 
@@ -199,11 +200,10 @@ def make_trainer(max_steps: int, root_dir: str | os.PathLike | None = None, call
         logger: a Lightning logger, or False for none.
         progress: show Lightning's progress bar.
     """
-    from lightning.pytorch import Trainer
-
     return Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks or [],
                    enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
-                   default_root_dir=root_dir, log_every_n_steps=10, num_sanity_val_steps=0)
+                   default_root_dir=str(root_dir) if root_dir is not None else None, log_every_n_steps=10,
+                   num_sanity_val_steps=0)
 
 
 def emergence_run(output: str | os.PathLike, steps: int = 600, num_images: int = 1000, image_size: int = 64,
@@ -262,7 +262,7 @@ def emergence_run(output: str | os.PathLike, steps: int = 600, num_images: int =
     seed_everything(seed, verbose=False)
     module = SyntheticTaskModule(task, width=width)
     train_loader, val_loader = synthetic_task_data(root, task, batch_size=batch_size, images=images, seed=seed)
-    validation_images = len(val_loader.dataset)
+    validation_images = len(val_loader.dataset)  # type: ignore[arg-type]  # a TensorDataset
     probe = ProbeSet(root, split="val", size=min(probe_size or validation_images, validation_images), seed=seed,
                      progress=progress)
     schedule = log_spaced(first=1, factor=factor)

@@ -178,7 +178,7 @@ class Dissector:
         probe_seed: int = 0,
         image_size: int | None = None,
         max_seconds: float | None = None,
-        dirpath: str | Path | None = None,
+        dirpath: str | os.PathLike[str] | None = None,
         save_json: bool = True,
         loggers: Sequence[Any] = (),
         on_error: OnError = "warn",
@@ -200,7 +200,7 @@ class Dissector:
             raise ValueError(f"prefix_tokens={prefix_tokens!r} must be a non-negative integer or None")
         self.figure_budget = FigureBudget(figure_budget)
         self.probe_source = probe
-        self.options = dict(quantile=quantile, iou_threshold=iou_threshold, denominator=denominator,
+        self.options: dict[str, Any] = dict(quantile=quantile, iou_threshold=iou_threshold, denominator=denominator,
                             batch_size=batch_size, rotation=_as_rotation(rotation), prefix_tokens=prefix_tokens,
                             top_k=top_k)
         self.probe_size, self.probe_seed, self.image_size = probe_size, probe_seed, image_size

@@ -107,7 +107,7 @@ class WandbAdapter(LoggerAdapter):
     def log_table(self, table: Table, step: int) -> None:
         import wandb
 
-        self._log({table.tag: wandb.Table(columns=table.columns, data=table.rows)}, step)
+        self._log({table.tag: wandb.Table(columns=list[Any](table.columns), data=table.rows)}, step)
 
     def log_image(self, image: Image, step: int) -> None:
         import wandb

@@ -21,7 +21,7 @@ import torch
 from lightning_dissect.engine.scores import summarize
 from lightning_dissect.io import atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the JSON form; bump when a reader of the old form would misread the new
 
 _TENSOR_FIELDS = {
     "thresholds": torch.float64,
@@ -212,6 +212,15 @@ class Dissection(Mapping[str, LayerDissection]):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Dissection:
+        """Read `to_dict()`'s form.
+
+        Raises:
+            ValueError: a `format_version` newer than this version of the package reads.
+        """
+        version = data.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(f"format_version {version!r}: written by a newer lightning_dissect (this one reads up to "
+                             f"{FORMAT_VERSION}); upgrade the package to read it")
         return cls({name: LayerDissection.from_dict(layer) for name, layer in data["layers"].items()},
                    data.get("settings", {}))
 
@@ -237,4 +246,7 @@ class Dissection(Mapping[str, LayerDissection]):
             raise ValueError(f"{path}: not a readable dissection JSON file ({error})") from error
         if not isinstance(data, dict) or "layers" not in data:
             raise ValueError(f"{path}: not a dissection JSON file (no 'layers' key)")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error

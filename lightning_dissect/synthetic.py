@@ -196,7 +196,7 @@ def _grid(n: int) -> tuple[np.ndarray, np.ndarray]:
 def _value_noise(rng: np.random.Generator, cells: int, height: int, width: int) -> np.ndarray:
     """Smooth noise in [0, 1]: a random ``cells x cells`` grid resized bilinearly."""
     small = rng.random((cells, cells), dtype=np.float32)
-    return np.asarray(Image.fromarray(small, mode="F").resize((width, height), Image.BILINEAR))
+    return np.asarray(Image.fromarray(small, mode="F").resize((width, height), Image.Resampling.BILINEAR))
 
 
 @dataclass
@@ -300,7 +300,7 @@ class _Background:
         return np.where(on[..., None], self.colors[1], self.colors[0]).astype(np.float32)
 
 
-def _mix(low: Sequence[float], high: Sequence[float], t: np.ndarray) -> np.ndarray:
+def _mix(low: Sequence[float] | np.ndarray, high: Sequence[float] | np.ndarray, t: np.ndarray) -> np.ndarray:
     low_, high_ = np.asarray(low, dtype=np.float32), np.asarray(high, dtype=np.float32)
     return (low_ + (high_ - low_) * t).astype(np.float32)
 
@@ -555,7 +555,7 @@ def _render_example(seed: int, index: int, size: int) -> _Example:
     maps["part"] = [m for m in (coarse, fine) if m.any()]
     maps["material"] = [material] if material.any() else []
 
-    image_labels = {"scene": [], "texture": []}
+    image_labels: dict[str, list[int]] = {"scene": [], "texture": []}
     category = "texture" if background.kind in TEXTURES else "scene"
     image_labels[category] = [_NUMBER[category, background.kind]]
     visible_objects = set(np.unique(objects).tolist())
@@ -621,9 +621,9 @@ def _write_examples(
             if maps:
                 # The union over the category's maps (SEMANTICS §3); the part hierarchies hold
                 # distinct labels, so counts add up.
-                counts = sum(np.bincount(m.ravel(), minlength=len(_LABEL_NAMES)) for m in maps)
-                for number in np.flatnonzero(counts[1:]) + 1:
-                    coverage[category, int(number)] = float(counts[number]) / area
+                counts = np.sum([np.bincount(m.ravel(), minlength=len(_LABEL_NAMES)) for m in maps], axis=0)
+                for found in np.flatnonzero(counts[1:]) + 1:
+                    coverage[category, int(found)] = float(counts[found]) / area
         for category, numbers in example.image_labels.items():
             cells[category] = ";".join(str(n) for n in numbers)
             for number in numbers:

@@ -10,7 +10,7 @@ backend or figure state is touched.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from lightning_dissect.report.figures import figure_to_array, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from lightning_dissect.result import LayerDissection
 
@@ -59,6 +60,12 @@ def detectors_per_concept(layer_result: LayerDissection) -> list[tuple[str, list
     return groups
 
 
+def _integer_ticks(axes: Any) -> None:
+    # The default y locator is an AutoLocator, a MaxNLocator: counts get integer ticks only.
+    locator = axes.yaxis.get_major_locator()
+    cast("MaxNLocator", locator).set_params(integer=True)
+
+
 def bar_graph_figure(layer_result: LayerDissection) -> Figure:
     """NetDissect's bar graph of detectors per concept, as a matplotlib `Figure`."""
     groups = detectors_per_concept(layer_result)
@@ -95,7 +102,7 @@ def bar_graph_figure(layer_result: LayerDissection) -> Figure:
     axes.set_xticks(ticks)
     axes.set_xticklabels(names, rotation=90, fontsize=7)
     axes.set_xlim(-0.7, position - 1.3)
-    axes.yaxis.get_major_locator().set_params(integer=True)
+    _integer_ticks(axes)
     axes.tick_params(axis="y", labelsize=7)
     return figure
 
@@ -125,7 +132,7 @@ def iou_histogram_figure(layer_result: LayerDissection, bins: int = 40) -> Figur
     axes.set_title(f"{layer_result.layer}: IoU of each unit's label ({layer_result.num_units} units)", fontsize=9,
                    y=1.0)  # a fixed place: automatic placement measures every tick label again
     axes.set_xlabel("IoU", fontsize=8)
-    axes.yaxis.get_major_locator().set_params(integer=True)
+    _integer_ticks(axes)
     axes.set_ylabel("units", fontsize=8)
     axes.tick_params(labelsize=7)
     axes.spines[["top", "right"]].set_visible(False)

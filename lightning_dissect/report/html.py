@@ -384,9 +384,10 @@ def _card(layer_result: LayerDissection, unit: int, strip: Path | None, note: st
         if best >= 0:
             rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(layer_result.label_names[best])}</td>"
                         f"<td>{float(layer_result.category_scores[unit, k]):.3f}</td></tr>")
-    best = f"<details><summary>best per category</summary><table>{''.join(rows)}</table></details>" if rows else ""
+    best_table = (f"<details><summary>best per category</summary><table>{''.join(rows)}</table></details>"
+                  if rows else "")
     timeline = _timeline(history, unit, layer_result.categories) if history else ""
-    return f"<div class=\"card\" {attributes}>{head}{picture}{timeline}{best}</div>"
+    return f"<div class=\"card\" {attributes}>{head}{picture}{timeline}{best_table}</div>"
 
 
 def _timeline(history: Sequence[HistoryEntry], unit: int, all_categories: list[str], width: int = 240,

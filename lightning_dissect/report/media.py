@@ -135,9 +135,9 @@ def save_image(image: np.ndarray, path: str | os.PathLike) -> Path:
     temporary file, so a crash leaves no half image."""
     path = Path(path)
     jpeg = path.suffix.lower() in (".jpg", ".jpeg")
-    options = {"format": "JPEG", "quality": 90, "subsampling": 0} if jpeg else {"format": "PNG"}
+    options: dict[str, Any] = {"quality": 90, "subsampling": 0} if jpeg else {}
     with atomic_write(path, "wb") as handle:
-        Image.fromarray(np.ascontiguousarray(image)).save(handle, **options)
+        Image.fromarray(np.ascontiguousarray(image)).save(handle, format="JPEG" if jpeg else "PNG", **options)
     return path
 
 

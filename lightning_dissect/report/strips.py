@@ -188,9 +188,9 @@ def compose_strip(tiles: np.ndarray, caption: str, gap: int = GAP,
     font = _font(font_size or max(11, min(18, height // 10 if height else 11)))
     text = _printable(caption)
     left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
-    caption_height = bottom + 2 * gap
+    caption_height = int(bottom) + 2 * gap
     row_width = count * width + max(count - 1, 0) * gap
-    strip = Image.new("RGB", (max(row_width, right + 2 * gap), caption_height + height), BACKGROUND)
+    strip = Image.new("RGB", (max(row_width, int(right) + 2 * gap), caption_height + height), BACKGROUND)
     ImageDraw.Draw(strip).text((gap, gap), text, fill=TEXT_COLOR, font=font)
     boxes = []
     for index in range(count):

@@ -25,7 +25,13 @@ from typing import Any
 import lightning_dissect as ld
 from lightning_dissect.demo import emergence_run
 
-TINY = dict(images=48, image_size=32, steps=6, width=8, batch_size=8, probe_size=12, layers=["conv3", "conv4"])
+# A run of seconds is all overhead: the budget is off, so every scheduled step is dissected.
+TINY = dict(images=48, image_size=32, steps=6, width=8, batch_size=8, probe_size=12, layers=["conv3", "conv4"],
+            max_overhead=None)
+
+
+def fraction_or_none(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="blocks of the CNN to dissect")
     parser.add_argument("--probe-size", type=int, default=300, help="validation images in the probe")
     parser.add_argument("--factor", type=float, default=2.2, help="spacing of the log-spaced dissection steps")
+    parser.add_argument("--max-overhead", type=fraction_or_none, default=0.05,
+                        help="the callback's share of the training time (default 0.05; 'none': every scheduled step)")
     parser.add_argument("--task", default="background", help="the synthetic task to learn")
     parser.add_argument("--seed", type=int, default=0, help="seed of the run")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the synthetic dataset is cached")
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run = emergence_run(args.output, steps=args.steps, num_images=args.images, image_size=args.image_size,
                         probe_size=args.probe_size, task=args.task, width=args.width, seed=args.seed, layers=layers,
                         batch_size=args.batch_size, factor=args.factor, cache_dir=args.cache_dir,
-                        progress=not args.tiny, echo=print)
+                        progress=not args.tiny, max_overhead=args.max_overhead, echo=print)
     probe_size = run["history"][0].probe_size
     print(f"unique concepts (IoU > 0.04) on {probe_size} validation images; TensorBoard: {run['log_dir']}")
     print(emergence_table(run["history"], layers))

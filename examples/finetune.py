@@ -29,8 +29,8 @@ import torch
 
 from lightning_dissect import analysis
 from lightning_dissect.demo import SyntheticTaskModule, make_trainer, synthetic_images, synthetic_task_data
+from lightning_dissect.io import atomic_write
 from lightning_dissect.probe import ProbeSet
-from lightning_dissect.result import atomic_write
 from lightning_dissect.synthetic import SYNTHETIC_TASKS, synthetic_broden_path
 
 
@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=32, help="the CNN's width")
     parser.add_argument("--layers", nargs="+", default=["model.conv3", "model.conv4"],
                         help="layers to dissect (modules of the LightningModule)")
+    parser.add_argument("--max-overhead", type=lambda text: None if text.lower() == "none" else float(text),
+                        default=0.05,
+                        help="the callback's share of the training time (default 0.05; 'none': every scheduled step)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the synthetic dataset is cached")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     module.set_task(args.to_task)
     module.learning_rate = args.learning_rate
     probe = ProbeSet(root, size=args.probe_size, split="val")
-    callback = DissectionCallback(probe=probe, layers=args.layers, schedule=log_spaced(first=1, factor=args.factor))
+    callback = DissectionCallback(probe=probe, layers=args.layers, schedule=log_spaced(first=1, factor=args.factor),
+                                  max_overhead=args.max_overhead)
     logger = TensorBoardLogger(args.output, name="finetune")
     print(f"fine-tuning on {args.to_task!r} for {args.steps} steps, dissecting {args.layers}")
     trainer = make_trainer(args.steps, callbacks=[callback], logger=logger, progress=args.progress)

@@ -1,11 +1,15 @@
-"""What a dissection may cost a training run: the figure budget and the per-dissection time budget.
+"""What dissections may cost a training run: one overhead budget, and the share of it that figures take.
 
-- `FigureBudget`: drawing unit strips and figures may take at most a fraction of the wall time
-  since the first dissection. The next drawing is expected to take as long as the last one; a
-  dissection whose drawing would exceed the budget logs its scalars, tables and files but no
-  figures. The first dissection always draws.
-- `probe_size_within`: when one dissection took longer than `max_seconds`, the probe size that
-  later dissections use (a subset of the same draw, cut in proportion).
+- `OverheadBudget` (`max_overhead`, default 5%): everything the callback does (dissections, figures,
+  files) stays within a fraction of the fit's wall time. It sizes the probe once, before the first
+  dissection, and then skips scheduled dissections that would not fit, the earliest first; the
+  first and the last dissection of a run always happen.
+- `FigureBudget` (`figure_budget`, default 2%): within that, drawing unit strips and figures may
+  take at most a fraction of the wall time since the first dissection. The next drawing is expected
+  to take as long as the last one; a dissection whose drawing would exceed it logs its scalars,
+  tables and files but no figures. The first and the last dissection always draw.
+- `max_seconds`: the probe is sized once so that one dissection takes about that long (the smaller
+  of this and the overhead budget's size).
 """
 
 from __future__ import annotations
@@ -59,20 +63,105 @@ class FigureBudget:
         self.seconds += seconds
 
 
-def probe_size_within(seconds: float, max_seconds: float | None, size: int) -> int | None:
-    """The probe size that brings a dissection of `seconds` on `size` images within `max_seconds`.
-
-    Returns:
-        The smaller size, or None when no cut is needed (or `max_seconds` is None).
-    """
-    if max_seconds is None or seconds <= max_seconds:
-        return None
-    cut = max(1, math.floor(size * max_seconds / seconds))
-    return cut if cut < size else None
-
-
 def validate_max_seconds(max_seconds: float | None) -> None:
     """Raise `ValueError` naming `max_seconds` when it is not a positive number or None."""
     if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
                                     or not max_seconds > 0):
         raise ValueError(f"max_seconds={max_seconds!r} must be a positive number of seconds or None")
+
+
+class OverheadBudget:
+    """The callback's own time (dissections, figures, files) within `max_overhead` of the fit's wall time.
+
+    Two decisions, the first made once and the second at every scheduled dissection:
+
+    - `plan_probe_size`: before the first dissection, the probe size that lets every scheduled
+      dissection fit the budget, from a measured calibration (seconds per probe image of a real
+      dissection), an estimate of a training step and the number of steps. The size is kept for the
+      whole run, so numbers at different steps stay comparable; it is never below `smallest`
+      (thresholds need enough values to be stable), and then dissections are skipped instead.
+    - `keep`: whether a scheduled dissection fits, measured: the seconds spent so far and the mean
+      seconds of a dissection against `max_overhead` of the fit's projected wall time (the training
+      rate measured so far, to the last step). What does not fit is skipped, the earliest scheduled
+      dissections first (log-spaced schedules lose their dense early steps); the first and the last
+      dissection of a run are never skipped.
+
+    Args:
+        max_overhead: the fraction of the fit's wall time, e.g. 0.05; None: no budget.
+        clock: seconds (default `time.perf_counter`), replaceable in tests.
+    """
+
+    def __init__(self, max_overhead: float | None, clock: Callable[[], float] = time.perf_counter) -> None:
+        if max_overhead is not None and (isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float))
+                                         or not 0 < max_overhead < 1):
+            raise ValueError(f"max_overhead={max_overhead!r} must be a fraction of the fit's wall time in (0, 1), "
+                             "e.g. 0.05, or None (every scheduled dissection on the whole probe)")
+        self.max_overhead = max_overhead
+        self.clock = clock
+        self.started: float | None = None  # the fit's start
+        self.own_seconds = 0.0  # everything the callback did
+        self.dissections = 0
+        self.dissection_seconds = 0.0  # of those, whole dissections (engine, files, figures)
+
+    def start(self) -> None:
+        """Start the fit's clock (at the first training batch)."""
+        if self.started is None:
+            self.started = self.clock()
+
+    def spent(self, seconds: float, dissection: bool = True) -> None:
+        """Add the callback's own seconds; `dissection`: they were one whole dissection."""
+        self.own_seconds += seconds
+        if dissection:
+            self.dissections += 1
+            self.dissection_seconds += seconds
+
+    @property
+    def share(self) -> float:
+        """The callback's share of the fit's wall time so far."""
+        if self.started is None:
+            return 0.0
+        elapsed = self.clock() - self.started
+        return self.own_seconds / elapsed if elapsed > 0 else 0.0
+
+    def plan_probe_size(self, seconds_per_image: float, step_seconds: float, total_steps: float, dissections: int,
+                        largest: int, smallest: int) -> int:
+        """The probe size for the whole run.
+
+        Args:
+            seconds_per_image: a dissection's measured cost per probe image.
+            step_seconds: the expected wall time of one training step.
+            total_steps: the run's training steps (`trainer.estimated_stepping_batches`; inf: unknown).
+            dissections: how many the schedule asks for, the first and the last included.
+            largest: the probe's size (the most there is).
+            smallest: the least that keeps thresholds stable.
+
+        Returns:
+            `largest` without a budget or with an unknown length of the run; else the size at which
+            `dissections` dissections take `max_overhead` of the fit, within `[min(smallest, largest), largest]`.
+        """
+        if self.max_overhead is None or not math.isfinite(total_steps) or seconds_per_image <= 0:
+            return largest
+        training = step_seconds * total_steps
+        own = self.max_overhead / (1 - self.max_overhead) * training  # own <= f * (training + own)
+        size = math.floor(own / (max(dissections, 1) * seconds_per_image))
+        return max(min(smallest, largest), min(size, largest))
+
+    def keep(self, steps_done: int, total_steps: float, later: int) -> bool:
+        """Whether the dissection due now fits the budget (see the class docstring).
+
+        Args:
+            steps_done: training steps taken so far (the step of this dissection, > 0).
+            total_steps: the run's training steps (inf: unknown: the fit so far is the measure).
+            later: how many scheduled dissections come after this one, the last dissection of the run
+                included.
+        """
+        if self.max_overhead is None or self.started is None or self.dissections == 0 or steps_done <= 0:
+            return True
+        elapsed = self.clock() - self.started
+        training = max(elapsed - self.own_seconds, 0.0)
+        if math.isfinite(total_steps) and total_steps > steps_done:
+            training *= total_steps / steps_done  # the whole fit at the rate measured so far
+        own = self.max_overhead / (1 - self.max_overhead) * training
+        per_dissection = self.dissection_seconds / self.dissections
+        affordable = math.floor((own - self.own_seconds) / per_dissection)  # this one, the later ones, the last
+        return later + 1 <= affordable

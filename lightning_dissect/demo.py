@@ -210,7 +210,7 @@ def emergence_run(output: str | os.PathLike, steps: int = 600, num_images: int =
                   probe_size: int | None = None, task: str = "background", width: int = 32, seed: int = 0,
                   layers: Sequence[str] = ("model.conv3", "model.conv4"), batch_size: int = 32,
                   factor: float = 2.2, cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                  echo: Callable[[str], None] = lambda message: None) -> dict:
+                  max_overhead: float | None = 0.05, echo: Callable[[str], None] = lambda message: None) -> dict:
     """Train :class:`SmallCNN` from scratch with `DissectionCallback` and draw the emergence figures.
 
     What `lightning-dissect demo` and `examples/emergence.py` run: the synthetic dataset (generated
@@ -232,6 +232,7 @@ def emergence_run(output: str | os.PathLike, steps: int = 600, num_images: int =
         factor: spacing of the log-spaced dissection steps.
         cache_dir: the dataset cache (default `$LIGHTNING_DISSECT_CACHE` or `~/.cache/lightning_dissect`).
         progress: show progress bars.
+        max_overhead: the callback's cost budget (`DissectionCallback`); None dissects at every scheduled step.
         echo: called with each progress message.
 
     Returns:
@@ -266,7 +267,7 @@ def emergence_run(output: str | os.PathLike, steps: int = 600, num_images: int =
     probe = ProbeSet(root, split="val", size=min(probe_size or validation_images, validation_images), seed=seed,
                      progress=progress)
     schedule = log_spaced(first=1, factor=factor)
-    callback = DissectionCallback(probe, layers=list(layers), schedule=schedule)
+    callback = DissectionCallback(probe, layers=list(layers), schedule=schedule, max_overhead=max_overhead)
     logger = TensorBoardLogger(output, name="emergence")
     echo(f"training {type(module.model).__name__} on the {task!r} task for {steps} steps; dissecting {list(layers)} "
          f"on {len(probe)} validation images at steps {schedule.steps(steps)}")

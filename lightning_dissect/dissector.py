@@ -7,6 +7,12 @@ and the cost budgets, and hands each dissection to the parts that keep and show 
 depends on the loop it runs in (ranks, precision, loggers, the run's folder) comes in one
 `RunContext`: the Lightning callback builds it from the trainer; a plain loop can leave the default.
 
+Before the first dissection of a run, `plan` decides once what the whole run is dissected on: the
+probe's images at the model's input size and a probe size that keeps the callback's cost within
+`max_overhead` of the fit (`budget.py`); every dissection of the run then uses that probe, so the
+numbers at different steps are comparable. A dissection the budget cannot afford is skipped, the
+earliest first; the first one and the last one (`finish`, the final model) always happen.
+
 A dissection never changes the training run: the model is evaluated under `frozen()` (eval mode,
 no gradients, every submodule's `training` flag restored) and the Python, NumPy and torch (CPU and
 the model's CUDA device) random streams are saved and restored around it.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import time
@@ -31,7 +38,7 @@ from torch import nn
 
 from lightning_dissect import schedule as schedules
 from lightning_dissect.broden import Broden
-from lightning_dissect.budget import FigureBudget, probe_size_within, validate_max_seconds
+from lightning_dissect.budget import FigureBudget, OverheadBudget, validate_max_seconds
 from lightning_dissect.dashboard import DissectionReport
 from lightning_dissect.distributed import default_synchronizer, guard, slowest
 from lightning_dissect.engine.dissect import (
@@ -48,7 +55,7 @@ from lightning_dissect.engine.rotation import Rotation
 from lightning_dissect.history import HistoryEntry
 from lightning_dissect.loggers import LoggerGroup
 from lightning_dissect.probe import ProbeSet
-from lightning_dissect.probe_source import ProbeSource, load_probe, resized_probe
+from lightning_dissect.probe_source import ProbeSource, load_probe, probe_at_input_size, resized_probe
 from lightning_dissect.result import Dissection
 from lightning_dissect.run_folder import RunFolder
 from lightning_dissect.schedule import Schedule
@@ -56,6 +63,9 @@ from lightning_dissect.schedule import Schedule
 log = logging.getLogger(__name__)
 
 OnError = Literal["warn", "raise"]
+# The fewest probe images the budget cuts a probe to: below it, dissections are skipped instead.
+# (How counts vary with the probe's size: docs/performance.md, "Probe size and stable counts".)
+MIN_PROBE_SIZE = 200
 ON_ERROR: tuple[OnError, ...] = ("warn", "raise")
 
 
@@ -74,8 +84,11 @@ class RunContext:
         forward_context: a context manager factory around every forward pass (a precision context).
         convert_input: applied to the probe's model input (a precision plugin's `convert_input`).
         is_global_zero: only global rank zero writes files and shows media.
+        total_steps: the run's training steps (inf: unknown), for the overhead budget.
+        steps_per_epoch: optimizer steps per epoch (None: unknown), to plan epoch schedules.
         loggers: where scalars, tables and figures are shown.
         dirpath: the run's dissections folder; None writes no files.
+        run_id: the run's id, written into its folder's markers (`run_folder.py`).
         info, warn: where messages go (Lightning's rank-zero logging under the callback).
     """
 
@@ -83,8 +96,11 @@ class RunContext:
     forward_context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
     convert_input: Callable[[torch.Tensor], torch.Tensor] | None = None
     is_global_zero: bool = True
+    total_steps: float = math.inf
+    steps_per_epoch: int | None = None
     loggers: LoggerGroup = field(default_factory=LoggerGroup)
     dirpath: Path | None = None
+    run_id: str | None = None
     info: Callable[[str], None] = log.info
     warn: Callable[[str], None] = _warn  # a module function: ddp_spawn pickles the dissector
 
@@ -140,8 +156,12 @@ class Dissector:
             else 1000 (or all images of a smaller dataset).
         probe_seed: seed of the image draw when the probe is built here.
         image_size: resize probe images to this size for the model.
-        max_seconds: a time budget per dissection: when one takes longer, later ones
-            use a probe cut in proportion (a subset of the same draw).
+        max_overhead: the callback's own time (dissections, figures, files) stays within this
+            fraction of the fit's wall time (default 5%): the probe is sized once for the run, and
+            scheduled dissections that would not fit are skipped, the earliest first (`budget.py`).
+            None: every scheduled dissection, on the whole probe.
+        max_seconds: size the probe once so that one dissection takes about this long.
+        at_end: dissect the final model when the run ends (`finish`), unless that step was dissected.
         dirpath: where to write files; None writes none.
         save_json: also write `dissection.json` (every IoU: large for big label sets).
         loggers: loggers or adapters to show scalars and media through (`loggers.adapt`).
@@ -177,7 +197,9 @@ class Dissector:
         probe_size: int | None = None,
         probe_seed: int = 0,
         image_size: int | None = None,
+        max_overhead: float | None = 0.05,
         max_seconds: float | None = None,
+        at_end: bool = True,
         dirpath: str | os.PathLike[str] | None = None,
         save_json: bool = True,
         loggers: Sequence[Any] = (),
@@ -198,48 +220,141 @@ class Dissector:
             raise ValueError(f"on_error={on_error!r} must be one of {list(ON_ERROR)}")
         if prefix_tokens is not None and (not isinstance(prefix_tokens, int) or prefix_tokens < 0):
             raise ValueError(f"prefix_tokens={prefix_tokens!r} must be a non-negative integer or None")
+        if not isinstance(at_end, bool):
+            raise ValueError(f"at_end={at_end!r} must be True or False")
         self.figure_budget = FigureBudget(figure_budget)
+        self.budget = OverheadBudget(max_overhead)
         self.probe_source = probe
         self.options: dict[str, Any] = dict(quantile=quantile, iou_threshold=iou_threshold, denominator=denominator,
                             batch_size=batch_size, rotation=_as_rotation(rotation), prefix_tokens=prefix_tokens,
                             top_k=top_k)
         self.probe_size, self.probe_seed, self.image_size = probe_size, probe_seed, image_size
         self.max_seconds = max_seconds
+        self.at_end = at_end
         self.save_json = save_json
         self.on_error = on_error
         self.strips_per_layer = strips_per_layer
         # The context of a plain loop; the callback passes its own to every call.
         self.context = RunContext(loggers=LoggerGroup(loggers), dirpath=Path(dirpath) if dirpath is not None else None)
 
-        self.probe: ProbeSet | None = None
+        self.loaded_probe: ProbeSet | None = None  # as given, before `plan`
+        self.probe: ProbeSet | None = None  # what the run is dissected on, set by `plan`
+        self.input_size: tuple[int, int] | None = None  # the model's input size, decided by `plan`
         self.layers: list[str] | None = None
         self.history: list[HistoryEntry] = []
         self.last_step: int | None = None
-        self._probe_size_in_use: int | None = None  # set by max_seconds, restored by load_state_dict
+        self.skipped: list[int] = []  # scheduled steps the budget could not afford
+        self._planned_size: int | None = None  # restored by load_state_dict: a resumed run keeps its probe
+        self._seconds_per_image: float | None = None  # measured by the calibration of `plan`
+        self._planned_steps: tuple[tuple[float, int | None], list[int]] = ((math.nan, None), [])
 
     # ------------------------------------------------------------------ setup
 
     def load_probe(self) -> ProbeSet:
-        """Build the probe (once). Raises when it does not load (see `probe_source.load_probe`)."""
-        if self.probe is None:
-            self.probe = load_probe(self.probe_source, self.probe_size, self.probe_seed, self.image_size)
-        if self._probe_size_in_use is not None and self._probe_size_in_use < len(self.probe):
-            self.probe = resized_probe(self.probe, self._probe_size_in_use)
-        return self.probe
-
-    def setup(self, model: nn.Module, context: RunContext | None = None) -> list[str]:
-        """Load the probe, choose or check the layers with one probe batch, and return them.
-
-        The batch runs under `frozen()` with the random streams preserved, so
-        the model and the run are unchanged. Called by the first `maybe_run`
-        when not called before.
+        """Load the probe as given (once; the callback calls it in `setup` to fill the caches early).
 
         Raises:
-            DissectionError, BrodenError, ValueError: a probe that does not load, an
-                unknown layer (with close matches), a layer without spatial output.
+            DissectionError, BrodenError, ValueError: the probe does not load (see `probe_source.load_probe`).
+        """
+        if self.loaded_probe is None:
+            self.loaded_probe = load_probe(self.probe_source, self.probe_size, self.probe_seed, self.image_size)
+        return self.loaded_probe
+
+    def plan(self, model: nn.Module, context: RunContext | None = None, *,
+             input_size: tuple[int, int] | None = None, total_steps: float = math.inf,
+             step_seconds: float | None = None, scheduled: int | None = None) -> ProbeSet:
+        """Decide, once per run, the probe the run is dissected on, and choose or check the layers.
+
+        The probe's images go to the model at `input_size` (unless `image_size` was given); with a
+        budget (`max_overhead`, `max_seconds`), one calibration dissection of a probe batch measures
+        the seconds per probe image, and the probe is cut to the size the budget affords (a subset of
+        the same draw), never below `MIN_PROBE_SIZE` images. The decision is logged in one line.
+        A resumed run (`load_state_dict`) keeps the size it had. Called by the first `maybe_run`
+        when not called before.
+
+        Args:
+            model: the model being trained.
+            context: the loop's `RunContext`.
+            input_size: `(height, width)` of the model's training images (the callback reads the
+                first training batch); None keeps the probe's own size.
+            total_steps: the run's training steps (inf: unknown).
+            step_seconds: the expected wall time of a training step (None: unknown).
+            scheduled: how many dissections the run is expected to ask for, first and last included.
+
+        Returns:
+            The probe of the run (`self.probe`).
+
+        Raises:
+            DissectionError, BrodenError, ValueError: a probe that does not load, an unknown layer
+                (with close matches), a layer without spatial output.
+        """
+        if self.probe is not None:
+            return self.probe
+        context = context or self.context
+        loaded = self.load_probe()
+        if self.image_size is not None:
+            size: tuple[int, int] | None = (self.image_size, self.image_size)
+        else:
+            size = self.input_size or input_size  # a resumed run keeps the size it had
+        probe = probe_at_input_size(loaded, size)
+        self.input_size = probe.image_size or (int(probe.images.shape[-2]), int(probe.images.shape[-1]))
+        self.setup(model, context, probe)
+        planned = self._planned_size
+        if planned is None and (self.budget.max_overhead is not None or self.max_seconds is not None):
+            planned = self._afford(model, context, probe, total_steps, step_seconds, scheduled)
+        if planned is not None and planned < len(probe):
+            probe = resized_probe(probe, planned)
+        self.probe, self._planned_size = probe, len(probe)
+        where = ("the size of the training images" if size is not None and self.image_size is None
+                 else "image_size" if self.image_size is not None else "the probe's own size")
+        expected = (f"{scheduled} dissections expected, " if scheduled is not None else "") + (
+            f"about {100 * self._expected_share(total_steps, step_seconds, scheduled):.1f}% of the fit"
+            if self._seconds_per_image is not None and step_seconds and math.isfinite(total_steps) and scheduled
+            else "cost not estimated")
+        budget = (f"max_overhead={self.budget.max_overhead}" if self.budget.max_overhead is not None
+                  else "no overhead budget")
+        context.info(f"DissectionCallback: probe of {len(probe)} of {len(loaded)} images at "
+                     f"{self.input_size[0]}x{self.input_size[1]} ({where}); {expected} ({budget})")
+        return probe
+
+    def _afford(self, model: nn.Module, context: RunContext, probe: ProbeSet, total_steps: float,
+                step_seconds: float | None, scheduled: int | None) -> int:
+        """The probe size the budget affords, from a calibration dissection of one probe batch."""
+        assert self.layers is not None
+        calibration = resized_probe(probe, min(len(probe), self.options["batch_size"]))
+        started = time.perf_counter()
+        with guard(context.synchronizer or default_synchronizer()):
+            self._dissect(model, calibration, self.layers, context)
+        seconds = time.perf_counter() - started
+        self.budget.spent(seconds, dissection=False)
+        self._seconds_per_image = seconds / len(calibration)
+        smallest = min(len(probe), MIN_PROBE_SIZE)
+        size = len(probe)
+        if step_seconds is not None and scheduled is not None:
+            size = self.budget.plan_probe_size(self._seconds_per_image, step_seconds, total_steps, scheduled,
+                                               len(probe), smallest)
+        if self.max_seconds is not None:
+            size = min(size, max(smallest, math.floor(self.max_seconds / self._seconds_per_image)))
+        return size
+
+    def _expected_share(self, total_steps: float, step_seconds: float | None, scheduled: int | None) -> float:
+        assert self._seconds_per_image is not None and self.probe is not None
+        own = (scheduled or 0) * self._seconds_per_image * len(self.probe)
+        training = (step_seconds or 0.0) * total_steps
+        return own / (training + own) if training + own > 0 else 0.0
+
+    def setup(self, model: nn.Module, context: RunContext | None = None, probe: ProbeSet | None = None) -> list[str]:
+        """Choose or check the layers with one probe batch, and return them.
+
+        The batch runs under `frozen()` with the random streams preserved, so the model and the run
+        are unchanged.
+
+        Raises:
+            DissectionError: an unknown layer (with close matches), a layer that does not run once, a
+                layer without spatial output.
         """
         context = context or self.context
-        probe = self.load_probe()
+        probe = probe or self.probe or self.load_probe()
         layers = self.layers or self.requested_layers
         device = model_device(model)
         forward_context = context.forward_context or contextlib.nullcontext
@@ -262,7 +377,7 @@ class Dissector:
 
     def maybe_run(self, model: nn.Module, step: int, epoch: int | None = None, epoch_end: bool = False,
                   context: RunContext | None = None) -> DissectionReport | None:
-        """Dissect `model` when the schedule says so.
+        """Dissect `model` when the schedule says so and the budget affords it.
 
         Args:
             model: the model being trained.
@@ -273,16 +388,50 @@ class Dissector:
                 its `loggers`, a single process).
 
         Returns:
-            The report, or None when nothing was due (or the dissection failed
-            under `on_error="warn"`).
+            The report, or None when nothing was due, the budget skipped it (`skipped` lists the
+            steps), or the dissection failed under `on_error="warn"`.
         """
         if not self.due(step, epoch if epoch_end else None):
             return None
         context = context or self.context
-        if self.layers is None:
-            self.setup(model, context)  # outside the try: configuration errors always raise
+        self.budget.start()
+        if self.probe is None:
+            self.plan(model, context)  # outside the try: configuration errors always raise
+        if self.history and not self._affordable(step, context):
+            self.skipped.append(step)
+            return None
+        return self._run_or_warn(model, step, epoch, context, final=False)
+
+    def finish(self, model: nn.Module, step: int, epoch: int | None = None,
+               context: RunContext | None = None) -> DissectionReport | None:
+        """Dissect the final model (`at_end`), unless `step` was dissected already.
+
+        The final dissection is never skipped by the budget, always draws its figures, and saves the
+        strip of every detector, so the report has a picture on every detector's card.
+        """
+        if not self.at_end or step == self.last_step:
+            return None
+        context = context or self.context
+        if self.probe is None:
+            self.plan(model, context)
+        return self._run_or_warn(model, step, epoch, context, final=True)
+
+    def _affordable(self, step: int, context: RunContext) -> bool:
+        """The budget's `keep`, agreed by every rank (each measures its own clock): skip when any rank would."""
+        key = (context.total_steps, context.steps_per_epoch)
+        if self._planned_steps[0] != key:  # once per run: a long run has many steps to go through
+            self._planned_steps = (key, self.schedule.planned_steps(*key))
+        planned = self._planned_steps[1]
+        later = sum(1 for planned_step in planned if planned_step > step)
+        if self.at_end and (not planned or planned[-1] < context.total_steps):
+            later += 1  # the final dissection
+        keep = self.budget.keep(step, context.total_steps, later)
+        return slowest(context.synchronizer, float(not keep)) == 0.0
+
+    def _run_or_warn(self, model: nn.Module, step: int, epoch: int | None, context: RunContext,
+                     final: bool) -> DissectionReport | None:
         try:
-            return self.run(model, step, epoch, context)
+            return self.run(model, step, epoch, context, final=final)
         except Exception as error:
             if self.on_error == "raise":
                 raise
@@ -290,32 +439,39 @@ class Dissector:
                          "training goes on. Pass on_error='raise' to stop instead.")
             return None
 
-    def run(self, model: nn.Module, step: int, epoch: int | None = None,
-            context: RunContext | None = None) -> DissectionReport:
-        """Dissect `model` now, record it in the history, write the files and show it."""
+    def run(self, model: nn.Module, step: int, epoch: int | None = None, context: RunContext | None = None,
+            final: bool = False) -> DissectionReport:
+        """Dissect `model` now, record it in the history, write the files and show it.
+
+        Args:
+            final: the run's last dissection: figures are drawn whatever the figure budget, and every
+                detector's strip is saved.
+        """
         context = context or self.context
-        if self.layers is None:
-            self.setup(model, context)
-        assert self.layers is not None
-        probe = self.load_probe()
-        device = model_device(model)
-        synchronizer = context.synchronizer or default_synchronizer()
         started = time.perf_counter()
+        self.budget.start()
+        probe = self.plan(model, context)
+        assert self.layers is not None
+        synchronizer = context.synchronizer or default_synchronizer()
+        first = not self.history
         # Under several ranks a failure anywhere in here raises on every rank (lightning_dissect.distributed).
         with guard(synchronizer):
-            with preserved_random_state(device), _converted_inputs(probe, context.convert_input):
-                dissection = dissect(model, probe, self.layers, **self.options,
-                                     forward_context=context.forward_context, synchronizer=synchronizer)
+            dissection = self._dissect(model, probe, self.layers, context)
+            dissection.settings["input_size"] = list(self.input_size or ())
             seconds = slowest(synchronizer, time.perf_counter() - started)  # the same on every rank
             report = self._record(dissection, step, epoch, seconds)
             if context.is_global_zero:
-                self._keep_and_show(model, probe, report, context)
-        size = probe_size_within(seconds, self.max_seconds, len(probe))
-        if size is not None:
-            context.info(f"DissectionCallback: a dissection took {seconds:.1f} s > max_seconds={self.max_seconds}; "
-                         f"later dissections use {size} of the {len(probe)} probe images")
-            self._probe_size_in_use = size
+                self._keep_and_show(model, probe, report, context, figures=first or final, final=final)
+        self.budget.spent(time.perf_counter() - started)
+        context.info(f"DissectionCallback: step {step}, {seconds:.1f} s: " + "; ".join(
+            f"{layer} {entry.summary['unique_concepts']:.0f} unique concepts, {entry.summary['detectors']:.0f} "
+            f"detectors" for layer, entry in report.entries.items()))
         return report
+
+    def _dissect(self, model: nn.Module, probe: ProbeSet, layers: Sequence[str], context: RunContext) -> Dissection:
+        with preserved_random_state(model_device(model)), _converted_inputs(probe, context.convert_input):
+            return dissect(model, probe, layers, **self.options, forward_context=context.forward_context,
+                           synchronizer=context.synchronizer or default_synchronizer())
 
     def _record(self, dissection: Dissection, step: int, epoch: int | None, seconds: float) -> DissectionReport:
         """Add the dissection's entries to the history; the report with its scalars."""
@@ -338,40 +494,47 @@ class Dissector:
                                 history=self.history, metrics=metrics, categories=list(any_layer.categories),
                                 iou_threshold=any_layer.iou_threshold, switched=switched)
 
-    def _keep_and_show(self, model: nn.Module, probe: ProbeSet, report: DissectionReport,
-                       context: RunContext) -> None:
-        """On rank zero: the strips (when the figure budget allows), the files, and the loggers."""
-        figures = self.figure_budget.due()
+    def _keep_and_show(self, model: nn.Module, probe: ProbeSet, report: DissectionReport, context: RunContext,
+                       figures: bool, final: bool) -> None:
+        """On rank zero: the strips (when the figure budget allows, or `figures`), the files, and the loggers."""
+        figures = self.figure_budget.due() or figures
         drawing = time.perf_counter()
         if figures:
-            report.strips = self._strips(model, probe, report, context)
+            report.strips = self._strips(model, probe, report, context, every_detector=final)
         folder = RunFolder(context.dirpath) if context.dirpath is not None else None
         if folder is not None:
-            folder.write_dissection(report.step, report.dissection, self.save_json)
+            folder.write_dissection(report.step, report.dissection, self.save_json, context.run_id)
             folder.write_history(self.history)
         context.loggers.show(report, figures, self.on_error, context.warn)
         if figures:
             self.figure_budget.spent(time.perf_counter() - drawing)
 
-    def _strips(self, model: nn.Module, probe: ProbeSet, report: DissectionReport,
-                context: RunContext) -> dict[str, Any]:
+    def _strips(self, model: nn.Module, probe: ProbeSet, report: DissectionReport, context: RunContext,
+                every_detector: bool = False) -> dict[str, Any]:
         """Strips of each layer's top and switched units, saved under `<dirpath>/step=<step>/strips/` and shown.
 
+        With `every_detector`, every detector's strip is saved too (only the top and switched ones are shown).
         A failure here warns and leaves the dissection's numbers, files and other media intact.
         """
         wanted = context.loggers.shows_media or context.dirpath is not None
         if not self.strips_per_layer or not self.options["top_k"] or not wanted:
             return {}
-        from lightning_dissect.report.media import strip_media  # matplotlib and PIL, imported when drawn
+        from lightning_dissect.report.media import select_units, strip_media  # matplotlib and PIL, when drawn
 
         folder = RunFolder(context.dirpath).step_folder(report.step) if context.dirpath is not None else None
+        count = self.strips_per_layer
+        if every_detector:
+            count = max([count] + [int(result.detectors.sum()) for result in report.dissection.values()])
         try:
             with preserved_random_state(model_device(model)), _converted_inputs(probe, context.convert_input):
-                return strip_media(model, probe, report.dissection, self.strips_per_layer, report.switched,
-                                   directory=folder, forward_context=context.forward_context)
+                strips = strip_media(model, probe, report.dissection, count, report.switched, directory=folder,
+                                     forward_context=context.forward_context)
         except Exception as error:
             context.warn(f"unit strips at step {report.step} failed and were skipped ({type(error).__name__}: {error})")
             return {}
+        shown = {f"dissect/{layer}/strips/unit_{unit}" for layer, result in report.dissection.items()
+                 for unit in select_units(result, self.strips_per_layer, report.switched.get(layer, ()))}
+        return {tag: image for tag, image in strips.items() if tag in shown}
 
     def write_history(self, context: RunContext | None = None) -> None:
         """Rewrite `<dirpath>/history.jsonl` from the history (atomically)."""
@@ -382,18 +545,32 @@ class Dissector:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """The history, the layers, the last dissected step and the probe size in use (JSON values)."""
+        """What a resumed run needs to go on as one run (JSON values): the history, the layers, the last
+        dissected step, the probe size and input size decided by `plan`, the skipped steps, the schedule."""
         return {"history": [entry.to_dict() for entry in self.history], "layers": self.layers,
-                "last_step": self.last_step, "probe_size_in_use": self._probe_size_in_use}
+                "last_step": self.last_step, "probe_size": self._planned_size,
+                "input_size": list(self.input_size) if self.input_size is not None else None,
+                "skipped": list(self.skipped), "schedule": repr(self.schedule)}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore `state_dict()`; missing keys (older checkpoints) keep their defaults."""
+    def load_state_dict(self, state: Mapping[str, Any], warn: Callable[[str], None] = _warn) -> None:
+        """Restore `state_dict()`; missing keys (older checkpoints) keep their defaults.
+
+        A checkpoint taken under another schedule keeps its history; `warn` says so once.
+        """
         threshold = float(self.options["iou_threshold"])
         self.history = [HistoryEntry.from_dict(entry, threshold) for entry in state.get("history", [])]
         self.last_step = state.get("last_step")
-        self._probe_size_in_use = state.get("probe_size_in_use")
+        self.skipped = list(state.get("skipped", []))
+        self._planned_size = state.get("probe_size") or state.get("probe_size_in_use")
+        if state.get("input_size"):
+            self.input_size = (int(state["input_size"][0]), int(state["input_size"][1]))
         if self.requested_layers is None and state.get("layers"):
             self.layers = list(state["layers"])  # keep the automatic choice of the interrupted run
+        saved_schedule = state.get("schedule")
+        if saved_schedule is not None and saved_schedule != repr(self.schedule):
+            warn(f"DissectionCallback: the checkpoint was dissected on the schedule {saved_schedule}, this run uses "
+                 f"{self.schedule!r}; the history of {len(self.history)} entries is kept and goes on under the new "
+                 "schedule")
 
 
 # ---------------------------------------------------------------------- argument checks

@@ -8,12 +8,16 @@ there on first use.
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from lightning_dissect.broden import Broden, BrodenError, download_broden
 from lightning_dissect.engine.dissect import DissectionError
-from lightning_dissect.probe import ProbeSet, cache_root
+from lightning_dissect.probe import ImageTransform, ProbeSet, cache_root
 
 BRODEN_ENV = "LIGHTNING_DISSECT_BRODEN"
 DEFAULT_PROBE_SIZE = 1000
@@ -78,11 +82,34 @@ def load_probe(probe: ProbeSource, probe_size: int | None = None,
     return ProbeSet(broden, size=size, seed=probe_seed, image_size=image_size)
 
 
-def resized_probe(probe: ProbeSet, size: int) -> ProbeSet:
+def probe_at_input_size(probe: ProbeSet, size: tuple[int, int] | None) -> ProbeSet:
+    """The probe feeding the model images of `size` `(height, width)`: its transform resizes first.
+
+    The probe's own transform is kept (a default `ImageTransform` gets the size; any other transform
+    gets images already resized); `probe` itself is not changed.
+    """
+    if size is None or tuple(size) == probe.image_size:
+        return probe
+    transform = probe.transform
+    if isinstance(transform, ImageTransform):
+        resized: Callable[[torch.Tensor], torch.Tensor] = ImageTransform(transform.mean, transform.std, size)
+    else:
+        resize = ImageTransform(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), size=size)
+
+        def resized(images: torch.Tensor) -> torch.Tensor:
+            return transform(resize(images))
+
+    view = copy.copy(probe)  # the same decoded images and labels, shared
+    view.image_size, view.transform = (int(size[0]), int(size[1])), resized
+    return view
+
+
+def resized_probe(probe: ProbeSet, size: int, image_size: tuple[int, int] | None = None,
+                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ProbeSet:
     """The same selection of the same dataset with `size` images (same seed, split, categories, transform).
 
     For a smaller size the images are a subset of the larger probe's (the draw
     is one seeded permutation, cut).
     """
     return ProbeSet(probe.broden, size=size, seed=probe.seed, split=probe.split, categories=probe.categories,
-                    image_size=probe.image_size, transform=probe.transform)
+                    image_size=image_size or probe.image_size, transform=transform or probe.transform)

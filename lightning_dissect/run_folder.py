@@ -3,7 +3,13 @@
     <folder>/step=<step>/<layer>.csv                    NetDissect's per-unit table (`LayerDissection.to_csv`)
     <folder>/step=<step>/dissection.json                every number (`Dissection.to_json`)
     <folder>/step=<step>/strips/<layer>/unit_<u>.jpg    strips of the top and switched units
+    <folder>/step=<step>/complete.json                  written last: the step is whole (and its run's id)
     <folder>/history.jsonl                              one `HistoryEntry` per dissection and layer
+    <folder>/run.json                                   the id of the run the folder belongs to
+
+One folder holds one run: `claim` refuses a folder that holds another run's dissections, and the
+readers list only complete steps and say when a folder mixes runs (folders written before the
+markers existed are read as they are).
 
 The `Dissector` writes the folder (by default the callback's `<log_dir>/dissections`); the report,
 the analyses and `lightning-dissect compare` read it through `RunFolder.find`. Every file is written
@@ -12,16 +18,24 @@ atomically (`lightning_dissect.io`), so a crash never leaves half a file.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from lightning_dissect.history import HistoryEntry, read_history, write_history
+from lightning_dissect.io import atomic_write
 from lightning_dissect.result import Dissection
+
+
+class RunFolderTaken(ValueError):
+    """A folder that holds the dissections of another run."""
 
 HISTORY_FILE = "history.jsonl"
 DISSECTION_FILE = "dissection.json"
+RUN_FILE = "run.json"
+COMPLETE_FILE = "complete.json"
 STRIPS_FOLDER = "strips"
 # Strips are photographs: JPEG keeps a run's folder and a report a few times smaller than PNG.
 STRIP_SUFFIX = ".jpg"
@@ -70,13 +84,39 @@ class RunFolder:
         """`<directory>/step=<step>`: the files of the dissection at `step`."""
         return self.directory / f"step={step}"
 
-    def write_dissection(self, step: int, dissection: Dissection, save_json: bool = True) -> None:
-        """One CSV per layer and, with `save_json`, the JSON of every number."""
+    def claim(self, run_id: str) -> None:
+        """Make the folder this run's: write `run.json` unless it names `run_id` already.
+
+        Raises:
+            RunFolderTaken: the folder holds another run's dissections (another `run.json`, or step
+                folders written without one).
+        """
+        owner = self.owner()
+        if owner == run_id:
+            return
+        if owner is not None or self.steps:
+            other = f"run {owner}" if owner is not None else "a run of an earlier version"
+            raise RunFolderTaken(f"{self.directory} holds the dissections of {other} (steps {list(self.steps)})")
+        with atomic_write(self.directory / RUN_FILE) as handle:
+            handle.write(json.dumps({"run_id": run_id}) + "\n")
+
+    def owner(self) -> str | None:
+        """The id of the run the folder belongs to (`run.json`); None for none (or an unreadable one)."""
+        try:
+            return str(json.loads((self.directory / RUN_FILE).read_text())["run_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write_dissection(self, step: int, dissection: Dissection, save_json: bool = True,
+                         run_id: str | None = None) -> None:
+        """One CSV per layer, with `save_json` the JSON of every number, and last the step's `complete.json`."""
         folder = self.step_folder(step)
         for layer, result in dissection.items():
             result.to_csv(folder / f"{layer}.csv")
         if save_json:
             dissection.to_json(folder / DISSECTION_FILE)
+        with atomic_write(folder / COMPLETE_FILE) as handle:
+            handle.write(json.dumps({"step": step, "run_id": run_id}) + "\n")
 
     def write_history(self, entries: Iterable[HistoryEntry]) -> None:
         """Rewrite `history.jsonl` from `entries`."""
@@ -104,7 +144,8 @@ class RunFolder:
 
     @property
     def steps(self) -> dict[int, Path]:
-        """step -> its folder, in increasing step order."""
+        """step -> its folder, in increasing step order: the complete steps (a dissection interrupted while
+        its files were written is left out), or every step folder of a folder written without markers."""
         if not self.directory.is_dir():
             return {}
         found = {}
@@ -112,7 +153,29 @@ class RunFolder:
             match = _STEP_FOLDER.match(child.name)
             if match and child.is_dir():
                 found[int(match.group(1))] = child
+        complete = {step: folder for step, folder in found.items() if (folder / COMPLETE_FILE).is_file()}
+        if complete or (self.directory / RUN_FILE).is_file():
+            found = complete
         return dict(sorted(found.items()))
+
+    def run_ids(self) -> set[str]:
+        """The ids of the runs whose dissections the folder holds (empty for a folder without markers)."""
+        ids = {owner} if (owner := self.owner()) is not None else set()
+        for folder in self.steps.values():
+            try:
+                run_id = json.loads((folder / COMPLETE_FILE).read_text()).get("run_id")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if run_id is not None:
+                ids.add(str(run_id))
+        return ids
+
+    def check_one_run(self) -> None:
+        """Raise `RunFolderTaken` when the folder mixes the dissections of several runs (naming them)."""
+        ids = self.run_ids()
+        if len(ids) > 1:
+            raise RunFolderTaken(f"{self.directory} mixes the dissections of {len(ids)} runs ({sorted(ids)}); "
+                                 "a report or comparison reads one run: pass the folder of one run")
 
     def dissection(self, step: int) -> Dissection:
         """The dissection saved at `step`.

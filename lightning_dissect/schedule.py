@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 # The iterations at which the paper dissected AlexNet-Places205 snapshots (SEMANTICS §7).
@@ -62,6 +63,14 @@ class Schedule:
         """The steps up to `last` (inclusive) at which a step-driven loop dissects."""
         return [step for step in range(last + 1) if self.due(step)]
 
+    def planned_steps(self, total_steps: float, steps_per_epoch: int | None = None) -> list[int]:
+        """The steps at which a run of `total_steps` optimizer steps will dissect, step 0 included
+        when `at_start`; epoch schedules need `steps_per_epoch` (else only step 0 is known).
+        An unknown length (inf) gives the steps known so far: none after step 0."""
+        if not math.isfinite(total_steps):
+            return [0] if self.at_start else []
+        return self.steps(int(total_steps))
+
     def __repr__(self) -> str:
         arguments = ", ".join(f"{name}={value!r}" for name, value in vars(self).items() if not name.startswith("_"))
         return f"{type(self).__name__}({arguments})"
@@ -87,6 +96,14 @@ class EveryNEpochs(Schedule):
 
     def _due(self, step: int, epoch: int | None) -> bool:
         return epoch is not None and (epoch + 1) % self.n == 0
+
+    def planned_steps(self, total_steps: float, steps_per_epoch: int | None = None) -> list[int]:
+        start = [0] if self.at_start else []
+        if not math.isfinite(total_steps) or not steps_per_epoch:
+            return start
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        return start + [min((epoch + 1) * steps_per_epoch, int(total_steps)) for epoch in range(epochs)
+                        if self._due(0, epoch)]
 
 
 class AtSteps(Schedule):

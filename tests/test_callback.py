@@ -116,9 +116,10 @@ def fit(callbacks, model=None, data=None, val=None, ckpt_path=None, dropout=0.2,
 # ---------------------------------------------------------------------- the run is unchanged
 
 
-def test_run_with_callback_ends_bit_identical_to_run_without(probe, tmp_path):
+@pytest.mark.parametrize("options", [dict(every_n_steps=3, max_overhead=None), {}], ids=["every_3_steps", "defaults"])
+def test_run_with_callback_ends_bit_identical_to_run_without(probe, tmp_path, options):
     runs = []
-    for callbacks in ([], [ld.DissectionCallback(probe, every_n_steps=3, dirpath=tmp_path)]):
+    for callbacks in ([], [ld.DissectionCallback(probe, dirpath=tmp_path, **options)]):
         trainer, model = fit(callbacks, data=loader(shuffle=True), max_epochs=3, strips=True)
         runs.append({
             "weights": model.state_dict(),  # includes BatchNorm running statistics
@@ -129,7 +130,10 @@ def test_run_with_callback_ends_bit_identical_to_run_without(probe, tmp_path):
             "steps": steps_of(callbacks[0]) if callbacks else None,
         })
     without, with_callback = runs
-    assert with_callback["steps"] == [0, 3, 6, 9, 12]
+    if options:
+        assert with_callback["steps"] == [0, 3, 6, 9, 12]
+    else:  # the budget may skip early log-spaced steps, never the first or the final model
+        assert with_callback["steps"][0] == 0 and with_callback["steps"][-1] == 12
     assert without["weights"].keys() == with_callback["weights"].keys()
     for name, value in without["weights"].items():
         assert torch.equal(value, with_callback["weights"][name]), name
@@ -158,7 +162,7 @@ def test_dissection_restores_every_random_stream_and_train_flag(probe):
     model.conv.eval()  # a mixed state, restored exactly
     torch.manual_seed(5), random.seed(5), np.random.seed(5)
     before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
-    ld.Dissector(probe, ["conv"]).run(model, step=0)
+    ld.Dissector(probe, ["conv"], max_overhead=None).run(model, step=0)
     assert torch.equal(torch.get_rng_state(), before[0])
     assert random.getstate() == before[1]
     assert np.array_equal(np.random.get_state()[1], before[2])
@@ -175,7 +179,7 @@ def test_forward_runs_in_the_trainers_precision_context(probe):
 
     model = Recording(dropout=0.0)
     model.autocast = []
-    fit([ld.DissectionCallback(probe, layers="block2", every_n_steps=1)], model=model, max_steps=1,
+    fit([ld.DissectionCallback(probe, layers="block2", every_n_steps=1, max_overhead=None)], model=model, max_steps=1,
         precision="bf16-mixed")
     assert len(model.autocast) >= 2 and all(model.autocast)
 
@@ -185,7 +189,8 @@ def test_forward_runs_in_the_trainers_precision_context(probe):
 
 def test_resumed_run_has_the_same_history_as_an_uninterrupted_run(probe, tmp_path):
     def callback(directory):
-        return ld.DissectionCallback(probe, layers=["block1", "block2"], dirpath=tmp_path / directory)
+        return ld.DissectionCallback(probe, layers=["block1", "block2"], dirpath=tmp_path / directory,
+                                     max_overhead=None)
 
     uninterrupted = callback("whole")
     fit([uninterrupted], dropout=0.0, max_epochs=3)
@@ -196,20 +201,21 @@ def test_resumed_run_has_the_same_history_as_an_uninterrupted_run(probe, tmp_pat
     resumed = callback("resumed")
     fit([resumed], dropout=0.0, max_epochs=3, ckpt_path=tmp_path / "epoch1.ckpt")
 
-    assert steps_of(uninterrupted) == [0, 1, 2, 4, 9]
-    assert steps_of(first) == [0, 1, 2, 4]
+    assert steps_of(uninterrupted) == [0, 1, 2, 4, 9, 12]  # 12: the final model
+    assert steps_of(first) == [0, 1, 2, 4]  # its final model, step 4, was on the schedule
     assert without_seconds(resumed.dissector.history) == without_seconds(uninterrupted.dissector.history)
     lines = (tmp_path / "resumed" / "history.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [0, 0, 1, 1, 2, 2, 4, 4, 9, 9]
+    assert [json.loads(line)["step"] for line in lines] == [0, 0, 1, 1, 2, 2, 4, 4, 9, 9, 12, 12]
 
 
 def test_state_key_names_layers_and_options_and_old_state_loads():
     a = ld.DissectionCallback(layers=["block2"])
     assert a.state_key == ld.DissectionCallback(layers=["block2"]).state_key
     assert "block2" in a.state_key and "'quantile': 0.005" in a.state_key
-    for other in (ld.DissectionCallback(layers=["block1"]), ld.DissectionCallback(layers=["block2"], quantile=0.01),
-                  ld.DissectionCallback(layers=["block2"], every_n_steps=5)):
+    for other in (ld.DissectionCallback(layers=["block1"]), ld.DissectionCallback(layers=["block2"], quantile=0.01)):
         assert other.state_key != a.state_key
+    # Not the schedule: a resumed run with another schedule keeps its history (and is warned).
+    assert ld.DissectionCallback(layers=["block2"], every_n_steps=5).state_key == a.state_key
     a.load_state_dict({})  # a checkpoint from before any state was kept
     assert a.dissector.history == [] and a.dissector.last_step is None
 
@@ -218,7 +224,7 @@ def test_state_key_names_layers_and_options_and_old_state_loads():
 
 
 def test_nothing_is_dissected_during_the_sanity_check(probe):
-    callback = ld.DissectionCallback(probe, layers="block2", every_n_steps=1)
+    callback = ld.DissectionCallback(probe, layers="block2", every_n_steps=1, max_overhead=None)
     _, model = fit([callback], val=loader(num_images=8), max_steps=2, num_sanity_val_steps=2)
     assert model.validated == 1  # the sanity check ran its one batch
     assert [entry.step for entry in callback.dissector.history] == [0, 1, 2]
@@ -237,13 +243,13 @@ def test_fast_dev_run_and_validate_dissect_nothing_and_load_no_probe(tmp_path):
 
 
 def test_every_n_epochs_dissects_at_epoch_ends(probe):
-    callback = ld.DissectionCallback(probe, layers="block2", every_n_epochs=2)
+    callback = ld.DissectionCallback(probe, layers="block2", every_n_epochs=2, max_overhead=None)
     fit([callback], max_epochs=4)  # 4 steps an epoch
     assert [(entry.step, entry.epoch) for entry in callback.dissector.history] == [(0, 0), (8, 1), (16, 3)]
 
 
 def test_automatic_layers_are_the_deepest_spatial_blocks(probe):
-    callback = ld.DissectionCallback(probe, every_n_steps=100)
+    callback = ld.DissectionCallback(probe, every_n_steps=100, max_overhead=None, at_end=False)
     fit([callback], max_steps=1)
     assert callback.dissector.layers == ["block1", "block2"]
     assert [entry.layer for entry in callback.dissector.history] == ["block1", "block2"]
@@ -261,7 +267,7 @@ def test_bad_layers_fail_before_the_first_training_step(probe, layers, error, me
     model = tiny_cnn()
     weights = {name: value.clone() for name, value in model.state_dict().items()}
     with pytest.raises(error, match=message):
-        fit([ld.DissectionCallback(probe, layers=layers)], model=model)
+        fit([ld.DissectionCallback(probe, layers=layers, max_overhead=None)], model=model)
     assert model.seen == []
     assert all(torch.equal(value, model.state_dict()[name]) for name, value in weights.items())
 
@@ -321,14 +327,14 @@ def test_a_failing_periodic_dissection_warns_and_training_goes_on(probe, monkeyp
         return engine_dissect(*args, **kwargs)
 
     monkeypatch.setattr(dissector_module, "dissect", out_of_memory_at_step_2)
-    callback = ld.DissectionCallback(probe, layers="block2", every_n_steps=1)
+    callback = ld.DissectionCallback(probe, layers="block2", every_n_steps=1, max_overhead=None)
     with pytest.warns(UserWarning, match="dissection at step 1 failed and was skipped.*out of memory"):
         trainer, model = fit([callback], max_steps=3)
     assert trainer.global_step == 3 and len(model.seen) == 3
     assert steps_of(callback) == [0, 2, 3]
 
     calls.clear()
-    raising = ld.DissectionCallback(probe, layers="block2", every_n_steps=1, on_error="raise")
+    raising = ld.DissectionCallback(probe, layers="block2", every_n_steps=1, on_error="raise", max_overhead=None)
     with pytest.raises(RuntimeError, match="out of memory"):
         fit([raising], max_steps=3)
 
@@ -342,7 +348,7 @@ def test_pytorch_lightning_package_has_its_own_callback_class(probe):
     assert issubclass(ld.PLDissectionCallback, pytorch_lightning.Callback)
     assert not issubclass(ld.PLDissectionCallback, lightning.Callback)
     assert issubclass(ld.DissectionCallback, lightning.Callback)
-    callback = ld.PLDissectionCallback(probe, layers="block2", every_n_steps=2)
+    callback = ld.PLDissectionCallback(probe, layers="block2", every_n_steps=2, max_overhead=None)
     pytorch_lightning.seed_everything(0, verbose=False)
     trainer = pytorch_lightning.Trainer(callbacks=[callback], max_steps=4, **TRAINER)
     with warnings.catch_warnings():

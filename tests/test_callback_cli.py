@@ -56,7 +56,7 @@ def test_emergence_example_trains_and_logs_dissections_to_tensorboard(tmp_path):
         warnings.simplefilter("ignore")
         result = example.main(["--tiny", "--output", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")])
     assert result["layers"] == ["model.conv3", "model.conv4"]
-    assert [entry.step for entry in result["history"]] == [0, 0, 1, 1, 2, 2, 4, 4]
+    assert [entry.step for entry in result["history"]] == [0, 0, 1, 1, 2, 2, 4, 4, 6, 6]  # 6: the final model
     events = EventAccumulator(result["log_dir"], size_guidance={"scalars": 0})
     events.Reload()
     for layer in result["layers"]:

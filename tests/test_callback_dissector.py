@@ -61,7 +61,8 @@ def test_fabric_loop_with_dissector_dissects_on_schedule_and_trains_bit_identica
 
     logger = CSVLogger(tmp_path, name="fabric")
     dissector = ld.Dissector(probe, layers=["block2"], every_n_steps=2, loggers=[logger], dirpath=tmp_path / "d",
-                             figure_budget=None, strips_per_layer=0)  # strips: tested in test_report*, time saved
+                             figure_budget=None, strips_per_layer=0,  # strips: tested in test_report*, time saved
+                             max_overhead=None)
     model, optimizer_state = train(dissector, fabric_loggers=[logger])
     plain, plain_optimizer_state = train(None)
     assert [entry.step for entry in dissector.history] == [0, 2, 4]
@@ -82,7 +83,7 @@ def test_numbers_are_the_engines_and_switches_match_a_hand_written_comparison(pr
     torch.manual_seed(0)
     model = Net().eval()
     options = dict(quantile=0.05, iou_threshold=0.02)
-    dissector = ld.Dissector(probe, ["block1", "block2"], **options)
+    dissector = ld.Dissector(probe, ["block1", "block2"], **options, max_overhead=None)
     first = dissector.run(model, step=0)
     before = ld.dissect(model, probe, ["block1", "block2"], **options)
     torch.manual_seed(1)
@@ -118,12 +119,12 @@ def test_numbers_are_the_engines_and_switches_match_a_hand_written_comparison(pr
 
 
 def test_history_survives_a_state_dict_round_trip_through_json(probe):
-    dissector = ld.Dissector(probe, ["block2"], every_n_steps=1)
+    dissector = ld.Dissector(probe, ["block2"], every_n_steps=1, max_overhead=None)
     model = Net()
     for step in range(3):
         dissector.maybe_run(model, step)
     state = json.loads(json.dumps(dissector.state_dict()))
-    restored = ld.Dissector(probe, ["block2"], every_n_steps=1)
+    restored = ld.Dissector(probe, ["block2"], every_n_steps=1, max_overhead=None)
     restored.load_state_dict(state)
     assert restored.history == dissector.history and restored.last_step == 2
     assert restored.maybe_run(model, 2) is None  # already dissected
@@ -169,43 +170,47 @@ def test_automatic_layers_skip_pooling_and_dropout_and_need_a_spatial_module(pro
                                nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.1), nn.AdaptiveAvgPool2d(1),
                                nn.Flatten(), nn.Linear(16, 2))
     messages = []
-    dissector = ld.Dissector(probe)
+    dissector = ld.Dissector(probe, max_overhead=None)
     assert dissector.setup(sequential, ld.RunContext(info=messages.append)) == ["1", "4"]
     assert messages == ["DissectionCallback: dissecting ['1', '4'] (the deepest modules with spatial output; "
                         "pass layers=[...] to choose)"]
     flat = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4))
     with pytest.raises(ld.DissectionError, match="layers=None: no module of Sequential returns a spatial"):
-        ld.Dissector(probe).setup(flat)
+        ld.Dissector(probe, max_overhead=None).setup(flat)
 
 
-def test_probe_size_and_time_budget_cut_the_probe_to_a_subset_of_the_same_draw(probe, synthetic_root):
-    assert len(ld.Dissector(synthetic_root, probe_size=20).load_probe()) == 20
-    cut = ld.Dissector(probe, probe_size=20).load_probe()
+def test_probe_size_and_time_budget_cut_the_probe_once_to_a_subset_of_the_same_draw(probe, synthetic_root,
+                                                                                    monkeypatch):
+    assert len(ld.Dissector(synthetic_root, probe_size=20, max_overhead=None).load_probe()) == 20
+    cut = ld.Dissector(probe, probe_size=20, max_overhead=None).load_probe()
     assert len(cut) == 20 and set(cut.rows) <= set(probe.rows)
 
-    budget = ld.Dissector(probe, ["block2"], every_n_steps=1, max_seconds=1e-6)
+    # max_seconds sizes the probe once, before the first dissection, never below MIN_PROBE_SIZE images.
+    monkeypatch.setattr(ld.dissector, "MIN_PROBE_SIZE", 10)
+    budget = ld.Dissector(probe, ["block2"], every_n_steps=1, max_seconds=1e-6, max_overhead=None)
     messages = []
     context = ld.RunContext(info=messages.append)
     model = Net()
     first = budget.maybe_run(model, 0, context=context)
     second = budget.maybe_run(model, 1, context=context)
-    assert first.entries["block2"].probe_size == 48 and second.entries["block2"].probe_size == 1
+    assert first.entries["block2"].probe_size == second.entries["block2"].probe_size == 10
     assert set(budget.probe.rows) <= set(probe.rows)
-    assert "later dissections use 1 of the 48 probe images" in messages[0]
-    resumed = ld.Dissector(probe, ["block2"], every_n_steps=1, max_seconds=1e-6)
+    assert messages[0].startswith("DissectionCallback: probe of 10 of 48 images at 32x32 (the probe's own size)")
+    resumed = ld.Dissector(probe, ["block2"], every_n_steps=1, max_seconds=1e-6, max_overhead=None)
     resumed.load_state_dict(budget.state_dict())
-    assert len(resumed.load_probe()) == 1
+    assert resumed.maybe_run(model, 2).entries["block2"].probe_size == 10  # no new calibration: the same size
 
 
 def test_files_are_replaced_whole_and_a_failed_write_leaves_the_last_complete_history(probe, tmp_path):
     dissector = ld.Dissector(probe, ["block1", "block2"], every_n_steps=1, dirpath=tmp_path, save_json=False,
-                             figure_budget=None)
+                             figure_budget=None, max_overhead=None)
     model = Net()
     dissector.maybe_run(model, 0)
     dissector.maybe_run(model, 1)
     complete = (tmp_path / "history.jsonl").read_text()
     assert [json.loads(line) for line in complete.splitlines()] == [entry.to_dict() for entry in dissector.history]
-    assert sorted(path.name for path in (tmp_path / "step=1").iterdir()) == ["block1.csv", "block2.csv", "strips"]
+    assert sorted(path.name for path in (tmp_path / "step=1").iterdir()) == ["block1.csv", "block2.csv",
+                                                                              "complete.json", "strips"]
     dissector.history.append(ld.HistoryEntry(step=2, layer="block2", epoch=object()))  # not JSON: fails mid-write
     with pytest.raises(TypeError):
         dissector.write_history()
@@ -226,7 +231,7 @@ def test_a_broken_logger_warns_and_the_others_still_get_the_dissection(probe):
             self.steps.append(step)
 
     recording = Recording()
-    dissector = ld.Dissector(probe, ["block2"], loggers=[Broken(), recording])
+    dissector = ld.Dissector(probe, ["block2"], loggers=[Broken(), recording], max_overhead=None)
     with pytest.warns(UserWarning) as caught:
         report = dissector.maybe_run(Net(), 0)
     assert report is not None and recording.steps == [0]
@@ -239,7 +244,7 @@ def test_a_plain_summary_writer_gets_scalars_tables_and_figures(probe, tmp_path)
 
     writer = SummaryWriter(tmp_path)
     dissector = ld.Dissector(probe, ["block2"], every_n_steps=1, loggers=[writer], figure_budget=None,
-                             strips_per_layer=0)
+                             strips_per_layer=0, max_overhead=None)
     for step in range(2):
         dissector.maybe_run(Net(), step)
     writer.close()
@@ -258,7 +263,7 @@ def test_figure_budget_skips_figures_but_never_scalars_tables_or_files(probe, tm
     def logged(budget, folder):
         writer = SummaryWriter(folder)
         dissector = ld.Dissector(probe, ["block2"], every_n_steps=1, loggers=[writer], dirpath=folder / "d",
-                                 figure_budget=budget, strips_per_layer=0)
+                                 figure_budget=budget, strips_per_layer=0, max_overhead=None)
         for step in range(3):  # drawing takes far more than 1e-9 of the wall time: only step 0 may draw
             dissector.maybe_run(Net(), step)
         writer.close()
@@ -274,7 +279,7 @@ def test_figure_budget_skips_figures_but_never_scalars_tables_or_files(probe, tm
     assert images == [0] and all_images == [0, 1, 2]
     assert files == all_files
     with pytest.raises(ValueError, match="figure_budget"):
-        ld.Dissector(probe, ["block2"], figure_budget=0)
+        ld.Dissector(probe, ["block2"], figure_budget=0, max_overhead=None)
 
 
 def test_figure_budget_expects_the_next_drawing_to_cost_as_much_as_the_last():

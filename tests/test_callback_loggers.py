@@ -87,7 +87,7 @@ def run(tmp_path_factory, probe):
         loggers = [TensorBoardLogger(root, name="tb"), CSVLogger(root, name="csv"),
                    WandbLogger(save_dir=root, offline=True, project="lightning-dissect-test"),
                    MLFlowLogger(experiment_name="dissect", tracking_uri=f"file:{root / 'mlruns'}"), RecordingLogger()]
-        callback = ld.DissectionCallback(probe, layers="block2", every_n_steps=2, figure_budget=None)
+        callback = ld.DissectionCallback(probe, layers="block2", every_n_steps=2, figure_budget=None, max_overhead=None)
         checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", monitor="dissect/block2/unique_concepts", mode="max")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -90,7 +90,8 @@ def with_entries(saved: dict) -> dict:
 def ddp_spawn_trainer(tmp: Path, max_steps: int, **callback_options) -> pl.Trainer:
     # strategy="ddp_spawn" with a finite collective timeout, so a bug fails instead of hanging the suite.
     strategy = pl.strategies.DDPStrategy(start_method="spawn", timeout=datetime.timedelta(seconds=60))
-    callback = ld.DissectionCallback(**OPTIONS, every_n_steps=2, dirpath=tmp / "dissections", **callback_options)
+    callback = ld.DissectionCallback(**OPTIONS, every_n_steps=2, dirpath=tmp / "dissections",
+                                     max_overhead=None, **callback_options)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp / "checkpoints", save_last=True)
     return pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=max_steps, logger=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
@@ -147,13 +148,15 @@ def test_ddp_spawn_dissections_equal_single_process_on_every_rank(probe_root, fi
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
     for step, dissection in expected.items():
         assert_history_matches([e for e in ranks[1]["history"] if e.step == step], step, dissection)
-    assert sorted(path.name for path in (tmp / "dissections").iterdir()) == ["history.jsonl", "step=0", "step=2"]
+    assert sorted(path.name for path in (tmp / "dissections").iterdir()) == ["history.jsonl", "run.json", "step=0",
+                                                                             "step=2"]
 
 
 # ---------------------------------------------------------------- two "nodes" launched externally
 
 def external_trainer(out: Path, world_size: int, max_steps: int, **callback_options) -> pl.Trainer:
-    callback = ld.DissectionCallback(**OPTIONS, every_n_steps=2, dirpath=out / "dissections", **callback_options)
+    callback = ld.DissectionCallback(**OPTIONS, every_n_steps=2, dirpath=out / "dissections",
+                                     max_overhead=None, **callback_options)
     strategy = pl.strategies.DDPStrategy(timeout=datetime.timedelta(seconds=30))
     return pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, num_nodes=world_size, max_steps=max_steps,
                       logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -56,12 +56,12 @@ def cache(tmp_path_factory) -> Path:
 # 200 images of 32 px, 50 steps: a small run where detectors emerge (seeded, one thread), dissected
 # at steps 0, 1, 7 and 49 only (factor 7) to keep it short.
 EMERGENCE = ["--images", "200", "--image-size", "32", "--steps", "50", "--width", "16", "--batch-size", "16",
-             "--probe-size", "60", "--layers", "conv3", "conv4", "--factor", "7"]
+             "--probe-size", "60", "--layers", "conv3", "conv4", "--factor", "7", "--max-overhead", "none"]
 
 
 def test_emergence_finds_more_unique_concepts_at_the_last_dissection_than_at_the_first(tmp_path, cache):
     result = run_example("emergence", [*EMERGENCE, "--output", str(tmp_path), "--cache-dir", str(cache)])
-    assert result["steps"] == [0, 1, 7, 49]
+    assert result["steps"] == [0, 1, 7, 49, 50]  # 50: the final model
     for layer in result["layers"]:
         first, last = result["unique_concepts"][layer]
         assert first < last, (layer, first, last)
@@ -81,15 +81,16 @@ def test_emergence_finds_more_unique_concepts_at_the_last_dissection_than_at_the
 def test_finetune_counts_switches_and_draws_the_transition_table(tmp_path, cache):
     result = run_example("finetune", ["--images", "200", "--image-size", "32", "--width", "16", "--pretrain-steps",
                                       "30", "--steps", "12", "--factor", "3", "--probe-size", "60", "--output",
-                                      str(tmp_path), "--cache-dir", str(cache), "--no-progress"])
-    assert result["steps"] == [0, 1, 3, 9]
+                                      str(tmp_path), "--cache-dir", str(cache), "--no-progress", "--max-overhead",
+                                      "none"])
+    assert result["steps"] == [0, 1, 3, 9, 12]  # 12: the final model
     for layer, numbers in result["layers"].items():
-        assert [row["step"] for row in numbers["switches"]] == [1, 3, 9]
+        assert [row["step"] for row in numbers["switches"]] == [1, 3, 9, 12]
         assert numbers["switched_units"] == sum(row["count"] for row in numbers["transitions"])
         for figure in numbers["figures"]:
             assert_figure(figure)
         saved = json.loads((Path(result["log_dir"]) / f"transitions_{layer}.json").read_text())
-        assert saved["transitions"] == numbers["transitions"] and (saved["from_step"], saved["to_step"]) == (0, 9)
+        assert saved["transitions"] == numbers["transitions"] and (saved["from_step"], saved["to_step"]) == (0, 12)
 
 
 def test_rotation_finds_fewer_detectors_at_alpha_one_with_an_unchanged_linear_probe(tmp_path, cache):

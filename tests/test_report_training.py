@@ -57,7 +57,7 @@ def test_dissector_logs_strips_and_bar_graphs_and_the_report_reads_its_files(two
     wandb_run = wandb.init(mode="offline", dir=str(tmp_path), project="lightning-dissect-test")
     dissector = Dissector(probe, layers=["pool"], every_n_steps=1, quantile=0.15, top_k=3,
                           dirpath=tmp_path / "logs" / "dissections", loggers=[writer, wandb_run], figure_budget=None,
-                          strips_per_layer=1)
+                          strips_per_layer=1, max_overhead=None)
     first = dissector.maybe_run(model, 0)
     assert [first.dissection["pool"].label_name(u) for u in (0, 1)] == ["blob", "spot"]
     model.swap()
@@ -116,7 +116,7 @@ def test_a_failing_strip_warns_and_keeps_the_dissection(two_concepts, tmp_path, 
 
     monkeypatch.setattr(media, "strip_media", broken)
     dissector = Dissector(two_concepts, layers=["pool"], every_n_steps=1, quantile=0.15, top_k=3,
-                          dirpath=tmp_path / "dissections")
+                          dirpath=tmp_path / "dissections", max_overhead=None)
     with pytest.warns(UserWarning, match="unit strips at step 0 failed and were skipped .*no strips today"):
         report = dissector.maybe_run(ChannelBlocks(channels=(0, 2)), 0)
     assert report is not None and report.strips == {}

@@ -48,7 +48,8 @@ def read_run(path: str | os.PathLike) -> list[tuple[int, Dissection]]:
 
     Raises:
         FileNotFoundError: `path` does not exist or holds no dissection (says what was looked for).
-        ValueError: a file that is not a dissection JSON (names the file).
+        ValueError: a file that is not a dissection JSON (names the file), or a folder that mixes the
+            dissections of several runs.
     """
     path = Path(path)
     if path.is_file():
@@ -57,6 +58,7 @@ def read_run(path: str | os.PathLike) -> list[tuple[int, Dissection]]:
     if not path.exists():
         raise FileNotFoundError(f"run {str(path)!r} does not exist; pass a run directory or a dissection JSON file")
     run = RunFolder.find(path)
+    run.check_one_run()
     steps = run.steps
     if not steps:
         raise FileNotFoundError(f"{run.directory}: no step=<step>/ folders with dissections")

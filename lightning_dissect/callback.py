@@ -221,9 +221,10 @@ class DissectionHooks:
             images = training_images(batch)
             input_size = (int(images.shape[-2]), int(images.shape[-1])) if images is not None else None
             step_seconds = self._step_seconds(pl_module, images, context) if images is not None else None
-            scheduled = len(self.dissector.schedule.planned_steps(context.total_steps, context.steps_per_epoch))
+            planned = self.dissector.schedule.planned_steps(context.total_steps, context.steps_per_epoch)
+            final = self.dissector.at_end and (not planned or planned[-1] < context.total_steps)
             self.dissector.plan(pl_module, context, input_size=input_size, total_steps=context.total_steps,
-                                step_seconds=step_seconds, scheduled=scheduled + int(self.dissector.at_end))
+                                step_seconds=step_seconds, scheduled=len(planned) + int(final))
         self._maybe_run(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:

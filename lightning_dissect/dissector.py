@@ -414,6 +414,8 @@ class Dissector:
         context = context or self.context
         if self.probe is None:
             self.plan(model, context)
+        if step in self.skipped:
+            self.skipped.remove(step)  # skipped as a scheduled step, dissected as the final model
         return self._run_or_warn(model, step, epoch, context, final=True)
 
     def _affordable(self, step: int, context: RunContext) -> bool:

@@ -35,7 +35,7 @@ def report_run(path: str | os.PathLike, output: str | os.PathLike | None = None,
 
     Raises:
         FileNotFoundError: nothing to report at `path` or no such step (the message lists the steps).
-        ValueError: a file that is not a dissection.
+        ValueError: a file that is not a dissection, or a folder that mixes the dissections of several runs.
     """
     path = Path(path)
     if path.is_file():
@@ -43,6 +43,7 @@ def report_run(path: str | os.PathLike, output: str | os.PathLike | None = None,
         output = Path(output) if output is not None else path.parent / "report"
         return write_report(dissection, output, title=title or f"Network Dissection report: {path.name}")
     run = RunFolder.find(path)
+    run.check_one_run()
     steps = run.steps
     if not steps:
         raise FileNotFoundError(f"{run.directory}: {HISTORY_FILE} but no step=<step>/ folders with the dissections")

@@ -27,6 +27,7 @@ import json
 import math
 import operator
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -62,6 +63,15 @@ _TIMEOUT_SECONDS = 60.0
 # Pass ``expected_size``/``sha256`` to download_broden to pin an archive; the byte count is always checked
 # against the server's Content-Length, and every zip member against its CRC.
 _KNOWN_ARCHIVES: dict[int, tuple[int | None, str | None]] = {}
+
+# The largest label number: a label map holds R + 256 * G with 8-bit channels (SEMANTICS §1). The released
+# Broden numbers its labels 1..1197; a larger number could only be a typo, and would make every table indexed
+# by label number (here and in the engine) that long.
+MAX_LABEL_NUMBER = 65535
+# A coverage cell: a plain decimal >= 0 (float() would also take "1_2", " 1", "-0.5", "nan").
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# An item of an index.csv cell that looks like a signed label number ("-3"), in a cell joined with ";".
+_SIGNED_NUMBER = re.compile(r"(?:^|;)([+-][0-9]+)(?=;|$)")
 
 _FIX_CSV = "fix the file, or download the dataset again with download_broden()"
 _FIX_IMAGES = (
@@ -114,8 +124,14 @@ class _Table:
 
 
 def _is_label_number(item: str) -> bool:
-    # str.isdigit alone accepts characters such as "²" that int() refuses.
+    # str.isdigit alone accepts characters such as "²" that int() refuses; int() alone accepts "1_2", " 1".
     return item.isascii() and item.isdigit()
+
+
+def _shown(cell: str, quoted: bool = True) -> str:
+    """``repr(cell)`` (or the cell itself), cut short: a cell can be as long as the file."""
+    shown = repr if quoted else str
+    return shown(cell) if len(cell) <= 40 else shown(cell[:40]) + f"... ({len(cell)} characters)"
 
 
 def _split_cell(cell: str) -> list[str | int]:
@@ -143,6 +159,30 @@ def _read_table(path: Path, required: Iterable[str], exact_width: bool) -> _Tabl
     except UnicodeDecodeError as error:
         raise BrodenError(f"{path} is not UTF-8 text ({error}); {_FIX_CSV}") from None
 
+    try:
+        return _parse_table(path, text, required, exact_width, hashlib.sha256(data).digest())
+    except csv.Error as error:  # e.g. a cell over csv.field_size_limit(): a quote that never closes
+        raise _csv_error(path, text, error) from None
+
+
+def _csv_error(path: Path, text: str, error: csv.Error) -> BrodenError:
+    """The csv module's ``error`` as a BrodenError naming the row and line where it happened."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    records, start = 0, 1  # records read so far, header included; line where the next one starts
+    try:
+        for cells in reader:
+            records += bool(cells)
+            start = reader.line_num + 1
+    except csv.Error:
+        pass
+    where = f"{path} row {records - 1} (line {start})" if records else f"{path} line {start} (the header)"
+    return BrodenError(
+        f"{where}: the csv module cannot read it ({error}); a quoted cell that never closes makes the rest of "
+        f"the file one cell; {_FIX_CSV}"
+    )
+
+
+def _parse_table(path: Path, text: str, required: Iterable[str], exact_width: bool, sha256: bytes) -> _Table:
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, None)
     if not header:
@@ -179,18 +219,26 @@ def _read_table(path: Path, required: Iterable[str], exact_width: bool) -> _Tabl
             f"{path} row {row} (line {lines[row]}): {len(rows[row])} cells where the header has "
             f"{len(header)}; {_FIX_CSV}"
         )
-    return _Table(path, columns, rows, lines, hashlib.sha256(data).digest())
+    return _Table(path, columns, rows, lines, sha256)
 
 
-def _parse_int(table: _Table, row: int, column: str, minimum: int) -> int:
+def _parse_int(table: _Table, row: int, column: str, minimum: int, maximum: int | None = None) -> int:
+    """The cell as an integer written in ASCII digits, from ``minimum`` to ``maximum``."""
     cell = table.rows[row][table.columns[column]]
-    try:
-        value = int(cell)
-    except ValueError:
-        value = None
+    value = None
+    if _is_label_number(cell):
+        # int() refuses more than 4300 digits; any such number is above every maximum anyway.
+        value = int(cell) if len(cell) <= 4000 else 10**4000
     if value is None or value < minimum:
         raise BrodenError(
-            f"{table.where(row)}: {column} is {cell!r}, not an integer >= {minimum}; {_FIX_CSV}"
+            f"{table.where(row)}: {column} is {_shown(cell)}, not an integer >= {minimum} written in digits; "
+            f"{_FIX_CSV}"
+        )
+    if maximum is not None and value > maximum:
+        raise BrodenError(
+            f"{table.where(row)}: {column} is {_shown(cell)}, above {maximum}, the largest label number a "
+            f"label map can hold (R + 256 * G); the released Broden numbers its labels 1..1197: number the "
+            f"labels densely from 1; {_FIX_CSV}"
         )
     return value
 
@@ -267,7 +315,7 @@ class Broden:
         table = _read_table(self.root / "label.csv", ["number", "name"], exact_width=False)
         names: dict[int, str] = {}
         for row in range(len(table.rows)):
-            number = _parse_int(table, row, "number", minimum=0)
+            number = _parse_int(table, row, "number", minimum=0, maximum=MAX_LABEL_NUMBER)
             if number in names:
                 raise BrodenError(f"{table.where(row)}: label number {number} is listed twice; {_FIX_CSV}")
             names[number] = table.rows[row][table.columns["name"]]
@@ -306,14 +354,11 @@ class Broden:
                         f"{table.where(row)}: label number {number} is not in label.csv; {_FIX_CSV}"
                     )
                 cell = table.rows[row][table.columns["coverage"]]
-                try:
-                    value = float(cell)
-                except ValueError:
-                    value = math.nan
+                value = float(cell) if _DECIMAL.fullmatch(cell) else math.nan
                 if not math.isfinite(value):
                     raise BrodenError(
-                        f"{table.where(row)}: coverage is {cell!r}, not a finite number; the primary "
-                        f"category of a label is decided by it (SEMANTICS §1); {_FIX_CSV}"
+                        f"{table.where(row)}: coverage is {_shown(cell)}, not a finite decimal number >= 0; "
+                        f"the primary category of a label is decided by it (SEMANTICS §1); {_FIX_CSV}"
                     )
                 coverage[number] = value
             self.coverage[category] = coverage
@@ -332,11 +377,12 @@ class Broden:
         rows = table.rows
         try:
             # column by column, so the loops run in C (map), not in the interpreter
-            columns = [
-                list(map(int, map(operator.itemgetter(table.columns[name]), rows))) for name in _SIZE_COLUMNS
-            ]
+            getters = [operator.itemgetter(table.columns[name]) for name in _SIZE_COLUMNS]
+            # int() alone would take "0_8" or " 8": every cell must be ASCII digits (an empty cell fails int)
+            digits = "".join("".join(map(get_cell, rows)) for get_cell in getters)
+            columns = [list(map(int, map(get_cell, rows))) for get_cell in getters]
             sizes: list[tuple[int, int, int, int]] = list(zip(*columns))
-            valid = not sizes or min(map(min, columns)) >= 1
+            valid = not sizes or (digits.isascii() and digits.isdigit() and min(map(min, columns)) >= 1)
         except ValueError:
             valid = False
         if not valid:  # rare path: find the row and column at fault, for the message
@@ -347,9 +393,21 @@ class Broden:
         # splitting it once keeps the check in C: well under a second on the released 63,305 rows.
         for category in self.categories:
             get_cell = operator.itemgetter(table.columns[category])
-            items = set(";".join(map(get_cell, rows)).split(";"))
+            joined = ";".join(map(get_cell, rows))
+            # the substring tests run at memory speed; the regex (4x slower) only where they hit
+            signed = (";-" in joined or ";+" in joined or joined[:1] in ("-", "+")) and _SIGNED_NUMBER.search(
+                joined
+            )
+            if signed:  # rare path: find the row, for the message
+                row = next(row for row, cells in enumerate(rows) if _SIGNED_NUMBER.search(get_cell(cells)))
+                raise BrodenError(
+                    f"{table.where(row)}: {category} item {_shown(signed.group(1))} is not a label number "
+                    f"(label numbers are written in digits, 1 to {MAX_LABEL_NUMBER}) nor a path; {_FIX_CSV}"
+                )
+            items = set(joined.split(";"))
             numbers = {item for item in filter(str.isdigit, items) if _is_label_number(item)}
-            unknown = {item for item in numbers if not self._is_known(int(item))}
+            # more than 5 significant digits is above MAX_LABEL_NUMBER (and int() refuses > 4300 digits)
+            unknown = {item for item in numbers if len(item.lstrip("0")) > 5 or not self._is_known(int(item))}
             if unknown:  # rare path: find the first row that holds one, for the message
                 row, item = next(
                     (row, item)
@@ -358,7 +416,8 @@ class Broden:
                     if item in unknown
                 )
                 raise BrodenError(
-                    f"{table.where(row)}: {category} label number {item} is not in label.csv; {_FIX_CSV}"
+                    f"{table.where(row)}: {category} label number {_shown(item, quoted=False)} is not in label.csv; "
+                    f"{_FIX_CSV}"
                 )
         self._index = table
         self._sizes = sizes
@@ -411,15 +470,14 @@ class Broden:
         Raises:
             BrodenError: a name that is not a category of this dataset, or an empty selection.
         """
-        selected = [(name, self.coverage[name]) for name in self._select(categories)]
         primary: list[str | None] = [None] * len(self.label_names)
-        for number in range(1, len(self.label_names)):
-            best = None
-            for name, coverage in selected:
-                value = coverage.get(number)
+        best: dict[int, float] = {}
+        # over the c_ files' rows, not over every number: the work follows the labels, not the largest number
+        for name in self._select(categories):
+            for number, value in self.coverage[name].items():
                 # strict ">" keeps the first category of category.csv on a tie
-                if value is not None and (best is None or value > best):
-                    best = value
+                if number not in best or value > best[number]:
+                    best[number] = value
                     primary[number] = name
         return primary
 

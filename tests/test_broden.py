@@ -281,6 +281,18 @@ BAD_CELLS = {
     "c-coverage": ("c_part.csv", 1, "coverage", "", "c_part.csv row 0 (line 2): coverage is '', not a"),
     "category-twice": ("category.csv", 3, "name", "color", "category.csv row 2 (line 4): category 'color'"),
     "category-fixed": ("category.csv", 1, "name", "split", "category.csv row 0 (line 2): 'split' cannot"),
+    # Python's int() and float() accept "1_2", " 7", "+7", "７" (full-width) and "-0.5"; a Broden number is
+    # ASCII digits (coverage: a plain decimal >= 0), so each of these is refused.
+    "label-underscore": ("label.csv", 1, "number", "1_2", "label.csv row 0 (line 2): number is '1_2'"),
+    "label-space": ("label.csv", 1, "number", " 1", "label.csv row 0 (line 2): number is ' 1'"),
+    "label-plus": ("label.csv", 1, "number", "+1", "label.csv row 0 (line 2): number is '+1'"),
+    "label-fullwidth": ("label.csv", 1, "number", "\uff11", "label.csv row 0 (line 2): number is '\uff11'"),
+    "c-number": ("c_object.csv", 1, "number", "0_2", "c_object.csv row 0 (line 2): number is '0_2'"),
+    "size-underscore": ("index.csv", 1, "ih", "0_8", "index.csv row 0 (line 2): ih is '0_8'"),
+    "size-space": ("index.csv", 2, "sw", "3 ", "index.csv row 1 (line 3): sw is '3 '"),
+    "coverage-negative": ("c_part.csv", 1, "coverage", "-0.1", "c_part.csv row 0 (line 2): coverage is '-0.1'"),
+    "coverage-underscore": ("c_part.csv", 2, "coverage", "0_2", "c_part.csv row 1 (line 3): coverage is '0_2'"),
+    "coverage-infinite": ("c_part.csv", 2, "coverage", "1e999", "c_part.csv row 1 (line 3): coverage is '1e999'"),
 }
 
 
@@ -348,3 +360,52 @@ def test_pixel_label_not_in_label_csv_is_named(root: Path, number: int) -> None:
         match=rf"row 1 \(line 3\): object label map .*b_object.png holds label number\(s\) {number} ",
     ):
         Broden(root).read_segmentation(1)
+
+
+# ---------------------------------------------------------------------- numbers, cells and csv syntax
+
+
+@pytest.mark.parametrize("coverage", ["0.25", "1", ".5", "2.5e-05", "3E2"])
+def test_plain_decimal_coverage_is_read(tmp_path: Path, coverage: str) -> None:
+    tables = tiny_tables()
+    tables["c_part.csv"][1][4] = coverage
+    assert Broden(write_broden(tmp_path / "b", tables)).coverage["part"][2] == float(coverage)
+
+
+@pytest.mark.parametrize("item", ["-3", "+4"])
+def test_signed_number_in_an_image_level_cell_is_an_invalid_label_number(tmp_path: Path, item: str) -> None:
+    tables = tiny_tables()
+    tables["index.csv"][3][-1] = f"4;{item}"
+    with pytest.raises(BrodenError, match=rf"index.csv row 2 \(line 4\): scene item '\{item}' is not a label num"):
+        Broden(write_broden(tmp_path / "b", tables))
+
+
+@pytest.mark.parametrize("number", [65536, 300_000_000, 4_000_000_000, 10**30])
+def test_label_number_above_the_label_map_range_is_refused(tmp_path: Path, number: int) -> None:
+    tables = tiny_tables()
+    tables["label.csv"].append([str(number), "huge", "object(1)", "1", "0.5", ""])
+    with pytest.raises(BrodenError, match=rf"label.csv row 7 \(line 10\): number is '{number}', above 65535"):
+        Broden(write_broden(tmp_path / "b", tables))
+
+
+def test_label_number_65535_is_the_largest_accepted(tmp_path: Path) -> None:
+    tables = tiny_tables()
+    tables["label.csv"].append(["65535", "last", "object(1)", "1", "0.5", ""])
+    broden = Broden(write_broden(tmp_path / "b", tables))
+    assert len(broden.label_names) == 65536 and broden.label_names[65535] == "last"
+
+
+def test_image_level_number_with_thousands_of_digits_is_unknown_not_a_crash(tmp_path: Path) -> None:
+    tables = tiny_tables()
+    tables["index.csv"][3][-1] = "4;" + "9" * 5000
+    with pytest.raises(BrodenError, match=r"index.csv row 2 \(line 4\): scene label number 9999.* not in label"):
+        Broden(write_broden(tmp_path / "b", tables))
+
+
+def test_cell_over_the_csv_field_limit_names_file_row_and_line(tmp_path: Path) -> None:
+    root = write_broden(tmp_path / "b")
+    text = (root / "index.csv").read_text()
+    # A quote that never closes makes the rest of the file one cell, past the csv module's limit.
+    (root / "index.csv").write_text(text + 'd.jpg,val,8,6,4,3,,"' + "x" * 200_000 + "\n")
+    with pytest.raises(BrodenError, match=r"index.csv row 3 \(line 5\): .*field larger than field limit"):
+        Broden(root)

@@ -34,7 +34,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -72,6 +72,12 @@ MAX_LABEL_NUMBER = 65535
 _DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 # An item of an index.csv cell that looks like a signed label number ("-3"), in a cell joined with ";".
 _SIGNED_NUMBER = re.compile(r"(?:^|;)([+-][0-9]+)(?=;|$)")
+
+# Label maps must be lossless: JPEG data or a grey-level PNG would alter the label numbers R + 256 * G.
+_LABEL_MAP_MODES = ("RGB", "RGBA", "P")
+# Images are opened without following a final symbolic link (the path is resolved and checked first) and
+# without blocking (opening a FIFO for reading would wait for a writer).
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
 _FIX_CSV = "fix the file, or download the dataset again with download_broden()"
 _FIX_IMAGES = (
@@ -132,6 +138,30 @@ def _shown(cell: str, quoted: bool = True) -> str:
     """``repr(cell)`` (or the cell itself), cut short: a cell can be as long as the file."""
     shown = repr if quoted else str
     return shown(cell) if len(cell) <= 40 else shown(cell[:40]) + f"... ({len(cell)} characters)"
+
+
+def _path_problem(item: str) -> str | None:
+    """Why ``item``, a path of index.csv, could name a file outside ``images/`` (lexically), or None.
+
+    Symbolic links are followed when a file is opened (:meth:`Broden._open`), since they can change later.
+    """
+    if "\0" in item:
+        return "holds a NUL character"
+    if "\\" in item:
+        return "holds a backslash (paths in index.csv use '/')"
+    if item.startswith("/") or re.match("[A-Za-z]:", item):
+        return "is absolute"
+    if ".." in item.split("/"):
+        return "climbs out of images/ with '..'"
+    return None
+
+
+def _not_regular(info: os.stat_result) -> str | None:
+    """Why a file of this ``stat`` cannot be read as an image (it is not a regular file), or None."""
+    if stat.S_ISREG(info.st_mode):
+        return None
+    kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a directory" if stat.S_ISDIR(info.st_mode) else "a device"
+    return f"is {kind}, not a regular file"
 
 
 def _split_cell(cell: str) -> list[str | int]:
@@ -204,19 +234,20 @@ def _parse_table(path: Path, text: str, required: Iterable[str], exact_width: bo
     else:  # a quoted cell spans lines, or blank lines: read again, noting where each row starts
         reader = csv.reader(io.StringIO(text, newline=""))
         next(reader)
-        rows, lines, start = [], [], 2
-        for row in reader:
-            if row:
-                rows.append(row)
-                lines.append(start)
+        rows, starts, start = [], [], 2
+        for cells in reader:
+            if cells:
+                rows.append(cells)
+                starts.append(start)
             start = reader.line_num + 1
+        lines = starts
     widths = set(map(len, rows))
     if widths - {width} and (exact_width or min(widths) < width):
-        row = next(
+        bad = next(
             i for i, cells in enumerate(rows) if len(cells) != width and (exact_width or len(cells) < width)
         )
         raise BrodenError(
-            f"{path} row {row} (line {lines[row]}): {len(rows[row])} cells where the header has "
+            f"{path} row {bad} (line {lines[bad]}): {len(rows[bad])} cells where the header has "
             f"{len(header)}; {_FIX_CSV}"
         )
     return _Table(path, columns, rows, lines, sha256)
@@ -404,6 +435,7 @@ class Broden:
                     f"{table.where(row)}: {category} item {_shown(signed.group(1))} is not a label number "
                     f"(label numbers are written in digits, 1 to {MAX_LABEL_NUMBER}) nor a path; {_FIX_CSV}"
                 )
+            self._check_paths(table, category, get_cell, joined)
             items = set(joined.split(";"))
             numbers = {item for item in filter(str.isdigit, items) if _is_label_number(item)}
             # more than 5 significant digits is above MAX_LABEL_NUMBER (and int() refuses > 4300 digits)
@@ -419,6 +451,12 @@ class Broden:
                     f"{table.where(row)}: {category} label number {_shown(item, quoted=False)} is not in label.csv; "
                     f"{_FIX_CSV}"
                 )
+        get_image = operator.itemgetter(table.columns["image"])
+        images = list(map(get_image, rows))
+        if "" in images:
+            row = images.index("")
+            raise BrodenError(f"{table.where(row)}: the image cell is empty; {_FIX_CSV}")
+        self._check_paths(table, "image", get_image, "\n".join(images))
         self._index = table
         self._sizes = sizes
         self._image_column = table.columns["image"]
@@ -426,6 +464,34 @@ class Broden:
         split_column = table.columns["split"]
         self.splits: list[str] = [cells[split_column] for cells in rows]
         return table
+
+    @staticmethod
+    def _check_paths(table: _Table, column: str, get_cell: Callable[[list[str]], str], joined: str) -> None:
+        """Refuses a path of ``column`` that could leave ``images/`` (see ``_path_problem``).
+
+        ``joined`` is the column's cells joined by ";" (a line break for the image column, whose cells are
+        whole paths). Substring tests on it run in C, about 10 ms per column of the released index.csv; only
+        where one hits are the cells checked one by one.
+        """
+        separator = "\n" if column == "image" else ";"
+        if not (
+            "\0" in joined
+            or "\\" in joined
+            or ":" in joined
+            or ".." in joined
+            or joined.startswith("/")
+            or separator + "/" in joined
+        ):
+            return
+        split = (lambda cell: [cell]) if column == "image" else (lambda cell: cell.split(";"))
+        for row, cells in enumerate(table.rows):
+            for item in split(get_cell(cells)):
+                problem = _path_problem(item)
+                if problem:
+                    raise BrodenError(
+                        f"{table.where(row)}: {column} path {_shown(item)} {problem}; every path in index.csv "
+                        f"names a file inside {table.path.parent / 'images'}; {_FIX_CSV}"
+                    )
 
     def _is_known(self, number: int) -> bool:
         return number < len(self.label_names) and bool(self._known_labels[number])
@@ -492,6 +558,17 @@ class Broden:
             f"categories {self.categories})"
         )
 
+    def where(self, i: int) -> str:
+        """Row ``i`` of ``index.csv`` as error messages name it: ``".../index.csv row 17 (line 19)"``.
+
+        The row is the 0-based data row, the line the 1-based line of the file where the row starts (blank
+        lines and cells spanning lines make the two differ by more than 2).
+
+        Raises:
+            IndexError: ``i`` is not in ``range(len(self))``.
+        """
+        return self._index.where(self._row_index(i))
+
     def _row_index(self, i: int) -> int:
         i = operator.index(i)
         if not 0 <= i < len(self):
@@ -524,8 +601,9 @@ class Broden:
             BrodenError: the image is missing, unreadable, or not ``ih x iw``.
         """
         i = self._row_index(i)
-        path = self.root / "images" / self._index.rows[i][self._image_column]
-        pixels = self._decode(path, i)
+        item = self._index.rows[i][self._image_column]
+        path = self.root / "images" / item
+        pixels = self._decode(i, "image", item)
         ih, iw = self._sizes[i][:2]
         if pixels.shape[:2] != (ih, iw):
             raise BrodenError(
@@ -569,7 +647,7 @@ class Broden:
 
     def _read_label_map(self, i: int, category: str, item: str) -> torch.Tensor:
         path = self.root / "images" / item
-        rgb = self._decode(path, i)
+        rgb = self._decode(i, category, item, label_map=True)
         sh, sw = self._sizes[i][2:]
         if rgb.shape[:2] != (sh, sw):
             raise BrodenError(
@@ -588,18 +666,64 @@ class Broden:
             )
         return torch.from_numpy(labels)
 
-    def _decode(self, path: Path, i: int) -> np.ndarray:
-        """Decodes ``path`` to an ``(h, w, 3)`` uint8 RGB array, naming the index.csv row on failure."""
+    def _open(self, i: int, column: str, item: str) -> io.BufferedReader:
+        """Opens ``images/<item>``, named in ``column`` of row ``i``: a regular file inside ``images/``.
+
+        Symbolic links are resolved here, when the file is read, not when index.csv is (they can change in
+        between). The resolved path is opened without following a link and without blocking (a FIFO would
+        hang ``open``), and the file opened must be the regular file that was checked.
+        """
+        path = self.root / "images" / item
+
+        def refuse(problem: str) -> BrodenError:
+            return BrodenError(f"{self._index.where(i)}: {column} file {path} {problem}; {_FIX_IMAGES}")
+
+        images = os.path.realpath(self.root / "images")
+        real = os.path.realpath(path)
+        if not real.startswith(images + os.sep):
+            raise refuse(f"resolves to {real}, outside {images} (a symbolic link?); a dataset reads only its files")
         try:
-            with Image.open(path) as image:
-                image.load()  # decode now, so a truncated file fails here and not later
-                rgb = image if image.mode == "RGB" else image.convert("RGB")
-                return np.array(rgb, dtype=np.uint8)  # a copy: torch wants writable memory
+            info = os.stat(real)
+            problem = _not_regular(info)
+            if problem:
+                raise refuse(problem)
+            descriptor = os.open(real, _OPEN_FLAGS)
         except FileNotFoundError:
-            problem = "is missing"
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            problem = f"cannot be decoded ({error})"
-        raise BrodenError(f"{self._index.where(i)}: {path} {problem}; {_FIX_IMAGES}")
+            raise refuse("is missing") from None
+        except OSError as error:
+            raise refuse(f"cannot be opened ({error})") from None
+        try:
+            opened = os.fstat(descriptor)
+            if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+                raise refuse("was replaced while it was opened")
+            return os.fdopen(descriptor, "rb")
+        except BaseException:
+            os.close(descriptor)
+            raise
+
+    def _decode(self, i: int, column: str, item: str, label_map: bool = False) -> np.ndarray:
+        """Decodes ``images/<item>`` to an ``(h, w, 3)`` uint8 RGB array, naming row and column on failure.
+
+        A label map must be an RGB (or RGBA, or palette) PNG: lossless, so R + 256 * G is the label.
+        """
+        path = self.root / "images" / item
+        with self._open(i, column, item) as file:
+            try:
+                with Image.open(file) as image:
+                    found, mode = image.format, image.mode
+                    if not label_map or (found == "PNG" and mode in _LABEL_MAP_MODES):
+                        image.load()  # decode now, so a truncated file fails here and not later
+                        rgb = image if image.mode == "RGB" else image.convert("RGB")
+                        return np.array(rgb, dtype=np.uint8)  # a copy: torch wants writable memory
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                raise BrodenError(
+                    f"{self._index.where(i)}: {column} file {path} cannot be decoded ({error}); {_FIX_IMAGES}"
+                ) from None
+        problem = f"holds {found} data, not PNG" if found != "PNG" else f"is a PNG of mode {mode}"
+        raise BrodenError(
+            f"{self._index.where(i)}: {column} label map {path} {problem}; a label map is an RGB PNG (lossless), "
+            f"its label at a pixel R + 256 * G; {_FIX_IMAGES}"
+        )
 
     def fingerprint(self) -> str:
         """sha256 (hex) over the bytes of the csv files, as read when this object was made.

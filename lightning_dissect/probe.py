@@ -203,7 +203,7 @@ class ProbeSet:
             row = broden.row(i)
             if (row.image_size, row.segmentation_size) != (first.image_size, first.segmentation_size):
                 raise BrodenError(
-                    f"{broden.root / 'index.csv'} row {i} (line {i + 2}): image/segmentation size "
+                    f"{broden.where(i)}: image/segmentation size "
                     f"{row.image_size}/{row.segmentation_size} differs from row {rows[0]}'s "
                     f"{first.image_size}/{first.segmentation_size}; a probe set needs one size. "
                     "Select rows of one size (split=, size=)."

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -409,3 +412,147 @@ def test_cell_over_the_csv_field_limit_names_file_row_and_line(tmp_path: Path) -
     (root / "index.csv").write_text(text + 'd.jpg,val,8,6,4,3,,"' + "x" * 200_000 + "\n")
     with pytest.raises(BrodenError, match=r"index.csv row 3 \(line 5\): .*field larger than field limit"):
         Broden(root)
+
+
+# ---------------------------------------------------------------------- paths stay inside images/
+
+# (row of the table (0 is the header), column, cell, what the message says); checked by Broden(), for
+# every row and column, before any file is opened.
+ESCAPING_PATHS = {
+    "image-parent": (2, "image", "../../outside.png", "climbs out of images/ with '..'"),
+    "image-absolute": (1, "image", "{outside}", "is absolute"),
+    "map-parent": (1, "object", "../../outside.png", "climbs out of images/ with '..'"),
+    "map-inner-parent": (1, "part", "a_part1.png;x/../../outside.png", "climbs out of images/ with '..'"),
+    "map-absolute": (2, "color", "{outside}", "is absolute"),
+    "map-drive": (1, "object", "C:/outside.png", "is absolute"),
+    "map-backslash": (1, "object", "..\\outside.png", "holds a backslash"),
+    "map-nul": (2, "object", "b_object.png\0x", "holds a NUL character"),
+}
+
+
+@pytest.mark.parametrize(("row", "column", "cell", "problem"), ESCAPING_PATHS.values(), ids=ESCAPING_PATHS)
+def test_path_that_leaves_images_is_refused_naming_file_row_and_column(
+    tmp_path: Path, row: int, column: str, cell: str, problem: str
+) -> None:
+    outside = tmp_path / "outside.png"  # a valid label map and image, outside the dataset
+    write_label_map(outside, label_maps()["b_object.png"])
+    tables = tiny_tables()
+    tables["index.csv"][row][INDEX_HEADER.index(column)] = cell.format(outside=outside)
+    with pytest.raises(BrodenError) as error:
+        Broden(write_broden(tmp_path / "b", tables))
+    message = str(error.value)
+    assert f"index.csv row {row - 1} (line {row + 1}): {column} path " in message and problem in message
+
+
+def test_empty_image_cell_is_refused(tmp_path: Path) -> None:
+    tables = tiny_tables()
+    tables["index.csv"][3][0] = ""
+    with pytest.raises(BrodenError, match=r"index.csv row 2 \(line 4\): the image cell is empty"):
+        Broden(write_broden(tmp_path / "b", tables))
+
+
+def test_names_with_dots_colons_and_subfolders_are_paths_inside_images(tmp_path: Path) -> None:
+    tables = tiny_tables()
+    tables["index.csv"][2][INDEX_HEADER.index("object")] = "sub/b..object:1.png"
+    root = write_broden(tmp_path / "b", tables)
+    (root / "images" / "sub").mkdir()
+    (root / "images" / "b_object.png").rename(root / "images" / "sub" / "b..object:1.png")
+    maps, _ = Broden(root).read_segmentation(1)
+    assert torch.equal(maps[0], torch.from_numpy(label_maps()["b_object.png"]).int())
+
+
+@pytest.mark.parametrize("target", ["outside", "dangling-outside"])
+def test_symlink_out_of_images_is_refused_when_the_file_is_read(root: Path, target: str) -> None:
+    outside = root.parent / "outside.png"
+    if target == "outside":
+        write_label_map(outside, label_maps()["b_object.png"])
+    link = root / "images" / "b_object.png"
+    link.unlink()
+    link.symlink_to(Path("..") / ".." / outside.name)  # relative: images/../../outside.png
+    broden = Broden(root)  # the csv files are fine; the link is followed only when the file is read
+    with pytest.raises(
+        BrodenError, match=r"index.csv row 1 \(line 3\): object file .*b_object.png resolves to .*outside.png, out"
+    ):
+        broden.read_segmentation(1)
+
+
+def test_symlinks_inside_images_and_a_linked_images_folder_are_read(root: Path, tmp_path: Path) -> None:
+    maps = root / "images" / "maps"
+    maps.mkdir()
+    (root / "images" / "b_object.png").rename(maps / "b_object.png")
+    (root / "images" / "b_object.png").symlink_to(Path("maps") / "b_object.png")
+    moved = tmp_path / "elsewhere"
+    (root / "images").rename(moved)
+    (root / "images").symlink_to(moved)  # e.g. the images kept on another disk
+    maps_read, _ = Broden(root).read_segmentation(1)
+    assert torch.equal(maps_read[0], torch.from_numpy(label_maps()["b_object.png"]).int())
+
+
+@pytest.fixture
+def fail_on_hang() -> Iterator[None]:
+    """Turns a hang into a failure where signals allow it (a FIFO opened for reading blocks in open())."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def hung(*_: object) -> None:
+        raise TimeoutError("hung for 20 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "directory"])
+def test_only_regular_files_are_opened(root: Path, kind: str, fail_on_hang: None) -> None:
+    path = root / "images" / "a_part2.png"
+    path.unlink()
+    if kind == "FIFO":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on this platform")
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    with pytest.raises(
+        BrodenError, match=rf"index.csv row 0 \(line 2\): part file .*a_part2.png is a {kind}, not a regular file"
+    ):
+        Broden(root).read_segmentation(0)
+
+
+@pytest.mark.parametrize(("format", "mode"), [("JPEG", "RGB"), ("PNG", "L"), ("PNG", "I;16")])
+def test_label_map_must_be_an_rgb_png(root: Path, format: str, mode: str) -> None:
+    # Label 1 everywhere except row 0 (as in a_color.png), saved in a lossy format or without R and G.
+    labels = label_maps()["a_color.png"].astype(np.uint8)
+    rgb = np.zeros((*labels.shape, 3), dtype=np.uint8)
+    rgb[..., 0] = labels
+    image = Image.fromarray(rgb, "RGB") if mode == "RGB" else Image.fromarray(labels, "L").convert(mode)
+    image.save(root / "images" / "a_color.png", format=format, **({"quality": 100} if format == "JPEG" else {}))
+    expected = f"holds {format} data, not PNG" if format == "JPEG" else f"is a PNG of mode {mode}"
+    with pytest.raises(BrodenError, match=rf"row 0 \(line 2\): color label map .*a_color.png {expected}"):
+        Broden(root).read_segmentation(0)
+
+
+def test_where_names_row_and_line_with_blank_lines(root: Path) -> None:
+    lines = (root / "index.csv").read_text().splitlines(keepends=True)
+    (root / "index.csv").write_text(lines[0] + "\n" + lines[1] + "\n\n" + "".join(lines[2:]))
+    broden = Broden(root)
+    assert broden.where(0).endswith("index.csv row 0 (line 3)")
+    assert broden.where(2).endswith("index.csv row 2 (line 7)")
+    with pytest.raises(IndexError):
+        broden.where(3)
+
+
+def test_probe_size_error_names_the_line_of_the_row(tmp_path: Path) -> None:
+    from lightning_dissect.probe import ProbeSet
+
+    tables = tiny_tables()
+    tables["index.csv"][3][2:4] = ["6", "8"]  # row 2: another image size than rows 0 and 1
+    root = write_broden(tmp_path / "b", tables)
+    lines = (root / "index.csv").read_text().splitlines(keepends=True)
+    (root / "index.csv").write_text("".join(lines[:3]) + "\n\n" + lines[3])  # row 2 moves to line 6
+    with pytest.raises(BrodenError, match=r"index.csv row 2 \(line 6\): image/segmentation size \(6, 8\)"):
+        ProbeSet(root, cache_dir=False)

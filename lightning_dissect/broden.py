@@ -34,6 +34,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -57,6 +58,16 @@ _RESOLUTIONS = (224, 227)
 _COMPLETE_MARKER = ".complete"
 _CHUNK_BYTES = 1 << 20
 _TIMEOUT_SECONDS = 60.0
+
+# What an archive may expand to, checked on its zip directory before anything is extracted. JPEG images and
+# PNG label maps do not compress (ratio about 1) and the csv files of a release are a few MB (ratio about
+# 10): an archive that expands much further is a zip bomb, not a Broden dataset.
+ZIP_MAX_RATIO = 100  # uncompressed / compressed bytes, for each member larger than ZIP_RATIO_FREE_BYTES
+ZIP_RATIO_FREE_BYTES = 4 << 20  # a smaller member may compress better (a blank label map, a short csv)
+ZIP_MAX_TOTAL_RATIO = 10  # all members, uncompressed: at most this many times the archive's size ...
+ZIP_TOTAL_SLACK_BYTES = 64 << 20  # ... plus this, so a small archive of csv files is not refused
+# Deflate (what the releases use) decompresses in bounded steps; zipfile's bzip2 and lzma readers do not.
+_ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
 
 # Sizes and sha256 of the released archives, by resolution. Deliberately empty: no value here has been
 # verified against the files on the NetDissect site, and a wrong entry would reject a good download.
@@ -872,7 +883,8 @@ def _fetch(url: str, path: Path, expected_size: int | None, progress: bool) -> t
 
 
 def _check_member(info: zipfile.ZipInfo, archive: Path, folder: Path) -> None:
-    """Refuses a member that could be written outside ``folder`` (resolved), the extraction folder."""
+    """Refuses a member that could be written outside ``folder`` (resolved), the extraction folder, or that
+    cannot be read safely (encrypted, compressed by another method than stored or deflated, a zip bomb)."""
     name = info.filename.replace("\\", "/")
     problem = None
     if name.startswith("/") or PureWindowsPath(info.filename).drive:
@@ -883,11 +895,67 @@ def _check_member(info: zipfile.ZipInfo, archive: Path, folder: Path) -> None:
         problem = "is a symbolic link"
     elif folder not in (folder / name).resolve().parents:  # whatever the checks above missed
         problem = "resolves outside the extraction folder"
+    elif info.flag_bits & 0x1:
+        problem = "is encrypted (a Broden release is not)"
+    elif info.compress_type not in _ZIP_METHODS:
+        problem = (
+            f"is compressed with method {info.compress_type}; only stored and deflated members are read (the "
+            f"Broden releases are deflated)"
+        )
+    elif info.file_size > ZIP_RATIO_FREE_BYTES and info.file_size > ZIP_MAX_RATIO * info.compress_size:
+        problem = (
+            f"expands {info.compress_size} bytes into {info.file_size}, more than {ZIP_MAX_RATIO} times (the "
+            f"limit for members over {ZIP_RATIO_FREE_BYTES >> 20} MiB): images and label maps barely compress"
+        )
     if problem:
         raise BrodenError(
-            f"{archive}: member {info.filename!r} {problem}; the archive is unsafe and nothing was "
-            f"extracted; check where it came from"
+            f"{archive}: member {info.filename!r} {problem}; the archive is unsafe or not a Broden release and "
+            f"nothing was extracted; check where it came from"
         )
+
+
+def _check_sizes(members: list[zipfile.ZipInfo], archive: Path, dest: Path) -> None:
+    """Refuses an archive whose members expand implausibly, or beyond the free space of ``dest``."""
+    archive_bytes = archive.stat().st_size
+    total = sum(info.file_size for info in members)
+    compressed = sum(info.compress_size for info in members)
+    limit = ZIP_MAX_TOTAL_RATIO * archive_bytes + ZIP_TOTAL_SLACK_BYTES
+    free = shutil.disk_usage(dest).free
+    problem = None
+    if compressed > archive_bytes:
+        problem = (
+            f"its directory claims {compressed} compressed bytes but the archive holds {archive_bytes} (members "
+            f"overlap, a zip bomb, or the archive is corrupt)"
+        )
+    elif total > limit:
+        problem = (
+            f"its {len(members)} members would expand to {total} bytes, more than {ZIP_MAX_TOTAL_RATIO} times its "
+            f"{archive_bytes} bytes plus {ZIP_TOTAL_SLACK_BYTES >> 20} MiB (images and label maps barely compress)"
+        )
+    elif total > free:
+        problem = f"its members need {total} bytes but {dest} has {free} free; free some space and download again"
+    if problem:
+        raise BrodenError(f"{archive}: {problem}; nothing was extracted")
+
+
+def _extract_member(zipped: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path) -> None:
+    """Writes one checked member under ``folder``, never more bytes than its directory entry announces."""
+    target = folder / info.filename.replace("\\", "/")
+    if info.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with zipped.open(info) as source, target.open("wb") as out:
+        while chunk := source.read(_CHUNK_BYTES):
+            written += len(chunk)
+            # zipfile stops at the announced size itself; this keeps the guarantee whatever reads the data
+            if written > info.file_size:
+                raise BrodenError(
+                    f"member {info.filename!r} holds more than the {info.file_size} bytes its header announces; "
+                    f"the archive is unsafe and nothing was installed"
+                )
+            out.write(chunk)
 
 
 def _extract(archive: Path, dest: Path, final: Path, url: str, progress: bool) -> str:
@@ -900,8 +968,20 @@ def _extract(archive: Path, dest: Path, final: Path, url: str, progress: bool) -
                 # Every member is checked before any is written, so a bad archive leaves nothing behind.
                 for info in members:
                     _check_member(info, archive, staging.resolve())
+                _check_sizes(members, archive, dest)
                 for info in tqdm(members, desc=f"extract {final.name}", unit="file", disable=not progress):
-                    zipped.extract(info, staging)
+                    try:
+                        _extract_member(zipped, info, staging)
+                    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:
+                        raise BrodenError(
+                            f"{url}: member {info.filename!r} cannot be read ({error}); the archive is corrupt: "
+                            f"download again"
+                        ) from error
+                    except OSError as error:
+                        raise BrodenError(
+                            f"{url}: member {info.filename!r} cannot be written into {dest} ({error}); nothing was "
+                            f"installed"
+                        ) from error
         except zipfile.BadZipFile as error:
             raise BrodenError(
                 f"{url}: the download is not a valid zip archive ({error}); check the url, or download again"

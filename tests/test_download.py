@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import stat
+import struct
 import threading
 import zipfile
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -238,3 +241,98 @@ def test_existing_folder_without_marker_is_not_touched(tmp_path: Path) -> None:
 def test_resolution_must_be_224_or_227(tmp_path: Path, resolution: object) -> None:
     with pytest.raises(ValueError, match=r"resolution must be one of \(224, 227\)"):
         download_broden(tmp_path, resolution=resolution)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- archives that expand implausibly
+
+
+def with_members(source: Path, members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    """The tiny dataset zipped like a release, plus ``members`` (name -> content) compressed this way."""
+    buffer = io.BytesIO(zip_folder(source, "broden1_224/"))
+    with zipfile.ZipFile(buffer, "a") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content, compress_type=compression)
+    return buffer.getvalue()
+
+
+def patch_directory(data: bytes, name: str, **fields: int) -> bytes:
+    """``data`` with the central-directory entry of member ``name`` changed: ``flag_bits``,
+    ``compress_type``, ``compress_size`` or ``file_size`` (what a crafted archive can claim)."""
+    offsets = {"flag_bits": (8, "<H"), "compress_type": (10, "<H"), "compress_size": (20, "<I"),
+               "file_size": (24, "<I")}
+    patched = bytearray(data)
+    start = patched.find(b"PK\x01\x02")
+    while start >= 0:
+        length = struct.unpack_from("<H", patched, start + 28)[0]
+        if patched[start + 46 : start + 46 + length] == name.encode():
+            for field, value in fields.items():
+                offset, layout = offsets[field]
+                struct.pack_into(layout, patched, start + offset, value)
+            return bytes(patched)
+        start = patched.find(b"PK\x01\x02", start + 4)
+    raise KeyError(name)
+
+
+def refused(server: Server, tmp_path: Path, body: bytes, match: str) -> str:
+    """Serves ``body``, checks download_broden refuses it with ``match`` and leaves nothing; the message."""
+    server.files["/broden1_224.zip"] = body
+    dest = tmp_path / "dest"
+    with pytest.raises(BrodenError, match=match) as error:
+        download_broden(dest, url=server.base + "/broden1_224.zip", progress=False)
+    assert leftovers(dest) == []  # no dataset, no staging folder, no archive
+    return str(error.value)
+
+
+def test_member_that_expands_a_hundredfold_is_refused_before_extraction(server: Server, tmp_path: Path) -> None:
+    body = with_members(write_broden(tmp_path / "source"), {"broden1_224/images/bomb.png": bytes(64 << 20)})
+    assert len(body) < 1 << 20  # 64 MiB of zeros deflate to about 64 KiB
+    message = refused(server, tmp_path, body, r"member 'broden1_224/images/bomb.png' expands \d+ bytes into 67108864")
+    assert "more than 100 times" in message
+
+
+def test_members_that_together_expand_implausibly_are_refused(server: Server, tmp_path: Path) -> None:
+    # Each 3 MiB member is under the per-member ratio's 4 MiB floor; together 72 MiB from about 80 KiB.
+    members = {f"broden1_224/images/blank{k}.png": bytes(3 << 20) for k in range(24)}
+    body = with_members(write_broden(tmp_path / "source"), members)
+    refused(server, tmp_path, body, r"members would expand to \d+ bytes, more than 10 times its \d+ bytes plus 64 MiB")
+
+
+def test_directory_claiming_more_compressed_bytes_than_the_archive_is_refused(
+    server: Server, tmp_path: Path
+) -> None:
+    name = "broden1_224/images/extra.png"
+    body = with_members(write_broden(tmp_path / "source"), {name: b"x" * 1000})
+    body = patch_directory(body, name, compress_size=len(body) + 1, file_size=len(body) + 1)
+    refused(server, tmp_path, body, r"its directory claims \d+ compressed bytes but the archive holds")
+
+
+def test_archive_larger_than_the_free_space_is_refused(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = zip_folder(write_broden(tmp_path / "source"), "broden1_224/")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=10**12 - 100, free=100))
+    refused(server, tmp_path, body, r"its members need \d+ bytes but .*dest has 100 free")
+
+
+def test_member_whose_header_understates_its_size_is_refused(server: Server, tmp_path: Path) -> None:
+    name = "broden1_224/images/extra.png"
+    body = with_members(write_broden(tmp_path / "source"), {name: b"x" * 100_000})
+    refused(server, tmp_path, patch_directory(body, name, file_size=10), rf"member '{name}' .*CRC")
+
+
+@pytest.mark.parametrize(
+    ("fields", "compression", "problem"),
+    [
+        ({"flag_bits": 0x1}, zipfile.ZIP_STORED, "is encrypted"),
+        ({"compress_type": 9}, zipfile.ZIP_DEFLATED, "is compressed with method 9"),  # deflate64
+        ({}, zipfile.ZIP_BZIP2, "is compressed with method 12"),
+        ({}, zipfile.ZIP_LZMA, "is compressed with method 14"),
+    ],
+    ids=["encrypted", "deflate64", "bzip2", "lzma"],
+)
+def test_member_that_cannot_be_read_safely_is_refused_by_name(
+    server: Server, tmp_path: Path, fields: dict[str, int], compression: int, problem: str
+) -> None:
+    name = "broden1_224/images/extra.png"
+    body = with_members(write_broden(tmp_path / "source"), {name: b"x" * 1000}, compression)
+    refused(server, tmp_path, patch_directory(body, name, **fields) if fields else body, rf"member '{name}' {problem}")

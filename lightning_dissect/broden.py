@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import http.client
 import io
 import json
 import math
@@ -31,6 +32,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -57,7 +59,12 @@ BASE_URL_ENV = "LIGHTNING_DISSECT_BRODEN_URL"
 _RESOLUTIONS = (224, 227)
 _COMPLETE_MARKER = ".complete"
 _CHUNK_BYTES = 1 << 20
-_TIMEOUT_SECONDS = 60.0
+_TIMEOUT_SECONDS = 60.0  # the longest wait for any one read of the connection
+# A transfer stalls when fewer than STALL_MIN_BYTES arrive in STALL_WINDOW_SECONDS (measured over
+# consecutive windows, so a stall is noticed within two windows); the read timeout never exceeds the window.
+# Read at each call, so a test can shorten them.
+STALL_WINDOW_SECONDS = 60.0
+STALL_MIN_BYTES = 64 << 10
 
 # What an archive may expand to, checked on its zip directory before anything is extracted. JPEG images and
 # PNG label maps do not compress (ratio about 1) and the csv files of a release are a few MB (ratio about
@@ -755,6 +762,7 @@ def download_broden(
     progress: bool = True,
     expected_size: int | None = None,
     sha256: str | None = None,
+    timeout: float | None = None,
 ) -> Path:
     """Downloads and extracts ``broden1_<resolution>.zip`` into ``dest/broden1_<resolution>``.
 
@@ -768,6 +776,9 @@ def download_broden(
     archive is deleted. An interrupted call leaves no dataset directory and no marker, so calling again
     starts over (there is no resume).
 
+    A transfer that stalls (fewer than ``STALL_MIN_BYTES``, 64 KiB, in ``STALL_WINDOW_SECONDS``, 60 s) or
+    whose server sends nothing for 60 s fails; ``timeout`` bounds the whole transfer as well.
+
     The default URL is ``http://netdissect.csail.mit.edu/data/broden1_<res>.zip``; the environment
     variable ``LIGHTNING_DISSECT_BRODEN_URL`` replaces its base (``.../data/``), e.g. for a mirror.
 
@@ -778,15 +789,18 @@ def download_broden(
         progress: show tqdm progress bars.
         expected_size: the archive's size in bytes, if known.
         sha256: the archive's sha256 (hex), if known.
+        timeout: seconds the transfer may take in all, or None for no limit. It is checked whenever data
+            arrives, and a silent connection is given up within the read timeout (the shorter of 60 s and
+            ``STALL_WINDOW_SECONDS``); extracting the archive (local work) is not counted.
 
     Returns:
         The dataset directory ``dest/broden1_<resolution>``.
 
     Raises:
-        ValueError: ``resolution`` is not 224 or 227.
-        BrodenError: the transfer failed or ended early, the size or checksum differs, the archive is not
-            a zip, holds an unsafe member or no Broden dataset, or ``dest/broden1_<res>`` exists without
-            the marker.
+        ValueError: ``resolution`` is not 224 or 227, or ``timeout`` is not a positive number.
+        BrodenError: the transfer failed, stalled, ran past ``timeout`` or ended early, the size or checksum
+            differs, the archive is not a zip, holds an unsafe member or no Broden dataset, or
+            ``dest/broden1_<res>`` exists without the marker.
 
     Example:
         >>> root = download_broden("~/data", resolution=227)  # doctest: +SKIP
@@ -794,6 +808,9 @@ def download_broden(
     """
     if resolution not in _RESOLUTIONS or isinstance(resolution, bool):
         raise ValueError(f"resolution must be one of {_RESOLUTIONS}, got {resolution!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds or None (no limit), got {timeout!r}")
+    deadline = None if timeout is None else time.monotonic() + timeout
     name = f"broden1_{resolution}"
     dest = Path(dest).expanduser()
     final = dest / name
@@ -816,7 +833,7 @@ def download_broden(
     dest.mkdir(parents=True, exist_ok=True)
     archive = dest / f"{name}.zip.part"
     try:
-        size, digest = _fetch(url, archive, expected_size, progress)
+        size, digest = _fetch(url, archive, expected_size, progress, deadline, timeout)
         if sha256 is not None and digest != sha256:
             raise BrodenError(
                 f"{url}: the archive's sha256 is {digest}, expected {sha256}; the file is corrupt or not "
@@ -831,14 +848,31 @@ def download_broden(
     return final
 
 
-def _fetch(url: str, path: Path, expected_size: int | None, progress: bool) -> tuple[int, str]:
-    """Streams ``url`` to ``path``; returns (bytes, sha256 hex) after checking the byte count."""
+def _fetch(
+    url: str, path: Path, expected_size: int | None, progress: bool, deadline: float | None, timeout: float | None
+) -> tuple[int, str]:
+    """Streams ``url`` to ``path``; returns (bytes, sha256 hex) after checking the byte count.
+
+    ``deadline`` (``time.monotonic()``; ``timeout`` seconds after the call began) ends the transfer, and so
+    does a stall (see ``STALL_WINDOW_SECONDS``).
+    Every message counts the bytes that had arrived: the loop reads whatever one system call brings
+    (``read1``), so a slow server cannot hold bytes in a buffer that no message sees.
+    """
     request = urllib.request.Request(url, headers={"User-Agent": "lightning-dissect"})
     hasher = hashlib.sha256()
     received = 0
     announced: int | None = None
+    window, minimum = STALL_WINDOW_SECONDS, STALL_MIN_BYTES
+    read_timeout = min(_TIMEOUT_SECONDS, window)
+    if deadline is not None:
+        read_timeout = max(0.001, min(read_timeout, deadline - time.monotonic()))
+    again = "nothing was installed, call download_broden() again"
+
+    def ended(problem: str) -> BrodenError:
+        return BrodenError(f"{url}: {problem}, after {received} bytes; {again}")
+
     try:
-        with urllib.request.urlopen(request, timeout=_TIMEOUT_SECONDS) as response, path.open("wb") as out:
+        with urllib.request.urlopen(request, timeout=read_timeout) as response, path.open("wb") as out:
             length = response.headers.get("Content-Length")
             announced = int(length) if length and length.isdigit() else None
             if announced is not None and expected_size is not None and announced != expected_size:
@@ -847,6 +881,8 @@ def _fetch(url: str, path: Path, expected_size: int | None, progress: bool) -> t
                     f"and expected_size arguments"
                 )
             total = announced if announced is not None else expected_size
+            read = getattr(response, "read1", response.read)
+            window_start, window_bytes = time.monotonic(), 0
             with tqdm(
                 total=total,
                 unit="B",
@@ -855,11 +891,27 @@ def _fetch(url: str, path: Path, expected_size: int | None, progress: bool) -> t
                 desc=path.name[: -len(".part")],
                 disable=not progress,
             ) as bar:
-                while chunk := response.read(_CHUNK_BYTES):
-                    out.write(chunk)
-                    hasher.update(chunk)
+                while chunk := read(_CHUNK_BYTES):
                     received += len(chunk)
                     bar.update(len(chunk))
+                    hasher.update(chunk)
+                    try:
+                        out.write(chunk)
+                    except OSError as error:
+                        raise BrodenError(f"{url}: cannot write {path} ({error}); {again}") from error
+                    now = time.monotonic()
+                    if received == total:
+                        continue  # all there: the next read ends the loop
+                    if deadline is not None and now >= deadline:
+                        raise ended(f"the transfer did not finish within timeout={timeout:g} s")
+                    if now - window_start >= window:
+                        if received - window_bytes < minimum:
+                            raise ended(
+                                f"the transfer stalled: {received - window_bytes} bytes arrived in the last "
+                                f"{now - window_start:.1f} s, fewer than {minimum} in {window:g} s (STALL_MIN_BYTES "
+                                f"in STALL_WINDOW_SECONDS)"
+                            )
+                        window_start, window_bytes = now, received
     except BrodenError:
         raise
     except urllib.error.HTTPError as error:
@@ -867,17 +919,18 @@ def _fetch(url: str, path: Path, expected_size: int | None, progress: bool) -> t
             f"{url}: the server answered HTTP {error.code} {error.reason}; check the url (or the "
             f"{BASE_URL_ENV} environment variable)"
         ) from error
-    except (OSError, ValueError) as error:
-        # http.client's IncompleteRead is a ValueError; resets and timeouts are OSErrors.
-        raise BrodenError(
-            f"{url}: the transfer failed after {received} bytes ({error!r}); nothing was installed, "
-            f"call download_broden() again"
-        ) from error
+    except TimeoutError as error:  # socket.timeout: no byte for read_timeout seconds
+        if deadline is not None and time.monotonic() >= deadline:
+            raise ended(f"the transfer did not finish within timeout={timeout:g} s") from error
+        raise ended(f"the server sent nothing for {read_timeout:g} s") from error
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        # resets are OSErrors, a broken chunked body an http.client.IncompleteRead
+        raise ended(f"the transfer failed ({error!r})") from error
     for what, size in (("the server's Content-Length", announced), ("expected_size", expected_size)):
         if size is not None and received != size:
             raise BrodenError(
                 f"{url}: the transfer ended after {received} of {size} bytes ({what}); the connection was "
-                f"closed early; nothing was installed, call download_broden() again"
+                f"closed early; {again}"
             )
     return received, hasher.hexdigest()
 

@@ -9,6 +9,7 @@ import shutil
 import stat
 import struct
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from lightning_dissect import broden
 from lightning_dissect.broden import Broden, BrodenError, download_broden
 from tests.test_broden import write_broden  # the same tiny dataset the reader is tested on
 
@@ -28,6 +30,9 @@ class Server:
         self.files: dict[str, bytes] = {}
         self.requests: list[str] = []
         self.truncate_next = False  # answer the next request with half the body, then hang up
+        # (first, step, interval): send the first bytes, then `step` bytes every `interval` seconds (nothing
+        # when step is 0), for at most 5 s: a slow or stalled server.
+        self.paced: tuple[int, int, float] | None = None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -45,7 +50,23 @@ class Server:
                     self.wfile.write(body[: len(body) // 2])
                     self.close_connection = True
                     return
+                if server.paced is not None:
+                    self.send_paced(body, *server.paced)
+                    return
                 self.wfile.write(body)
+
+            def send_paced(self, body: bytes, first: int, step: int, interval: float) -> None:
+                self.close_connection = True
+                stop = time.monotonic() + 5
+                try:
+                    self.wfile.write(body[:first])
+                    sent = first
+                    while sent < len(body) and time.monotonic() < stop:
+                        time.sleep(interval)
+                        self.wfile.write(body[sent : sent + step])
+                        sent += step
+                except OSError:  # the client gave up
+                    pass
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -336,3 +357,58 @@ def test_member_that_cannot_be_read_safely_is_refused_by_name(
     name = "broden1_224/images/extra.png"
     body = with_members(write_broden(tmp_path / "source"), {name: b"x" * 1000}, compression)
     refused(server, tmp_path, patch_directory(body, name, **fields) if fields else body, rf"member '{name}' {problem}")
+
+
+# ---------------------------------------------------------------------- slow servers: stalls and the deadline
+
+
+@pytest.fixture
+def one_second_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(broden, "STALL_WINDOW_SECONDS", 1.0)
+
+
+def test_silent_server_fails_within_the_window_counting_the_bytes_that_arrived(
+    server: Server, tmp_path: Path, one_second_window: None
+) -> None:
+    server.files["/broden1_224.zip"] = bytes(1 << 20)
+    server.paced = (1024, 0, 0.1)  # 1 KiB, then nothing
+    dest = tmp_path / "dest"
+    with pytest.raises(BrodenError, match=r"the server sent nothing for 1 s, after 1024 bytes; nothing was"):
+        download_broden(dest, url=server.base + "/broden1_224.zip", progress=False)
+    assert leftovers(dest) == []
+
+
+def test_trickling_server_is_a_stall(server: Server, tmp_path: Path, one_second_window: None) -> None:
+    server.files["/broden1_224.zip"] = bytes(1 << 20)
+    server.paced = (1024, 1, 0.1)  # then one byte every 0.1 s: never silent for a whole read timeout
+    dest = tmp_path / "dest"
+    with pytest.raises(BrodenError) as error:
+        download_broden(dest, url=server.base + "/broden1_224.zip", progress=False)
+    message = str(error.value)
+    assert "the transfer stalled:" in message and "fewer than 65536 in 1 s" in message
+    arrived = int(message.split(", after ")[1].split(" bytes")[0])
+    assert 1024 < arrived < 1024 + 40  # every trickled byte counted, and the stall seen within two windows
+    assert leftovers(dest) == []
+
+
+def test_timeout_ends_a_transfer_that_never_stalls(server: Server, tmp_path: Path) -> None:
+    server.files["/broden1_224.zip"] = bytes(8 << 20)
+    server.paced = (0, 16 << 10, 0.05)  # 320 KiB/s, far above the stall threshold: 25 s for the body
+    dest = tmp_path / "dest"
+    started = time.monotonic()
+    with pytest.raises(BrodenError, match=r"did not finish within timeout=1 s, after [1-9]\d* bytes"):
+        download_broden(dest, url=server.base + "/broden1_224.zip", progress=False, timeout=1)
+    assert time.monotonic() - started < 5  # the deadline, not the 25 s body, ended it
+    assert leftovers(dest) == []
+
+
+def test_download_within_the_timeout_succeeds(server: Server, archive: bytes, tmp_path: Path) -> None:
+    server.files["/broden1_224.zip"] = archive
+    root = download_broden(tmp_path / "dest", url=server.base + "/broden1_224.zip", progress=False, timeout=60)
+    assert len(Broden(root)) == 3
+
+
+@pytest.mark.parametrize("timeout", [0, -1, "5", True, float("nan")])
+def test_timeout_must_be_a_positive_number(tmp_path: Path, timeout: object) -> None:
+    with pytest.raises(ValueError, match=r"timeout must be a positive number of seconds or None"):
+        download_broden(tmp_path, url="http://127.0.0.1:9/unused.zip", timeout=timeout)  # type: ignore[arg-type]

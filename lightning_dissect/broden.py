@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import http.client
@@ -31,13 +32,14 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -60,6 +62,7 @@ _RESOLUTIONS = (224, 227)
 _COMPLETE_MARKER = ".complete"
 _CHUNK_BYTES = 1 << 20
 _TIMEOUT_SECONDS = 60.0  # the longest wait for any one read of the connection
+_LOCK_POLL_SECONDS = 0.2  # how often a download waiting for another one tries its lock
 # A transfer stalls when fewer than STALL_MIN_BYTES arrive in STALL_WINDOW_SECONDS (measured over
 # consecutive windows, so a stall is noticed within two windows); the read timeout never exceeds the window.
 # Read at each call, so a test can shorten them.
@@ -776,6 +779,10 @@ def download_broden(
     archive is deleted. An interrupted call leaves no dataset directory and no marker, so calling again
     starts over (there is no resume).
 
+    Concurrent calls for the same ``dest`` and resolution (two ranks, two jobs) take turns on the lock file
+    ``dest/broden1_<res>.lock``: one downloads, the others wait for it (``timeout`` bounds the wait too)
+    and then return its dataset without touching the network; if it failed, the next one tries.
+
     A transfer that stalls (fewer than ``STALL_MIN_BYTES``, 64 KiB, in ``STALL_WINDOW_SECONDS``, 60 s) or
     whose server sends nothing for 60 s fails; ``timeout`` bounds the whole transfer as well.
 
@@ -816,11 +823,6 @@ def download_broden(
     final = dest / name
     if (final / _COMPLETE_MARKER).is_file():
         return final
-    if final.exists():
-        raise BrodenError(
-            f"{final} exists but has no {_COMPLETE_MARKER} marker: an interrupted download, or a folder not "
-            f"made by download_broden(); remove it to download again, or pass it to Broden() yourself"
-        )
     if url is None:
         # A mirror serves the same file, so the known size and checksum still apply to it.
         known_size, known_sha256 = _KNOWN_ARCHIVES.get(resolution, (None, None))
@@ -831,21 +833,100 @@ def download_broden(
     sha256 = sha256.lower() if sha256 else None
 
     dest.mkdir(parents=True, exist_ok=True)
-    archive = dest / f"{name}.zip.part"
-    try:
-        size, digest = _fetch(url, archive, expected_size, progress, deadline, timeout)
-        if sha256 is not None and digest != sha256:
+    # One process downloads, the others wait for it here and then find its marker.
+    with _download_lock(dest / f"{name}.lock", deadline, timeout, progress):
+        if (final / _COMPLETE_MARKER).is_file():
+            return final
+        if final.exists():
             raise BrodenError(
-                f"{url}: the archive's sha256 is {digest}, expected {sha256}; the file is corrupt or not "
-                f"the one expected: download again, or check the sha256 argument"
+                f"{final} exists but has no {_COMPLETE_MARKER} marker: an interrupted download, or a folder not "
+                f"made by download_broden(); remove it to download again, or pass it to Broden() yourself"
             )
-        fingerprint = _extract(archive, dest, final, url, progress)
-    finally:
-        archive.unlink(missing_ok=True)
-    marker = {"url": url, "bytes": size, "sha256": digest, "fingerprint": fingerprint}
-    with atomic_write(final / _COMPLETE_MARKER) as handle:
-        handle.write(json.dumps(marker, indent=1) + "\n")
+        archive = dest / f"{name}.zip.part"
+        try:
+            size, digest = _fetch(url, archive, expected_size, progress, deadline, timeout)
+            if sha256 is not None and digest != sha256:
+                raise BrodenError(
+                    f"{url}: the archive's sha256 is {digest}, expected {sha256}; the file is corrupt or not "
+                    f"the one expected: download again, or check the sha256 argument"
+                )
+            fingerprint = _extract(archive, dest, final, url, progress)
+        finally:
+            archive.unlink(missing_ok=True)
+        marker = {"url": url, "bytes": size, "sha256": digest, "fingerprint": fingerprint}
+        with atomic_write(final / _COMPLETE_MARKER) as handle:
+            handle.write(json.dumps(marker, indent=1) + "\n")
     return final
+
+
+if sys.platform == "win32":
+    import msvcrt
+
+    def _try_lock(descriptor: int) -> bool:
+        try:
+            msvcrt.locking(descriptor, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+
+    def _unlock(descriptor: int) -> None:
+        msvcrt.locking(descriptor, msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    def _try_lock(descriptor: int) -> bool:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _unlock(descriptor: int) -> None:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _download_lock(path: Path, deadline: float | None, timeout: float | None, progress: bool) -> Iterator[None]:
+    """Holds the lock file ``path`` for the block, after waiting (until ``deadline``) for its holder.
+
+    The lock is ``flock`` (POSIX; ``msvcrt.locking`` on Windows), so it dies with its process: a crashed
+    download never blocks the next one. The holder removes the file before releasing it, so no lock file
+    is left behind; a waiter that then holds the removed file (no longer the one at ``path``) opens the
+    path again. (Windows refuses to remove an open file; there the file stays, which is harmless.)
+    """
+    told = False
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            while not _try_lock(descriptor):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise BrodenError(
+                        f"another download into {path.parent} holds {path} and did not finish within "
+                        f"timeout={timeout:g} s; call download_broden() again when it is done"
+                    )
+                if progress and not told:
+                    tqdm.write(f"waiting for another download into {path.parent} (it holds {path})", file=sys.stderr)
+                    told = True
+                time.sleep(_LOCK_POLL_SECONDS)
+            try:
+                held = os.path.samestat(os.fstat(descriptor), os.stat(path))
+            except FileNotFoundError:
+                held = False
+        except BaseException:
+            os.close(descriptor)
+            raise
+        if held:
+            break
+        os.close(descriptor)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            _unlock(descriptor)  # closing releases it too; Windows asks for it first
+        os.close(descriptor)
 
 
 def _fetch(

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import stat
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -412,3 +415,67 @@ def test_download_within_the_timeout_succeeds(server: Server, archive: bytes, tm
 def test_timeout_must_be_a_positive_number(tmp_path: Path, timeout: object) -> None:
     with pytest.raises(ValueError, match=r"timeout must be a positive number of seconds or None"):
         download_broden(tmp_path, url="http://127.0.0.1:9/unused.zip", timeout=timeout)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- concurrent downloads
+
+DOWNLOAD_IN_A_PROCESS = """
+import sys, time
+from pathlib import Path
+from lightning_dissect.broden import download_broden
+ready, go, dest, url = sys.argv[1:]
+Path(ready).touch()
+while not Path(go).exists():  # both processes start their download at the same moment
+    time.sleep(0.005)
+print(download_broden(dest, url=url, progress=False))
+"""
+
+
+def test_concurrent_processes_download_once_and_both_get_the_dataset(
+    server: Server, archive: bytes, tmp_path: Path
+) -> None:
+    server.files["/broden1_224.zip"] = archive
+    server.paced = (0, len(archive) // 10 + 1, 0.1)  # about 1 s for the body: the other process must wait
+    dest, go = tmp_path / "dest", tmp_path / "go"
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "no_proxy": "*"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", DOWNLOAD_IN_A_PROCESS, str(tmp_path / f"ready{k}"), str(go), str(dest),
+             server.base + "/broden1_224.zip"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+        )
+        for k in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready{k}").exists() for k in range(2)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()
+        outputs = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, (stdout, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr
+        assert stdout.strip() == str(dest / "broden1_224")
+    assert server.requests == ["/broden1_224.zip"]  # one download, the other process used its result
+    assert leftovers(dest) == ["broden1_224"]  # no lock file, no .part, no staging folder
+    assert len(Broden(dest / "broden1_224")) == 3
+
+
+def test_waiting_for_another_download_obeys_the_timeout(server: Server, archive: bytes, tmp_path: Path) -> None:
+    server.files["/broden1_224.zip"] = archive
+    server.paced = (0, len(archive) // 20 + 1, 0.1)  # about 2 s
+    dest, url = tmp_path / "dest", server.base + "/broden1_224.zip"
+    results: list[Path] = []
+    first = threading.Thread(target=lambda: results.append(download_broden(dest, url=url, progress=False)))
+    first.start()
+    try:
+        while not server.requests:
+            time.sleep(0.01)
+        with pytest.raises(BrodenError, match=r"another download into .*dest holds .*broden1_224.lock and did not"):
+            download_broden(dest, url=url, progress=False, timeout=0.3)
+    finally:
+        first.join()
+    assert results == [dest / "broden1_224"] and server.requests == ["/broden1_224.zip"]
+    assert download_broden(dest, url=url, progress=False, timeout=0.3) == dest / "broden1_224"

@@ -9,7 +9,12 @@ PNG label maps (label = R + 256 * G).
 second for the released 63,305 rows) and the images lazily, in
 :meth:`Broden.read_image` and :meth:`Broden.read_segmentation`. Every problem a
 user can cause is a :class:`BrodenError` that names the file, the row and the
-way out.
+way out. Every path of ``index.csv`` must name a regular file inside ``images/``
+(checked as written in ``Broden()``, and again with symbolic links resolved when the
+file is read); label numbers stop at :data:`MAX_LABEL_NUMBER`. :func:`download_broden`
+refuses archives that expand implausibly before extracting anything, gives up on a
+stalled transfer, and lets concurrent calls take turns on a lock file. The whole
+list: ``docs/data.md``.
 
 Example:
     >>> broden = Broden(download_broden("~/data"))            # doctest: +SKIP
@@ -196,6 +201,9 @@ def _read_table(path: Path, required: Iterable[str], exact_width: bool) -> _Tabl
     The table keeps the sha256 of the bytes it parsed, so the fingerprint describes exactly what was read.
     """
     try:
+        problem = _not_regular(path.stat())  # reading a FIFO would wait for a writer
+        if problem:
+            raise BrodenError(f"{path} {problem}; {_FIX_CSV}")
         data = path.read_bytes()
     except FileNotFoundError:
         raise BrodenError(
@@ -316,8 +324,9 @@ class Broden:
         splits: the split of every ``index.csv`` row.
 
     Raises:
-        BrodenError: a missing file or column, a malformed cell, a duplicate or unknown label number, or a
-            category of ``category.csv`` without its ``index.csv`` column; the message names file and row.
+        BrodenError: a missing file or column, a malformed cell, a duplicate or unknown label number (or one
+            above ``MAX_LABEL_NUMBER``), a path that leaves ``images/``, or a category of ``category.csv``
+            without its ``index.csv`` column; the message names file and row.
 
     Example:
         >>> broden = Broden("data/broden1_224")               # doctest: +SKIP
@@ -619,7 +628,8 @@ class Broden:
         Grayscale, palette and RGBA images are converted to RGB.
 
         Raises:
-            BrodenError: the image is missing, unreadable, or not ``ih x iw``.
+            BrodenError: the image is missing, unreadable, not a regular file inside ``images/`` (symbolic
+                links resolved), or not ``ih x iw``.
         """
         i = self._row_index(i)
         item = self._index.rows[i][self._image_column]
@@ -650,7 +660,8 @@ class Broden:
             label numbers; both in ``category.csv`` order, then cell order, as written (no deduplication).
 
         Raises:
-            BrodenError: a PNG is missing, unreadable or not ``sh x sw``, or holds a label number that is
+            BrodenError: a PNG is missing, unreadable, not a regular file inside ``images/`` (symbolic
+                links resolved), not an RGB PNG, or not ``sh x sw``, or holds a label number that is
                 not in ``label.csv``.
         """
         selected = self._select(categories)

@@ -523,6 +523,16 @@ def test_only_regular_files_are_opened(root: Path, kind: str, fail_on_hang: None
         Broden(root).read_segmentation(0)
 
 
+@pytest.mark.parametrize("name", ["index.csv", "c_part.csv"])
+def test_csv_file_that_is_a_fifo_is_refused(root: Path, name: str, fail_on_hang: None) -> None:
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    (root / name).unlink()
+    os.mkfifo(root / name)
+    with pytest.raises(BrodenError, match=rf"{name} is a FIFO, not a regular file"):
+        Broden(root)
+
+
 @pytest.mark.parametrize(("format", "mode"), [("JPEG", "RGB"), ("PNG", "L"), ("PNG", "I;16")])
 def test_label_map_must_be_an_rgb_png(root: Path, format: str, mode: str) -> None:
     # Label 1 everywhere except row 0 (as in a_color.png), saved in a lossy format or without R and G.

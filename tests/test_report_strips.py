@@ -92,15 +92,19 @@ def test_planted_unit_strip_shows_its_mask_exactly_on_the_planted_label(planted)
     # Most active first: the blob's red value grows with the image index.
     with_blob = [i for i, r in enumerate(regions) if r.any()]
     assert strip.positions == sorted(with_blob, reverse=True)[:4]
+    scale = 7  # 16-pixel images are shown as 112-pixel tiles (MIN_TILE), each pixel a 7 x 7 block
+    assert strip.scale == scale and strip.tiles.shape[1:] == (SIZE * scale, SIZE * scale, 3)
     for j, position in enumerate(strip.positions):
         expected = np.kron(regions[position], np.ones((2, 2), dtype=bool))
         np.testing.assert_array_equal(strip.masks[j], expected)
         original = probe.images[position].permute(1, 2, 0).numpy()
         tile = strip.tiles[j]
+        expected, original = np.kron(expected, np.ones((scale, scale), dtype=bool)), original.repeat(
+            scale, axis=0).repeat(scale, axis=1)
         np.testing.assert_array_equal(tile[expected], original[expected])       # inside: untouched
         assert (tile[~expected] != original[~expected]).any(axis=-1).all()     # outside: every pixel changed
         top, left = strip.tile_boxes[j]
-        np.testing.assert_array_equal(strip.image[top : top + SIZE, left : left + SIZE], tile)
+        np.testing.assert_array_equal(strip.image[top : top + SIZE * scale, left : left + SIZE * scale], tile)
     assert strip.caption == "pool unit 0: blob (object) IoU 1.000"
 
 
@@ -254,3 +258,40 @@ def test_figures_are_trimmed_to_their_content_and_never_clipped(outside):
     margins = [rows[0], image.shape[0] - 1 - rows[-1], columns[0], image.shape[1] - 1 - columns[-1]]
     assert all(3 <= margin <= 20 for margin in margins), margins  # the bottom one holds the font descent
     assert image.shape[1] < 400  # trimmed well inside the 400 px wide figure, or the label alone when outside
+
+
+@pytest.mark.parametrize(("side", "tile"), [(16, 112), (64, 128), (100, 200), (112, 112), (224, 224)])
+def test_small_images_are_enlarged_by_a_whole_factor_to_tiles_of_at_least_112_pixels(side, tile):
+    from lightning_dissect.report.strips import MIN_TILE, enlarge, tile_scale
+
+    scale = tile_scale((side, side + 5))
+    assert scale * side == tile and MIN_TILE == 112
+    pixels = np.arange(side * 3).reshape(side, 3)
+    enlarged = enlarge(pixels, scale)
+    assert enlarged.shape == (side * scale, 3 * scale)
+    for row in range(0, side * scale, max(1, side * scale // 7)):
+        for column in range(3 * scale):
+            assert enlarged[row, column] == pixels[row // scale, column // scale]
+
+
+def test_strips_of_one_layer_have_the_same_height_whatever_their_captions():
+    from lightning_dissect.report.strips import compose_strip
+
+    tiles = np.zeros((2, 112, 112, 3), dtype=np.uint8)
+    heights = {compose_strip(tiles, caption)[0].shape[0] for caption in ("conv unit 1: sky (scene)", "jpgqy", "a")}
+    assert len(heights) == 1
+
+
+def test_captions_are_set_in_the_dejavu_sans_that_matplotlib_ships():
+    import matplotlib
+    from PIL import ImageDraw, ImageFont
+
+    from lightning_dissect.report.strips import GAP, compose_strip
+
+    caption = "layer4 unit 12: dog (object) IoU 0.081"
+    strip, boxes = compose_strip(np.zeros((3, 128, 128, 3), dtype=np.uint8), caption)
+    font = ImageFont.truetype(f"{matplotlib.get_data_path()}/fonts/ttf/DejaVuSans.ttf", 14)  # 128 // 9
+    expected = Image.new("RGB", (strip.shape[1], boxes[0][0]), (255, 255, 255))
+    ImageDraw.Draw(expected).text((GAP, GAP), caption, fill=(0, 0, 0), font=font)
+    np.testing.assert_array_equal(strip[: boxes[0][0]], np.asarray(expected))
+

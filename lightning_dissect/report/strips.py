@@ -9,7 +9,12 @@ its concept, category and IoU.
 The mask drawn is exactly the one that was counted (SEMANTICS §2): the raw map
 upsampled bilinearly to the *segmentation* size and compared with the float64
 threshold; it is then scaled to the image size by nearest neighbour, so a pixel
-shown bright is a pixel that entered the tally. Raw maps are recomputed by
+shown bright is a pixel that entered the tally. Images smaller than `MIN_TILE`
+pixels are shown enlarged by a whole factor (a 64-pixel image as a 128-pixel
+tile), image and mask by the same nearest-neighbour repetition, so each image
+pixel becomes a square block and the counted mask stays exact. The caption is
+set in DejaVu Sans, the font matplotlib ships, so it reads the same on every
+machine. Raw maps are recomputed by
 running the model on the few top images (`activation_maps`), or taken from
 precomputed activations (`activations=`).
 """
@@ -20,6 +25,7 @@ import contextlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,6 +54,8 @@ BORDER_COLOR = (255, 214, 0)
 GAP = 2
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (0, 0, 0)
+MIN_TILE = 112
+"""The smallest tile side in pixels: smaller images are enlarged by a whole factor to reach it."""
 
 
 @dataclass
@@ -62,7 +70,10 @@ class UnitStrip:
         positions: probe positions of the shown images, most active first.
         activations: the unit's per-image maximum on each of them.
         masks: bool `(k, ih, iw)`, the unit's mask at image size.
-        tiles: uint8 `(k, ih, iw, 3)`, each image with its mask drawn.
+        scale: the whole factor images and masks are enlarged by in the tiles (1 for images of
+            `MIN_TILE` pixels or more).
+        tiles: uint8 `(k, scale * ih, scale * iw, 3)`, each image with its mask drawn: image and
+            mask enlarged by repeating each pixel `scale` times along both axes.
         tile_boxes: `(top, left)` of each tile inside `image`.
         caption: the text drawn above the tiles.
         image: uint8 `(H, W, 3)`, the whole strip.
@@ -77,6 +88,7 @@ class UnitStrip:
     positions: list[int]
     activations: list[float]
     masks: np.ndarray
+    scale: int
     tiles: np.ndarray
     tile_boxes: list[tuple[int, int]]
     caption: str
@@ -161,11 +173,28 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return dilated
 
 
+def tile_scale(image_size: tuple[int, int], min_tile: int = MIN_TILE) -> int:
+    """The whole factor that makes the shorter side of an image at least `min_tile` pixels (1 when it is)."""
+    return max(1, -(-min_tile // max(1, min(image_size))))
+
+
+def enlarge(pixels: np.ndarray, scale: int) -> np.ndarray:
+    """Repeat each pixel `scale` times along the first two axes (`(H, W, ...)` -> `(scale H, scale W, ...)`)."""
+    return pixels if scale == 1 else pixels.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    # DejaVu Sans comes with matplotlib (a dependency), so captions do not depend on system fonts;
+    # Pillow's default (Aileron since 10.1) sets words too tightly to read at caption sizes.
+    import matplotlib
+
     try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: a fixed bitmap font
-        return ImageFont.load_default()
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")), size)
+    except OSError:  # a matplotlib without its fonts
+        try:
+            return ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1: a fixed bitmap font
+            return ImageFont.load_default()
 
 
 def _printable(text: str) -> str:
@@ -185,10 +214,12 @@ def compose_strip(tiles: np.ndarray, caption: str, gap: int = GAP,
         The strip, uint8 `(height, width, 3)`, and the `(top, left)` of each tile.
     """
     count, height, width = (tiles.shape[0], tiles.shape[1], tiles.shape[2]) if tiles.ndim == 4 else (0, 0, 0)
-    font = _font(font_size or max(11, min(18, height // 10 if height else 11)))
+    font = _font(font_size or max(13, min(18, height // 9 if height else 13)))
     text = _printable(caption)
-    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
-    caption_height = int(bottom) + 2 * gap
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    right, bottom = measure.textbbox((0, 0), text, font=font)[2:]
+    # The line's full height (ascender to descender), so every strip of a run has the same height.
+    caption_height = int(max(bottom, measure.textbbox((0, 0), "Ag|", font=font)[3])) + 2 * gap
     row_width = count * width + max(count - 1, 0) * gap
     strip = Image.new("RGB", (max(row_width, int(right) + 2 * gap), caption_height + height), BACKGROUND)
     ImageDraw.Draw(strip).text((gap, gap), text, fill=TEXT_COLOR, font=font)
@@ -229,7 +260,7 @@ def strips_from_maps(
             hold every top image of `units`.
         num_images: show the first `num_images` top images (default: all kept).
         dim: the brightness kept outside the mask.
-        border: outline width in image pixels (default about 1 per 112 pixels).
+        border: outline width in tile pixels (default about 1 per 112 pixels).
         notes: unit -> text appended to its caption (e.g. "was: dog").
 
     Returns:
@@ -237,7 +268,8 @@ def strips_from_maps(
     """
     images = probe.images
     image_size = (int(images.shape[-2]), int(images.shape[-1]))
-    border = max(1, round(min(image_size) / 112)) if border is None else border
+    scale = tile_scale(image_size)
+    border = max(1, round(scale * min(image_size) / 112)) if border is None else border
     notes = notes or {}
     strips = {}
     for unit in _checked_units(layer_result, units):
@@ -249,17 +281,18 @@ def strips_from_maps(
             counted = upsample_masks(raw, threshold, probe.segmentation_size).reshape(-1, *probe.segmentation_size)
             masks = _nearest(counted.numpy(), image_size)
             pixels = images[positions].permute(0, 2, 3, 1).numpy()
-            tiles = np.stack([draw_mask(pixels[i], masks[i], dim, border) for i in range(len(positions))])
+            tiles = np.stack([draw_mask(enlarge(pixels[i], scale), enlarge(masks[i], scale), dim, border)
+                              for i in range(len(positions))])
         else:
             masks = np.zeros((0, *image_size), dtype=bool)
-            tiles = np.zeros((0, *image_size, 3), dtype=np.uint8)
+            tiles = np.zeros((0, scale * image_size[0], scale * image_size[1], 3), dtype=np.uint8)
         caption = unit_caption(layer_result, unit, notes.get(unit, ""))
         image, boxes = compose_strip(tiles, caption)
         strips[unit] = UnitStrip(
             layer=layer_result.layer, unit=unit, label=layer_result.label_name(unit),
             category=layer_result.unit_category(unit), score=float(layer_result.scores[unit]),
             detector=bool(layer_result.detectors[unit]), positions=positions, activations=activations,
-            masks=masks, tiles=tiles, tile_boxes=boxes, caption=caption, image=image,
+            masks=masks, scale=scale, tiles=tiles, tile_boxes=boxes, caption=caption, image=image,
         )
     return strips
 

@@ -123,7 +123,8 @@ def detector_figures(report: DissectionReport) -> Iterable[Media]:
     from lightning_dissect.report.figures import category_counts_figure, figure_to_array  # matplotlib, when drawn
 
     for layer, entry in report.entries.items():
-        figure = category_counts_figure(entry.summary, report.categories, f"{layer}, step {report.step}")
+        figure = category_counts_figure(entry.summary, report.categories, f"{layer}, step {report.step}",
+                                        report.iou_threshold)
         yield Image(f"dissect/{layer}/detectors_per_category", figure_to_array(figure, trim=False))
 
 

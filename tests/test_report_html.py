@@ -218,3 +218,16 @@ def test_report_loads_in_a_headless_browser_and_sorts_and_filters_from_the_addre
     assert [int(card["data-unit"]) for card in page.cards()] == order
     shown = [int(card["data-unit"]) for card in page.cards() if "hidden" not in card["class"].split()]
     assert shown == [u for u in order if layer.scores[u] > layer.iou_threshold]
+
+
+def test_summary_tables_show_the_unique_concepts_scalar_per_category_under_its_name(dissected, tmp_path):
+    _, _, result = dissected
+    index = result.to_html(tmp_path / "report")
+    text = index.read_text()
+    layer_result = result["2"]
+    summary = layer_result.summary()
+    assert text.count("unique concepts / detectors</span></th>") == len(layer_result.categories)
+    cells = [f"<td>{summary[f'unique_concepts/{c}']:.0f} / {summary[f'detectors/{c}']:.0f}</td>"
+             for c in layer_result.categories]
+    assert "".join(cells) in text
+    assert "<th>unique concepts</th><th>unique top concepts</th>" in text

@@ -295,3 +295,36 @@ def test_captions_are_set_in_the_dejavu_sans_that_matplotlib_ships():
     ImageDraw.Draw(expected).text((GAP, GAP), caption, fill=(0, 0, 0), font=font)
     np.testing.assert_array_equal(strip[: boxes[0][0]], np.asarray(expected))
 
+
+def test_bar_graph_title_names_unique_concepts_as_the_scalar_does_and_the_bars_as_unique_top_concepts(
+        random_dataset):
+    from lightning_dissect.report.bargraph import bar_graph_figure
+
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    acts = torch.randn(len(probe), 12, 4, 4, generator=torch.Generator().manual_seed(4))
+    layer = ld.dissect_activations({"l": acts}, probe, quantile=0.1, iou_threshold=0.02)["l"]
+    summary = layer.summary()
+    assert summary["unique_concepts"] != summary["unique_top_concepts"]  # the two counts differ here
+    title = bar_graph_figure(layer).get_suptitle()
+    assert title.startswith(f"l: {summary['unique_concepts']:.0f} unique concepts, {summary['detectors']:.0f} "
+                            "detectors of 12 units")
+    assert f"{summary['unique_top_concepts']:.0f} unique top concepts" in title
+    bars = sum(len(concepts) for _, concepts in detectors_per_concept(layer))
+    assert bars == summary["unique_top_concepts"]
+
+
+def test_category_counts_figure_explains_a_category_with_unique_concepts_and_no_detector():
+    from lightning_dissect.report.figures import category_counts_figure
+
+    categories = ["color", "texture"]
+    # Two "red" detectors; one of them also passes the threshold with its best texture.
+    summary = {"detectors/color": 2, "detectors/texture": 0, "unique_concepts/color": 1,
+               "unique_concepts/texture": 1}
+    figure = category_counts_figure(summary, categories, "conv, step 3", 0.04)
+    axes = figure.axes[0]
+    heights = [patch.get_height() for patch in axes.patches]
+    assert heights == [2, 0, 1, 1]  # detectors per category, then unique concepts per category
+    legend = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert legend == ["detectors (in the category of their label)", "unique concepts (best labels with IoU > 0.04)"]
+    footnote = " ".join(text.get_text() for text in figure.texts)
+    assert "a category can have unique concepts and no detector" in footnote

@@ -1,24 +1,25 @@
 """The bar graph of detectors per concept and the IoU histogram of a layer.
 
 The bar graph is NetDissect's report figure: one bar per concept, its height
-the number of detector units whose label it is (the `unique_top_concepts`
-rule, SEMANTICS §5), bars grouped and coloured by the concept's category
-(categories in `category.csv` order, concepts by count within them). Figures
+the number of detector units whose label it is, so there are as many bars as
+`unique_top_concepts` (SEMANTICS §5), bars grouped and coloured by the concept's
+category (categories in `category.csv` order, concepts by count within them).
+Its title names both counts: `unique_concepts`, the number the callback logs as
+`dissect/<layer>/unique_concepts`, and `unique_top_concepts`, the bars. Figures
 are drawn with matplotlib's Agg canvas directly, without pyplot, so no global
 backend or figure state is touched.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lightning_dissect.report.figures import figure_to_array, new_figure
+from lightning_dissect.report.figures import figure_to_array, integer_ticks, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     from lightning_dissect.result import LayerDissection
 
@@ -60,12 +61,6 @@ def detectors_per_concept(layer_result: LayerDissection) -> list[tuple[str, list
     return groups
 
 
-def _integer_ticks(axes: Any) -> None:
-    # The default y locator is an AutoLocator, a MaxNLocator: counts get integer ticks only.
-    locator = axes.yaxis.get_major_locator()
-    cast("MaxNLocator", locator).set_params(integer=True)
-
-
 def bar_graph_figure(layer_result: LayerDissection) -> Figure:
     """NetDissect's bar graph of detectors per concept, as a matplotlib `Figure`."""
     groups = detectors_per_concept(layer_result)
@@ -73,9 +68,10 @@ def bar_graph_figure(layer_result: LayerDissection) -> Figure:
     figure = new_figure(min(60.0, max(4.0, 1.0 + 0.24 * bars)), 3.2)
     axes = figure.add_axes((0.08 if bars > 8 else 0.15, 0.42, 0.9 if bars > 8 else 0.8, 0.4))
     summary = layer_result.summary()
-    figure.suptitle(f"{layer_result.layer}: {int(summary['unique_top_concepts'])} concepts, "
+    figure.suptitle(f"{layer_result.layer}: {int(summary['unique_concepts'])} unique concepts, "
                     f"{int(summary['detectors'])} detectors of {layer_result.num_units} units "
-                    f"(IoU > {layer_result.iou_threshold:g})", fontsize=9, y=0.97)
+                    f"(IoU > {layer_result.iou_threshold:g})\n{int(summary['unique_top_concepts'])} unique top "
+                    "concepts (labels of detectors), one bar each", fontsize=9, y=0.98, va="top")
     axes.set_ylabel("detectors", fontsize=8)
     axes.spines[["top", "right"]].set_visible(False)
     if not bars:
@@ -102,7 +98,7 @@ def bar_graph_figure(layer_result: LayerDissection) -> Figure:
     axes.set_xticks(ticks)
     axes.set_xticklabels(names, rotation=90, fontsize=7)
     axes.set_xlim(-0.7, position - 1.3)
-    _integer_ticks(axes)
+    integer_ticks(axes)
     axes.tick_params(axis="y", labelsize=7)
     return figure
 
@@ -132,7 +128,7 @@ def iou_histogram_figure(layer_result: LayerDissection, bins: int = 40) -> Figur
     axes.set_title(f"{layer_result.layer}: IoU of each unit's label ({layer_result.num_units} units)", fontsize=9,
                    y=1.0)  # a fixed place: automatic placement measures every tick label again
     axes.set_xlabel("IoU", fontsize=8)
-    _integer_ticks(axes)
+    integer_ticks(axes)
     axes.set_ylabel("units", fontsize=8)
     axes.tick_params(labelsize=7)
     axes.spines[["top", "right"]].set_visible(False)

@@ -13,13 +13,15 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 from PIL import Image
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
 
 def new_figure(width: float, height: float, layout: Literal["constrained"] | None = None) -> Figure:
@@ -59,33 +61,52 @@ def figure_to_array(figure: Figure, trim: bool = True, pad_inches: float = 0.08)
     return image[top:bottom, left:right].copy()
 
 
+def integer_ticks(axes: Axes) -> None:
+    """Integer ticks only on the y axis of a plot of counts."""
+    # The default y locator is an AutoLocator, a MaxNLocator.
+    locator = axes.yaxis.get_major_locator()
+    cast("MaxNLocator", locator).set_params(integer=True)
+
+
 def _callback_figure() -> Figure:
     figure = new_figure(6.0, 3.2)
     figure.subplots_adjust(left=0.1, right=0.97, top=0.9, bottom=0.15)
     return figure
 
 
-def category_counts_figure(summary: Mapping[str, float], categories: Sequence[str], title: str) -> Figure:
+def category_counts_figure(summary: Mapping[str, float], categories: Sequence[str], title: str,
+                           iou_threshold: float) -> Figure:
     """Bar chart of detectors and unique concepts per category (SEMANTICS §5).
+
+    The two counts sort units into categories differently: a detector counts once, in the
+    category of its label; a unique concept counts in every category whose best label for a unit
+    has IoU above the threshold. So a category can have unique concepts and no detector (a unit
+    labelled "red" whose best texture also passes the threshold); the legend and a footnote say so.
 
     Args:
         summary: `LayerDissection.summary()` (needs `detectors/<category>` and
             `unique_concepts/<category>`).
         categories: the categories, in `category.csv` order.
         title: the figure title, e.g. the layer name and step.
+        iou_threshold: the detector threshold `t` of the dissection.
     """
     figure = _callback_figure()
+    figure.subplots_adjust(top=0.8, bottom=0.2)
     axes = figure.add_subplot()
     positions = np.arange(len(categories))
     detectors = [summary[f"detectors/{name}"] for name in categories]
     unique = [summary[f"unique_concepts/{name}"] for name in categories]
-    axes.bar(positions - 0.2, detectors, width=0.4, label="detectors")
-    axes.bar(positions + 0.2, unique, width=0.4, label="unique concepts")
+    axes.bar(positions - 0.2, detectors, width=0.4, label="detectors (in the category of their label)")
+    axes.bar(positions + 0.2, unique, width=0.4, label=f"unique concepts (best labels with IoU > {iou_threshold:g})")
     axes.set_xticks(positions, list(categories))
     axes.set_ylabel("count")
-    # Fixed places: "best" legend placement and automatic title placement are slow to compute.
-    axes.set_title(title, y=1.0)
-    axes.legend(loc="upper right")
+    integer_ticks(axes)
+    # Fixed places, above the bars: "best" legend placement and automatic title placement are slow to compute.
+    figure.suptitle(title, y=0.98, va="top")
+    axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize="small", frameon=False)
+    figure.text(0.01, 0.01, f"A unit counts in every category whose best label has IoU > {iou_threshold:g}, as a "
+                "detector only in its label's category:\na category can have unique concepts and no detector.",
+                fontsize=7, color="#555555", va="bottom")
     return figure
 
 

@@ -265,7 +265,7 @@ def _summary_table(summaries: Mapping[str, Mapping[str, float]], categories: lis
     columns = [("units", "units"), ("detectors", "detectors"), ("unique_concepts", "unique concepts"),
                ("unique_top_concepts", "unique top concepts"), ("mean_score", "mean IoU")]
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
-    head += "".join(f"<th>{html.escape(c)}<br><span class=\"muted\">concepts / detectors</span></th>"
+    head += "".join(f"<th>{html.escape(c)}<br><span class=\"muted\">unique concepts / detectors</span></th>"
                     for c in categories)
     rows = []
     for layer, summary in summaries.items():

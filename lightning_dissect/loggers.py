@@ -6,7 +6,7 @@ Each adapter only knows how its logger writes a scalar, a table and an image; wh
 | logger | scalars | tables | images |
 | --- | --- | --- | --- |
 | TensorBoard (`TensorBoardLogger`, a `SummaryWriter`) | `log_metrics` | markdown text | `add_image` |
-| Weights & Biases (`WandbLogger`, a `wandb` run) | `log_metrics` | `wandb.Table` | `wandb.Image` |
+| Weights & Biases (`WandbLogger`, a `wandb` run) | `log_metrics` (one call, one row) | `wandb.Table` | `wandb.Image` |
 | MLflow (`MLFlowLogger`) | `log_metrics` | CSV artifacts | PNG artifacts |
 | CSV (`CSVLogger`) | `log_metrics` | CSV files beside `metrics.csv` | PNG files |
 | anything else with `log_metrics` | `log_metrics` | - | - (warns once) |
@@ -34,7 +34,10 @@ class LoggerAdapter:
     """Shows dissections through one logger.
 
     Subclasses override `log_table` and `log_image`; scalars go through the
-    logger's own `log_metrics(metrics, step)`.
+    logger's own `log_metrics(metrics, step)`. `log_dissection` receives a whole
+    dissection at once: by default scalars, then each table and image; an adapter
+    whose logger makes one record per call (W&B: one history row) overrides it to
+    write everything in one call.
 
     Args:
         logger: the logger object.
@@ -60,6 +63,12 @@ class LoggerAdapter:
                 self.log_table(item, step)
             else:
                 self.log_image(item, step)
+
+    def log_dissection(self, metrics: Mapping[str, float], media: Sequence[Media], step: int) -> None:
+        """Show one dissection: its scalars and (when the logger shows them) its tables and images."""
+        self.log_scalars(metrics, step)
+        if self.shows_media:
+            self.log_media(media, step)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.logger).__name__})"
@@ -92,6 +101,9 @@ class TensorBoardAdapter(LoggerAdapter):
 class WandbAdapter(LoggerAdapter):
     """Weights & Biases: `wandb.Table` and `wandb.Image`.
 
+    Each `log` call of W&B makes one row of the run's history, so a dissection's scalars, tables
+    and images go in one call (`log_dissection`): one row per dissection.
+
     Accepts a Lightning `WandbLogger` or a `wandb` run (`wandb.init()`).
     """
 
@@ -105,14 +117,20 @@ class WandbAdapter(LoggerAdapter):
         self._log(dict(metrics), step)
 
     def log_table(self, table: Table, step: int) -> None:
-        import wandb
-
-        self._log({table.tag: wandb.Table(columns=list[Any](table.columns), data=table.rows)}, step)
+        self._log(self._values([table]), step)
 
     def log_image(self, image: Image, step: int) -> None:
+        self._log(self._values([image]), step)
+
+    def log_dissection(self, metrics: Mapping[str, float], media: Sequence[Media], step: int) -> None:
+        self._log({**metrics, **self._values(media)}, step)
+
+    @staticmethod
+    def _values(media: Sequence[Media]) -> dict[str, Any]:
         import wandb
 
-        self._log({image.tag: wandb.Image(image.image)}, step)
+        return {item.tag: wandb.Table(columns=list[Any](item.columns), data=item.rows) if isinstance(item, Table)
+                else wandb.Image(item.image) for item in media}
 
 
 class MLflowAdapter(LoggerAdapter):
@@ -220,9 +238,7 @@ class LoggerGroup:
         media = make_media(report, figures=figures) if self.shows_media else []
         for adapter in self.adapters:
             try:
-                adapter.log_scalars(report.metrics, report.step)
-                if adapter.shows_media:
-                    adapter.log_media(media, report.step)
+                adapter.log_dissection(report.metrics, media, report.step)
             except Exception as error:  # one broken logger must not hide the dissection from the others
                 if on_error == "raise":
                     raise

@@ -162,6 +162,25 @@ def test_wandb_offline_run_holds_scalars_tables_and_images(run):
         assert image["_type"] == "image-file" and (run_dir / "files" / image["path"]).is_file()
 
 
+def test_wandb_shows_each_dissection_in_one_history_row(run):
+    run_dir = next((run["root"] / "wandb").glob("offline-run-*"))
+    rows: list[tuple[int, set[str]]] = []  # (trainer/global_step, dissect/ keys) of each history row
+    for record in wandb_records(next(run_dir.glob("run-*.wandb"))):
+        if record.WhichOneof("record_type") == "history":
+            names = [(list(item.nested_key) or [item.key])[0] for item in record.history.item]
+            keys = set(names)
+            step = next((json.loads(item.value_json) for name, item in zip(names, record.history.item)
+                         if name == "trainer/global_step"), None)
+            if any(key.startswith("dissect/") for key in keys):
+                rows.append((step, {key for key in keys if key.startswith("dissect/")}))
+    assert [step for step, _ in rows] == STEPS
+    for step, keys in rows:
+        scalars = {name for name, values in expected_scalars(run["history"]).items() if step in values}
+        media = {"dissect/block2/units", "dissect/block2/detectors_per_category", "dissect/block2/emergence",
+                 "dissect/block2/bar_graph", "dissect/block2/iou_histogram"}
+        assert scalars | media <= keys, step
+
+
 def test_mlflow_file_store_holds_metrics_and_artifacts(run):
     logger = run["loggers"][3]
     folder = run["root"] / "mlruns" / logger.experiment_id / logger.run_id

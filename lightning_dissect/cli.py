@@ -20,6 +20,7 @@ from typing import Any
 
 from lightning_dissect.broden import BrodenError
 from lightning_dissect.engine.dissect import DissectionError
+from lightning_dissect.progress import show_progress
 
 
 class UsageError(Exception):
@@ -252,9 +253,9 @@ def run_dissect(args: argparse.Namespace) -> int:
         root = synthetic_broden_path(num_images=500, image_size=args.image_size or 224)
     else:
         root = Path(args.broden)
-    probe = ld.ProbeSet(root, size=args.probe_size, image_size=args.image_size, progress=True)
+    probe = ld.ProbeSet(root, size=args.probe_size, image_size=args.image_size, progress=show_progress())
     dissection = ld.dissect(model, probe, args.layers, quantile=args.quantile, iou_threshold=args.iou_threshold,
-                            denominator=args.denominator, batch_size=args.batch_size, progress=True)
+                            denominator=args.denominator, batch_size=args.batch_size, progress=show_progress())
     args.output.mkdir(parents=True, exist_ok=True)
     dissection.to_json(args.output / "dissection.json")
     for layer, result in dissection.items():

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dissect.broden import Broden
 from lightning_dissect.probe import ImageTransform
+from lightning_dissect.progress import show_progress
 from lightning_dissect.synthetic import SYNTHETIC_TASKS, synthetic_targets
 
 SINGLE_LABEL_TASKS = ("background",)
@@ -198,10 +200,11 @@ def make_trainer(max_steps: int, root_dir: str | os.PathLike[str] | None = None,
         root_dir: `default_root_dir` (where a logger's files go).
         callbacks: e.g. `[DissectionCallback(...)]`.
         logger: a Lightning logger, or False for none.
-        progress: show Lightning's progress bar.
+        progress: show Lightning's progress bar, when stdout is a terminal (`progress.show_progress`).
     """
     return Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks or [],
-                   enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+                   enable_checkpointing=False, enable_progress_bar=show_progress(progress, sys.stdout),
+                   enable_model_summary=False,
                    default_root_dir=str(root_dir) if root_dir is not None else None, log_every_n_steps=10,
                    num_sanity_val_steps=0)
 
@@ -231,7 +234,7 @@ def emergence_run(output: str | os.PathLike, steps: int = 600, num_images: int =
         batch_size: training batch size.
         factor: spacing of the log-spaced dissection steps.
         cache_dir: the dataset cache (default `$LIGHTNING_DISSECT_CACHE` or `~/.cache/lightning_dissect`).
-        progress: show progress bars.
+        progress: show progress bars (on a terminal only: `progress.show_progress`).
         max_overhead: the callback's cost budget (`DissectionCallback`); None dissects at every scheduled step.
         echo: called with each progress message.
 
@@ -265,7 +268,7 @@ def emergence_run(output: str | os.PathLike, steps: int = 600, num_images: int =
     train_loader, val_loader = synthetic_task_data(root, task, batch_size=batch_size, images=images, seed=seed)
     validation_images = len(val_loader.dataset)  # type: ignore[arg-type]  # a TensorDataset
     probe = ProbeSet(root, split="val", size=min(probe_size or validation_images, validation_images), seed=seed,
-                     progress=progress)
+                     progress=show_progress(progress))
     schedule = log_spaced(first=1, factor=factor)
     callback = DissectionCallback(probe, layers=list(layers), schedule=schedule, max_overhead=max_overhead)
     logger = TensorBoardLogger(output, name="emergence")

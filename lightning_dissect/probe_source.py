@@ -18,6 +18,7 @@ import torch
 from lightning_dissect.broden import Broden, BrodenError, download_broden
 from lightning_dissect.engine.dissect import DissectionError
 from lightning_dissect.probe import ImageTransform, ProbeSet, cache_root
+from lightning_dissect.progress import show_progress
 
 BRODEN_ENV = "LIGHTNING_DISSECT_BRODEN"
 DEFAULT_PROBE_SIZE = 1000
@@ -40,7 +41,7 @@ def default_broden() -> Path:
         return Path(configured).expanduser()
     destination = cache_root() / "broden"
     try:
-        return download_broden(destination, resolution=224)
+        return download_broden(destination, resolution=224, progress=show_progress())
     except (BrodenError, OSError) as error:
         raise DissectionError(
             f"probe=None: the Broden dataset is not in {destination} and could not be downloaded ({error}). "

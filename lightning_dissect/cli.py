@@ -20,6 +20,7 @@ from typing import Any
 
 from lightning_dissect.broden import BrodenError
 from lightning_dissect.engine.dissect import DissectionError
+from lightning_dissect.probe_source import dataset_of
 from lightning_dissect.progress import show_progress
 
 
@@ -247,13 +248,9 @@ def run_dissect(args: argparse.Namespace) -> int:
     import lightning_dissect as ld
 
     model = load_model(args.model, args.weights)
-    if args.broden == "synthetic":
-        from lightning_dissect.synthetic import synthetic_broden_path
-
-        root = synthetic_broden_path(num_images=500, image_size=args.image_size or 224)
-    else:
-        root = Path(args.broden)
-    probe = ld.ProbeSet(root, size=args.probe_size, image_size=args.image_size, progress=show_progress())
+    dataset = dataset_of(args.broden, args.image_size, info=lambda message: print(message, file=sys.stderr),
+                         argument="--broden")
+    probe = ld.ProbeSet(dataset, size=args.probe_size, image_size=args.image_size, progress=show_progress())
     dissection = ld.dissect(model, probe, args.layers, quantile=args.quantile, iou_threshold=args.iou_threshold,
                             denominator=args.denominator, batch_size=args.batch_size, progress=show_progress())
     args.output.mkdir(parents=True, exist_ok=True)

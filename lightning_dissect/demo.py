@@ -260,7 +260,7 @@ def emergence_run(output: str | os.PathLike, steps: int = 600, num_images: int =
     started = time.perf_counter()
     echo(f"synthetic dataset: {num_images} images of {image_size} px (generated once, then cached)")
     root = synthetic_broden_path(num_images=num_images, image_size=image_size, cache_dir=cache_dir,
-                                 workers=min(4, os.cpu_count() or 1))
+                                 workers=min(4, os.cpu_count() or 1), info=echo)
     echo(f"  {root} ({time.perf_counter() - started:.0f} s)")
     images = synthetic_images(root)
     seed_everything(seed, verbose=False)

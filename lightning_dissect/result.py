@@ -161,7 +161,8 @@ class LayerDissection:
                    label_names=list(data["label_names"]), iou_threshold=float(data["iou_threshold"]), **tensors)
 
     def to_html(self, path: str | os.PathLike, **options: Any) -> Path:
-        """Write the HTML report of this layer into the folder `path`; see `lightning_dissect.report.write_report`."""
+        """Write the HTML report of this layer into the folder `path`, or as the file `path` when it ends in
+        `.html`; see `lightning_dissect.report.write_report`."""
         from lightning_dissect.report.html import write_report
 
         return write_report(self, path, **options)
@@ -225,8 +226,9 @@ class Dissection(Mapping[str, LayerDissection]):
                    data.get("settings", {}))
 
     def to_html(self, path: str | os.PathLike, **options: Any) -> Path:
-        """Write the HTML report into the folder `path` (`model=`, `probe=` draw the unit strips);
-        see `lightning_dissect.report.write_report`. Returns the path of `index.html`."""
+        """Write the HTML report into the folder `path`, or as the file `path` when it ends in `.html` (its
+        pages and images then in `<name>_files/` beside it); `model=`, `probe=` draw the unit strips. See
+        `lightning_dissect.report.write_report`. Returns the path of the index page."""
         from lightning_dissect.report.html import write_report
 
         return write_report(self, path, **options)

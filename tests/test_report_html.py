@@ -226,8 +226,58 @@ def test_summary_tables_show_the_unique_concepts_scalar_per_category_under_its_n
     text = index.read_text()
     layer_result = result["2"]
     summary = layer_result.summary()
-    assert text.count("unique concepts / detectors</span></th>") == len(layer_result.categories)
+    assert text.count(f"<th colspan=\"{len(layer_result.categories)}\">unique concepts / detectors per category</th>"
+                      ) == 1
+    assert "".join(f"<th>{c}</th>" for c in layer_result.categories) in text
     cells = [f"<td>{summary[f'unique_concepts/{c}']:.0f} / {summary[f'detectors/{c}']:.0f}</td>"
              for c in layer_result.categories]
     assert "".join(cells) in text
-    assert "<th>unique concepts</th><th>unique top concepts</th>" in text
+    assert "<th rowspan=\"2\">unique concepts</th><th rowspan=\"2\">unique top concepts</th>" in text
+
+
+def assert_report_links_resolve(index: Path) -> list[Page]:
+    """Every page reachable from `index`, each with every link resolving inside the index's folder."""
+    pages, queue = {}, [index.resolve()]
+    while queue:
+        path = queue.pop()
+        if path in pages:
+            continue
+        pages[path] = page = Page(path)
+        for reference in page.references():
+            assert not reference.startswith(("http:", "https:", "//")), f"{path.name} loads {reference}"
+            if reference.startswith("#"):
+                continue
+            target = (path.parent / reference.split("#")[0]).resolve()
+            assert target.is_file(), f"{path.name} links to missing {reference}"
+            assert index.parent.resolve() in target.parents, f"{reference} leaves the report's folder"
+            if target.suffix == ".html":
+                queue.append(target)
+    return list(pages.values())
+
+
+def test_an_html_file_name_is_written_as_the_index_with_its_pages_beside_it(dissected, tmp_path):
+    model, probe, result = dissected
+    (tmp_path / "out").mkdir()
+    index = result.to_html(tmp_path / "out" / "report.html", model=model, probe=probe)
+    assert index == tmp_path / "out" / "report.html" and index.is_file()
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["report.html", "report_files"]
+    pages = assert_report_links_resolve(index)
+    assert sorted(page.path.name for page in pages) == ["layer-0.html", "layer-2.html", "report.html"]
+    for page in pages:
+        if page.path != index:
+            assert page.path.parent == tmp_path / "out" / "report_files"
+            assert len(page.cards()) == result[page.path.stem.removeprefix("layer-")].num_units
+            assert "../report.html" in page.references()  # back to the index
+    strips = [src for page in pages for src in page.references() if "/strips/" in src]
+    assert len(strips) == sum(layer.num_units for layer in result.values())
+
+
+def test_a_folder_name_keeps_the_folder_with_index_html_and_an_html_folder_is_refused(dissected, tmp_path):
+    _, _, result = dissected
+    index = write_report(result, tmp_path / "report")
+    assert index == tmp_path / "report" / "index.html"
+    assert {page.path.name for page in assert_report_links_resolve(index)} == {"index.html", "layer-0.html",
+                                                                               "layer-2.html"}
+    (tmp_path / "old.html").mkdir()
+    with pytest.raises(IsADirectoryError, match="old.html is a folder"):
+        result.to_html(tmp_path / "old.html")

@@ -3,7 +3,10 @@
 `write_report` writes a folder that opens from the file system with no network
 request: `index.html` (the settings and the summary of every layer), one
 `layer-<name>.html` per layer (summary counts, bar graph, IoU histogram, one
-card per unit) and the images under `images/`. CSS and JavaScript are inline.
+card per unit) and the images under `images/`. Given a file name ending in
+`.html` (`report.html`) it writes that file as the index instead, and the
+layer pages and images beside it in `report_files/`, as a browser saves a
+page. CSS and JavaScript are inline.
 A card shows the unit's strip, concept, category and IoU, the best concept of
 every category, and for a training run the unit's concept over time. The
 cards sort by IoU, unit or concept and filter by category and detector; the
@@ -53,7 +56,8 @@ def write_report(
     title: str | None = None,
     **options: Any,
 ) -> Path:
-    """Write the HTML report of a dissection into `directory`.
+    """Write the HTML report of a dissection into the folder `directory`, or as the file `directory`
+    when its name ends in `.html`.
 
     Strips come from the model (`model` and `probe`: the top images are run
     through it once, `unit_strips`), from precomputed `activations` (with
@@ -62,7 +66,9 @@ def write_report(
 
     Args:
         source: a `Dissection`, or one `LayerDissection`.
-        directory: the report folder (created; files of an earlier report there are replaced).
+        directory: the report folder (created; files of an earlier report there are replaced), whose
+            index is `index.html`; or the index file itself (`report.html`), its layer pages and
+            images then in `report_files/` beside it.
         model: the dissected model, unchanged since the dissection.
         probe: the probe set of the dissection.
         activations: layer -> activations in probe order, instead of `model`.
@@ -76,14 +82,17 @@ def write_report(
         **options: passed to `unit_strips` (`device`, `batch_size`, `forward_context`).
 
     Returns:
-        The path of `index.html`.
+        The path of the index page: `<directory>/index.html`, or `directory` itself for an `.html` name.
 
     Raises:
         ValueError: `model` or `activations` without `probe`.
+        IsADirectoryError: an `.html` name that is an existing folder.
 
     Example:
         >>> result.to_html("report", model=model, probe=probe)        # doctest: +SKIP
         PosixPath('report/index.html')
+        >>> result.to_html("report.html")                              # doctest: +SKIP
+        PosixPath('report.html')
     """
     from lightning_dissect.result import Dissection, LayerDissection
 
@@ -92,7 +101,7 @@ def write_report(
     if (model is not None or activations is not None) and probe is None:
         raise ValueError("write_report draws strips from the model or activations over the probe images: pass "
                          "probe= (the ProbeSet the dissection used)")
-    directory = Path(directory)
+    index, directory = report_paths(directory)
     images = directory / "images"
     directory.mkdir(parents=True, exist_ok=True)
     title = title or "Network Dissection report" + (f" (step {step})" if step is not None else "")
@@ -123,11 +132,27 @@ def write_report(
                 shutil.copyfile(path, target)
             strip_files[int(unit)] = target
         page = _layer_page(layer_result, directory, folder, strip_files, (strip_notes or {}).get(name, {}),
-                           (history or {}).get(name), title, pages)
+                           (history or {}).get(name), title, pages, _relative(index, directory))
         _write_text(directory / pages[name], page)
-    index = directory / "index.html"
-    _write_text(index, _index_page(source, pages, title, step))
+    links = {name: _relative(directory / page, index.parent) for name, page in pages.items()}
+    _write_text(index, _index_page(source, links, title, step))
     return index
+
+
+def report_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """`(index page, folder of the layer pages and images)` of a report written to `path`:
+    `(path/index.html, path)` for a folder, `(path, <stem>_files/ beside it)` for a name ending in `.html`.
+
+    Raises:
+        IsADirectoryError: an `.html` name that is an existing folder.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".html":
+        return path / "index.html", path
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder (an earlier report written as a folder?): pass the folder "
+                                f"without .html to replace that report, or another file name")
+    return path, path.with_name(f"{path.stem}_files")
 
 
 def _page_names(layers: list[str]) -> dict[str, str]:
@@ -264,9 +289,10 @@ def _summary_table(summaries: Mapping[str, Mapping[str, float]], categories: lis
                    links: Mapping[str, str] | None = None) -> str:
     columns = [("units", "units"), ("detectors", "detectors"), ("unique_concepts", "unique concepts"),
                ("unique_top_concepts", "unique top concepts"), ("mean_score", "mean IoU")]
-    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
-    head += "".join(f"<th>{html.escape(c)}<br><span class=\"muted\">unique concepts / detectors</span></th>"
-                    for c in categories)
+    head = "".join(f"<th rowspan=\"2\">{html.escape(label)}</th>" for _, label in columns)
+    if categories:
+        head += f"<th colspan=\"{len(categories)}\">unique concepts / detectors per category</th>"
+    categories_head = "".join(f"<th>{html.escape(c)}</th>" for c in categories)
     rows = []
     for layer, summary in summaries.items():
         name = html.escape(layer)
@@ -280,10 +306,11 @@ def _summary_table(summaries: Mapping[str, Mapping[str, float]], categories: lis
             cells.append(f"<td>{int(summary.get(f'unique_concepts/{category}', 0))} / "
                          f"{int(summary.get(f'detectors/{category}', 0))}</td>")
         rows.append(f"<tr><td>{name}</td>{''.join(cells)}</tr>")
-    return f"<table><tr><th>layer</th>{head}</tr>{''.join(rows)}</table>"
+    return (f"<table><tr><th rowspan=\"2\">layer</th>{head}</tr><tr>{categories_head}</tr>"
+            f"{''.join(rows)}</table>")
 
 
-def _index_page(dissection: Dissection, pages: Mapping[str, str], title: str, step: int | None) -> str:
+def _index_page(dissection: Dissection, links: Mapping[str, str], title: str, step: int | None) -> str:
     first = next(iter(dissection.values()), None)
     categories = first.categories if first is not None else []
     settings = {key: value for key, value in dissection.settings.items() if key not in ("layers",)}
@@ -296,7 +323,7 @@ def _index_page(dissection: Dissection, pages: Mapping[str, str], title: str, st
         "<p class=\"muted\">Network Dissection (Bau, Zhou et al., CVPR 2017). A unit is a detector when the IoU "
         "of its concept is above the threshold; <i>unique concepts</i> counts distinct concepts per category "
         "(the paper's figures), <i>unique top concepts</i> distinct labels of detectors.</p>\n"
-        f"<h2>Layers</h2>\n{_summary_table(dissection.summary(), categories, pages)}\n"
+        f"<h2>Layers</h2>\n{_summary_table(dissection.summary(), categories, links)}\n"
         + (f"<h2>Settings</h2>\n<table>{rows}</table>\n" if rows else "")
     )
     return _document(title, content)
@@ -309,7 +336,7 @@ def _short(value: Any) -> str:
 
 def _layer_page(layer_result: LayerDissection, directory: Path, folder: Path, strip_files: Mapping[int, Path],
                 strip_notes: Mapping[int, str], history: Sequence[HistoryEntry] | None, title: str,
-                pages: Mapping[str, str]) -> str:
+                pages: Mapping[str, str], index: str) -> str:
     name = html.escape(layer_result.layer)
     summary = layer_result.summary()
     categories = layer_result.categories
@@ -321,7 +348,7 @@ def _layer_page(layer_result: LayerDissection, directory: Path, folder: Path, st
     cards = "\n".join(_card(layer_result, unit, strip_files.get(unit), strip_notes.get(unit, ""), directory, history)
                       for unit in range(layer_result.num_units))
     content = (
-        f"<p><a href=\"index.html\">index</a> · {navigation}</p>\n"
+        f"<p><a href=\"{html.escape(index)}\">index</a> · {navigation}</p>\n"
         f"<h1>{name}</h1>\n<p class=\"muted\">{html.escape(title)}</p>\n"
         f"{_summary_table({layer_result.layer: summary}, categories)}\n"
         f"{_over_training(history) if history else ''}"

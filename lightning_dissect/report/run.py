@@ -26,12 +26,13 @@ def report_run(path: str | os.PathLike, output: str | os.PathLike | None = None,
 
     Args:
         path: the callback's log directory, its `dissections/` folder, or a `dissection.json`.
-        output: the report folder; default `report/` beside the dissections (or the JSON file).
+        output: the report folder, or its index file (a name ending in `.html`, `write_report`); default
+            `report/` beside the dissections (or the JSON file).
         step: which dissection of a run (default: the last).
         title: the report title.
 
     Returns:
-        The path of `index.html`.
+        The path of the index page.
 
     Raises:
         FileNotFoundError: nothing to report at `path` or no such step (the message lists the steps).
@@ -65,7 +66,8 @@ def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("run_dir", metavar="RUN_DIR",
                         help="the callback's log directory, its dissections/ folder, or a dissection.json file")
     parser.add_argument("-o", "--output", default=None,
-                        help="report folder (default: report/ beside the dissections)")
+                        help="report folder, or an .html file (its pages and images then go in <name>_files/ "
+                             "beside it) (default: report/ beside the dissections)")
     parser.add_argument("--step", type=int, default=None, help="the dissection to show (default: the last)")
     parser.add_argument("--title", default=None, help="the report title")
     parser.set_defaults(handler=run_report)

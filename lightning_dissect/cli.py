@@ -3,6 +3,7 @@
     lightning-dissect demo                     train a small CNN on the synthetic dataset, dissect it as it learns
     lightning-dissect compare RUN[@STEP] ...   unique concepts per category across layers or saved runs
     lightning-dissect dissect MODEL --layers   dissect a model (module:function, --weights) on a Broden directory
+                                               or the synthetic dataset
     lightning-dissect report RUN_DIR           the HTML report of a run (lightning_dissect.report)
 
 Each subcommand is a thin adapter: it parses arguments, calls the library and prints where the
@@ -22,6 +23,7 @@ from lightning_dissect.broden import BrodenError
 from lightning_dissect.engine.dissect import DissectionError
 from lightning_dissect.probe_source import dataset_of
 from lightning_dissect.progress import show_progress
+from lightning_dissect.synthetic import SYNTHETIC_TASKS
 
 
 class UsageError(Exception):
@@ -34,7 +36,7 @@ class UsageError(Exception):
 def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "demo", help="train a small CNN on the synthetic dataset with DissectionCallback and draw the emergence "
-                     "figures",
+                     "figures (default: 500 steps on 1000 images of 64 px, into ./runs/demo)",
         description="Generate the synthetic dataset (cached), train a small CNN from scratch on it with "
                     "DissectionCallback on a log-spaced schedule (steps 0, 1, 2, 4, 9, 20, ...), write TensorBoard "
                     "logs and the paper's emergence figures, and print the numbers found.")
@@ -45,7 +47,9 @@ def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=64, help="their size in pixels (default: 64)")
     parser.add_argument("--probe-size", type=int, default=None,
                         help="probe images, drawn from the validation split (default: all of it)")
-    parser.add_argument("--task", default="background", help="the training task (default: background)")
+    parser.add_argument("--task", default="background", choices=list(SYNTHETIC_TASKS),
+                        help="the training task: which scene or texture is behind the shapes (background), which "
+                             "shapes (objects) or materials (materials) are visible (default: background)")
     parser.add_argument("--width", type=int, default=32, help="the CNN's width (default: 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the run (default: 0)")
     parser.add_argument("--cache-dir", type=Path, default=None,
@@ -95,7 +99,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def add_compare_command(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "compare", help="bar chart of unique concepts per category across layers or saved runs",
+        "compare", help="bar chart of unique concepts per category across layers or saved runs (default: the last "
+                        "dissection of each run, into comparison.png)",
         description="Compare dissections: with one RUN, its layers; with several, one bar per run (and layer). "
                     "A RUN is a log directory written by DissectionCallback, its dissections/ folder, or a "
                     "dissection JSON file; RUN@STEP picks a dissection of a run (default: its last), so stages of "
@@ -183,27 +188,59 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def add_dissect_command(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "dissect", help="dissect a model built by your code, with saved weights, on a Broden directory",
-        description="Dissect layers of a model on a Broden directory (or the synthetic dataset) and write the "
-                    "dissection's JSON and one CSV per layer. MODEL names a function of yours that returns the "
-                    "nn.Module, as module:function (e.g. torchvision.models:resnet18, or my_project.nets:build); "
+        "dissect", help="dissect a model built by your code, with saved weights, on a Broden directory (default: "
+                        "the synthetic dataset where no --broden is given)",
+        description="Dissect layers of a model on a Broden directory (or, where no --broden is given, the synthetic "
+                    "dataset, generated once into the cache) and write the dissection's JSON and one CSV per layer. "
+                    "MODEL names a function or class of yours that returns the nn.Module, as module:function (e.g. "
+                    "torchvision.models:resnet18, or my_project.nets:build); a module in the current directory is "
+                    "found as with python -m (train:Net for ./train.py). MODEL may come before or after --layers. "
                     "--weights loads a state dict into it (a Lightning checkpoint's state_dict works too).")
-    parser.add_argument("model", metavar="MODEL", help="module:function returning the nn.Module")
+    parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                        help="module:function returning the nn.Module (before or after --layers)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="a state dict saved with torch.save (or a Lightning .ckpt), loaded with weights_only")
-    parser.add_argument("--layers", nargs="+", required=True, help="module names to dissect, e.g. layer4")
+    parser.add_argument("--layers", nargs="+", required=True,
+                        help="module names to dissect, as in model.named_modules(), e.g. layer4 layer3.1.conv2")
     parser.add_argument("--broden", default="synthetic",
                         help="a Broden directory, or 'synthetic' for the cached synthetic dataset (default)")
     parser.add_argument("--probe-size", type=int, default=None, help="probe images (default: all)")
-    parser.add_argument("--image-size", type=int, default=None, help="resize probe images for the model")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="resize probe images for the model, in pixels (default: the dataset's size; 224 for "
+                             "the synthetic dataset)")
     parser.add_argument("--quantile", type=float, default=0.005, help="top activation quantile (default 0.005)")
     parser.add_argument("--iou-threshold", type=float, default=0.04, help="detector IoU threshold (default 0.04)")
-    parser.add_argument("--denominator", default="paper", choices=["paper", "lite", "global"])
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--denominator", default="paper", choices=["paper", "lite", "global"],
+                        help="the unit area in the IoU (docs/SEMANTICS.md §4): paper (the mask on images where the "
+                             "category is annotated), lite (as NetDissect-Lite) or global (every image) "
+                             "(default: paper)")
+    parser.add_argument("--batch-size", type=int, default=64, help="probe images per forward pass (default: 64)")
     parser.add_argument("-o", "--output", type=Path, default=Path("dissection"),
                         help="folder for dissection.json and <layer>.csv (default: ./dissection)")
     parser.set_defaults(handler=run_dissect)
     return parser
+
+
+def model_and_layers(model: str | None, layers: Sequence[str]) -> tuple[str, list[str]]:
+    """MODEL and the layer names, whichever order they came in: `--layers A B MODEL` leaves MODEL at the end
+    of the layers (argparse's `nargs="+"` takes it); MODEL always has a ':', a layer name never does.
+
+    Raises:
+        UsageError: no MODEL, two of them, or a layer name with a ':'.
+    """
+    specs = [name for name in layers if ":" in name]
+    layers = [name for name in layers if ":" not in name]
+    if model is None and specs:
+        model = specs.pop()  # MODEL after the layers: the last name
+    if model is None:
+        raise UsageError("MODEL is missing: name it as module:function, before or after --layers "
+                         "(e.g. lightning-dissect dissect my_project.nets:build --layers layer4)")
+    if specs:
+        raise UsageError(f"--layers {specs[0]!r}: layer names have no ':' (MODEL is {model!r}); name the modules "
+                         "of model.named_modules()")
+    if not layers:
+        raise UsageError("--layers names no layer")
+    return model, layers
 
 
 def load_model(spec: str, weights: Path | None = None) -> Any:
@@ -221,8 +258,19 @@ def load_model(spec: str, weights: Path | None = None) -> Any:
     if not separator or not module_name or not function_name:
         raise UsageError(f"MODEL {spec!r} must be module:function, e.g. torchvision.models:resnet18")
     try:
-        factory = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as error:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is None or not module_name.startswith(error.name):
+            raise UsageError(f"MODEL {spec!r} does not import ({error})") from error
+        raise UsageError(f"MODEL {spec!r}: no module {error.name!r} in the current directory ({Path.cwd()}) or on "
+                         f"the path; run from the folder that holds {error.name.replace('.', '/')}.py, add its "
+                         "folder to PYTHONPATH, or name the module as your package does (package.module:function)") \
+            from error
+    except ImportError as error:
+        raise UsageError(f"MODEL {spec!r} does not import ({error})") from error
+    try:
+        factory = getattr(module, function_name)
+    except AttributeError as error:
         raise UsageError(f"MODEL {spec!r} does not import ({error})") from error
     model = factory()
     if not isinstance(model, torch.nn.Module):
@@ -247,11 +295,14 @@ def load_model(spec: str, weights: Path | None = None) -> Any:
 def run_dissect(args: argparse.Namespace) -> int:
     import lightning_dissect as ld
 
-    model = load_model(args.model, args.weights)
+    model_spec, layers = model_and_layers(args.model, args.layers)
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # as `python -m` does: MODEL may be a module of the current directory
+    model = load_model(model_spec, args.weights)
     dataset = dataset_of(args.broden, args.image_size, info=lambda message: print(message, file=sys.stderr),
                          argument="--broden")
     probe = ld.ProbeSet(dataset, size=args.probe_size, image_size=args.image_size, progress=show_progress())
-    dissection = ld.dissect(model, probe, args.layers, quantile=args.quantile, iou_threshold=args.iou_threshold,
+    dissection = ld.dissect(model, probe, layers, quantile=args.quantile, iou_threshold=args.iou_threshold,
                             denominator=args.denominator, batch_size=args.batch_size, progress=show_progress())
     args.output.mkdir(parents=True, exist_ok=True)
     dissection.to_json(args.output / "dissection.json")

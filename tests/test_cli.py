@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,3 +204,106 @@ def test_demo_prints_the_numbers_the_figures_and_the_tensorboard_command(tmp_pat
 def test_demo_refuses_a_nonpositive_size(capsys):
     assert main(["demo", "--steps", "0"]) == 2
     assert "--steps 0 must be a positive integer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ the command line
+
+
+TRAIN_PY = """
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).mean(dim=(2, 3))
+"""
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A folder holding `train_cli_project.py`, the working directory, not on sys.path (as under the console
+    script, whose sys.path starts with its own folder)."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "train_cli_project.py").write_text(TRAIN_PY)
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", str(folder))])
+    yield folder
+    sys.modules.pop("train_cli_project", None)
+
+
+def test_dissect_finds_a_module_of_the_current_directory_as_python_m_does(project, random_dataset, capsys):
+    assert main(["dissect", "train_cli_project:Net", "--layers", "conv", "--broden", str(random_dataset),
+                 "-o", "out"]) == 0
+    assert (project / "out" / "dissection.json").is_file()
+    assert "conv: " in capsys.readouterr().out
+
+
+def test_a_module_that_is_nowhere_is_named_with_the_directory_and_the_ways_to_point_at_it(project, random_dataset,
+                                                                                         capsys):
+    assert main(["dissect", "trian_cli_project:Net", "--layers", "conv", "--broden", str(random_dataset)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert f"no module 'trian_cli_project' in the current directory ({project})" in error
+    assert "PYTHONPATH" in error and "package.module:function" in error
+
+
+def two_convolutions() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1))
+
+
+def test_dissect_takes_the_model_before_or_after_the_layers(tmp_path, random_dataset):
+    model, layers = ["tests.test_cli:two_convolutions"], ["--layers", "0", "2"]
+    saved = []
+    for name, arguments in (("first", model + layers), ("after", layers + model)):
+        torch.manual_seed(0)
+        assert main(["dissect", *arguments, "--broden", str(random_dataset), "-o", str(tmp_path / name)]) == 0
+        saved.append(Dissection.from_json(tmp_path / name / "dissection.json"))
+    assert list(saved[0]) == list(saved[1]) == ["0", "2"]
+    for layer in ("0", "2"):
+        assert torch.equal(saved[0][layer].iou, saved[1][layer].iou)
+
+
+@pytest.mark.parametrize("model,layers,message", [
+    (None, ["conv"], "MODEL is missing"),
+    (None, ["a:b", "conv", "c:d"], "--layers 'a:b': layer names have no ':' (MODEL is 'c:d')"),
+    ("m:f", ["conv", "a:b"], "--layers 'a:b': layer names have no ':' (MODEL is 'm:f')"),
+    ("m:f", [], "--layers names no layer"),
+])
+def test_model_and_layers_refuse_what_is_not_one_model_and_some_layers(model, layers, message):
+    from lightning_dissect.cli import UsageError, model_and_layers
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        model_and_layers(model, layers)
+    assert model_and_layers(None, ["conv", "pkg.nets:build", "layer4.1"]) == ("pkg.nets:build", ["conv", "layer4.1"])
+
+
+def test_every_option_of_every_command_has_help_text_and_each_summary_says_its_defaults():
+    subparsers = next(action for action in build_parser()._actions if action.dest == "command")
+    for name, command in subparsers.choices.items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+    summaries = {choice.dest: choice.help for choice in subparsers._choices_actions}
+    assert set(summaries) == set(subparsers.choices)
+    assert all("(default: " in summary for summary in summaries.values()), summaries
+    assert "the synthetic dataset where no --broden is given" in summaries["dissect"]
+
+
+def test_demo_task_lists_its_choices(capsys):
+    from lightning_dissect.synthetic import SYNTHETIC_TASKS
+
+    with pytest.raises(SystemExit) as raised:
+        build_parser().parse_args(["demo", "--task", "backgrund"])
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert all(repr(task) in error for task in SYNTHETIC_TASKS)
+
+
+def test_report_of_a_path_that_does_not_exist_says_so_in_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    error = capsys.readouterr().err
+    assert error == f"lightning-dissect report: error: RUN_DIR {tmp_path / 'nowhere'} does not exist\n"

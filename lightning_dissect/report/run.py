@@ -59,7 +59,8 @@ def report_run(path: str | os.PathLike, output: str | os.PathLike | None = None,
 def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register `report` on an `argparse` subparsers object; `run_report` runs it."""
     parser = subparsers.add_parser(
-        "report", help="write the HTML report of a run's dissections (or of one dissection JSON)",
+        "report", help="write the HTML report of a run's dissections (or of one dissection JSON) (default: the last "
+                       "dissection, into report/ beside the dissections)",
         description="Write a static HTML report (opens offline): per layer the summary counts, the bar graph of "
                     "detectors per concept, and one card per unit with its strip, concept, IoU and its concept "
                     "over the run.")
@@ -75,7 +76,10 @@ def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    """Run the `report` command; prints the path of `index.html`. Returns the exit status (2: bad input)."""
+    """Run the `report` command; prints the path of the index page. Returns the exit status (2: bad input)."""
+    if not Path(args.run_dir).exists():
+        print(f"lightning-dissect report: error: RUN_DIR {args.run_dir} does not exist", file=sys.stderr)
+        return 2
     try:
         index = report_run(args.run_dir, args.output, args.step, args.title)
     except (FileNotFoundError, ValueError) as error:

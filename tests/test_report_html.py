@@ -171,9 +171,13 @@ def test_report_command_writes_the_report_and_names_a_bad_path(run_dir, tmp_path
     args = parser.parse_args(["report", str(logs), "-o", str(tmp_path / "out")])
     assert args.handler(args) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "out" / "index.html")
+    (tmp_path / "empty").mkdir()
+    args = parser.parse_args(["report", str(tmp_path / "empty")])
+    assert args.handler(args) == 2
+    assert f"{tmp_path / 'empty'}: no dissections found" in capsys.readouterr().err
     args = parser.parse_args(["report", str(tmp_path / "nowhere")])
     assert args.handler(args) == 2
-    assert f"{tmp_path / 'nowhere'}: no dissections found" in capsys.readouterr().err
+    assert f"RUN_DIR {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
     from lightning_dissect.cli import main  # the installed `lightning-dissect` registers the same command
 
     assert main(["report", str(logs), "--step", "10", "-o", str(tmp_path / "cli")]) == 0

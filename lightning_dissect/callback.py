@@ -191,7 +191,7 @@ class DissectionHooks:
             info=rank_zero.rank_zero_info, warn=rank_zero.rank_zero_warn,
         )
         # Each node's local rank zero fills the caches (download, synthetic data, decoded probe) first.
-        local_zero_first(context.synchronizer, trainer.local_rank, self.dissector.load_probe)
+        local_zero_first(context.synchronizer, trainer.local_rank, lambda: self.dissector.load_probe(context.info))
         self._context = context
         self._batch_seen = False
 

@@ -250,14 +250,18 @@ class Dissector:
 
     # ------------------------------------------------------------------ setup
 
-    def load_probe(self) -> ProbeSet:
+    def load_probe(self, info: Callable[[str], None] | None = None) -> ProbeSet:
         """Load the probe as given (once; the callback calls it in `setup` to fill the caches early).
+
+        Args:
+            info: where to say what a first use generates or downloads (default: this dissector's context).
 
         Raises:
             DissectionError, BrodenError, ValueError: the probe does not load (see `probe_source.load_probe`).
         """
         if self.loaded_probe is None:
-            self.loaded_probe = load_probe(self.probe_source, self.probe_size, self.probe_seed, self.image_size)
+            self.loaded_probe = load_probe(self.probe_source, self.probe_size, self.probe_seed, self.image_size,
+                                           info=info or self.context.info)
         return self.loaded_probe
 
     def plan(self, model: nn.Module, context: RunContext | None = None, *,
@@ -291,7 +295,7 @@ class Dissector:
         if self.probe is not None:
             return self.probe
         context = context or self.context
-        loaded = self.load_probe()
+        loaded = self.load_probe(context.info)
         if self.image_size is not None:
             size: tuple[int, int] | None = (self.image_size, self.image_size)
         else:

@@ -54,6 +54,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lightning_dissect.io import atomic_write
+from lightning_dissect.progress import show_progress
 
 __all__ = ["Broden", "BrodenError", "BrodenRow", "download_broden"]
 
@@ -981,7 +982,7 @@ def _fetch(
                 unit_scale=True,
                 unit_divisor=1024,
                 desc=path.name[: -len(".part")],
-                disable=not progress,
+                disable=not show_progress(progress),
             ) as bar:
                 while chunk := read(_CHUNK_BYTES):
                     received += len(chunk)
@@ -1114,7 +1115,7 @@ def _extract(archive: Path, dest: Path, final: Path, url: str, progress: bool) -
                 for info in members:
                     _check_member(info, archive, staging.resolve())
                 _check_sizes(members, archive, dest)
-                for info in tqdm(members, desc=f"extract {final.name}", unit="file", disable=not progress):
+                for info in tqdm(members, desc=f"extract {final.name}", unit="file", disable=not show_progress(progress)):
                     try:
                         _extract_member(zipped, info, staging)
                     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:

@@ -1115,7 +1115,8 @@ def _extract(archive: Path, dest: Path, final: Path, url: str, progress: bool) -
                 for info in members:
                     _check_member(info, archive, staging.resolve())
                 _check_sizes(members, archive, dest)
-                for info in tqdm(members, desc=f"extract {final.name}", unit="file", disable=not show_progress(progress)):
+                bar = tqdm(members, desc=f"extract {final.name}", unit="file", disable=not show_progress(progress))
+                for info in bar:
                     try:
                         _extract_member(zipped, info, staging)
                     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:

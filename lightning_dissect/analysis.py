@@ -24,7 +24,7 @@ import torch
 from lightning_dissect.history import concept_changes
 from lightning_dissect.io import atomic_write
 from lightning_dissect.report.bargraph import category_color
-from lightning_dissect.report.figures import new_figure
+from lightning_dissect.report.figures import new_figure, plain
 from lightning_dissect.result import Dissection, LayerDissection
 from lightning_dissect.run_folder import RunFolder
 
@@ -321,7 +321,7 @@ def plot_emergence(rows: Sequence[Mapping[str, float]], path: str | os.PathLike,
         categories = categories_of(rows, key)
         for category in categories:
             axis.plot(steps, [row[f"{key}/{category}"] for row in rows], marker="o", markersize=3,
-                      color=category_color(category, categories), label=category)
+                      color=category_color(category, categories), label=plain(category))
         axis.plot(steps, [row[key] for row in rows], color="black", linewidth=2, label="total")
         _log_steps(axis, steps)
         axis.set_ylabel(label)
@@ -331,7 +331,7 @@ def plot_emergence(rows: Sequence[Mapping[str, float]], path: str | os.PathLike,
     detector_axis.set_title("detectors per category")
     detector_axis.legend(loc="upper left", fontsize=8, frameon=False)
     if title:
-        figure.suptitle(title)
+        figure.suptitle(plain(title))
     return _save(figure, path)
 
 
@@ -350,7 +350,7 @@ def plot_switches(rows: Sequence[Mapping[str, int]], path: str | os.PathLike, ti
     axis.set_xlabel("dissection at step (compared with the previous one)")
     axis.set_ylabel("units")
     axis.legend(frameon=False)
-    axis.set_title(title or "concept switches per dissection")
+    axis.set_title(plain(title or "concept switches per dissection"))
     return _save(figure, path)
 
 
@@ -360,7 +360,8 @@ def plot_transition_table(rows: Sequence[Mapping[str, Any]], path: str | os.Path
     shown = list(rows[:max_rows])
     figure, (axis,) = _axes_figure(8, 0.7 + 0.21 * (max(len(shown), 1) + 1))
     axis.axis("off")
-    cells = [[row["from"], row["to"], str(row["count"]), ", ".join(str(u) for u in row["units"])] for row in shown]
+    cells = [[plain(row["from"]), plain(row["to"]), str(row["count"]), ", ".join(str(u) for u in row["units"])]
+             for row in shown]
     if cells:
         table = axis.table(cellText=cells, colLabels=["from", "to", "units", "example units"], loc="upper center",
                            cellLoc="left", colLoc="left")
@@ -372,7 +373,7 @@ def plot_transition_table(rows: Sequence[Mapping[str, Any]], path: str | os.Path
     else:
         axis.text(0.5, 0.5, "no unit switched concept", ha="center", va="center")
     hidden = len(rows) - len(shown)
-    axis.set_title((title or "concept transitions") + (f" ({hidden} more not shown)" if hidden else ""))
+    axis.set_title(plain(title or "concept transitions") + (f" ({hidden} more not shown)" if hidden else ""))
     return _save(figure, path)
 
 
@@ -393,7 +394,7 @@ def plot_rotation(rows: Sequence[Mapping[str, float]], path: str | os.PathLike, 
     axis.set_ylim(bottom=0)
     axis.grid(True, alpha=0.3)
     axis.legend(frameon=False)
-    axis.set_title(title or "interpretability under a change of basis")
+    axis.set_title(plain(title or "interpretability under a change of basis"))
     return _save(figure, path)
 
 
@@ -411,7 +412,8 @@ def plot_comparison(counts: Mapping[str, Mapping[str, int]], path: str | os.Path
     bottom = [0] * len(names)
     for category in categories:
         heights = [counts[name].get(category, 0) for name in names]
-        axis.bar(names, heights, bottom=bottom, color=category_color(category, list(categories)), label=category)
+        axis.bar([plain(name) for name in names], heights, bottom=bottom,
+                 color=category_color(category, list(categories)), label=plain(category))
         bottom = [b + h for b, h in zip(bottom, heights)]
     for position, total in enumerate(bottom):
         axis.text(position, total, str(total), ha="center", va="bottom", fontsize=9)
@@ -419,5 +421,5 @@ def plot_comparison(counts: Mapping[str, Mapping[str, int]], path: str | os.Path
     axis.set_ylim(0, max(max(bottom), 1) * 1.15)
     axis.tick_params(axis="x", labelrotation=30 if len(names) > 3 else 0)
     axis.legend(frameon=False, fontsize=8, loc="upper left")
-    axis.set_title(title or f"{ylabel} per category")
+    axis.set_title(plain(title or f"{ylabel} per category"))
     return _save(figure, path)

@@ -241,6 +241,8 @@ class DissectionHooks:
         self._publish(trainer, report)
         budget = self.dissector.budget
         skipped = f"; skipped steps {self.dissector.skipped} (max_overhead)" if self.dissector.skipped else ""
+        if self.dissector.unwritten:
+            skipped += f"; no files for steps {self.dissector.unwritten} ({self._context.dirpath} not writable)"
         self._context.info(f"DissectionCallback: {budget.dissections} dissections took {budget.own_seconds:.1f} s "
                            f"in all, {100 * budget.share:.1f}% of the fit{skipped}")
 
@@ -283,7 +285,11 @@ class DissectionHooks:
         given = self._dirpath is not None
         folder = self._dirpath or self._restored_dirpath or default_run_folder(trainer)
         if trainer.is_global_zero:
-            folder = claimed_folder(folder, run_id, fixed=given or self._restored_dirpath is not None)
+            try:
+                folder = claimed_folder(folder, run_id, fixed=given or self._restored_dirpath is not None)
+            except OSError as error:  # read-only or full: the dissections go on without files (Dissector says so)
+                self._rank_zero().rank_zero_warn(f"DissectionCallback: {folder} cannot be written ({error}); "
+                                                 "dissections go on without files")
         return Path(trainer.strategy.broadcast(str(folder)))
 
     # ------------------------------------------------------------------ state

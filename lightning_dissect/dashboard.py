@@ -156,7 +156,20 @@ FIGURE_PRODUCERS: list[Producer] = [detector_figures, emergence_figures, unit_fi
 """Producers that draw with matplotlib or PIL: made when the figure budget allows."""
 
 
-def make_media(report: DissectionReport, figures: bool = True) -> list[Media]:
-    """Every producer's media for one dissection; with `figures=False`, only the tables."""
-    producers = TABLE_PRODUCERS + (FIGURE_PRODUCERS if figures else [])
-    return [media for producer in producers for media in producer(report)]
+def make_media(report: DissectionReport, figures: bool = True,
+               failed: Callable[[Producer, Exception], None] | None = None) -> list[Media]:
+    """Every producer's media for one dissection; with `figures=False`, only the tables.
+
+    Args:
+        failed: called with a producer that raised and its error; the other producers' media are
+            still made. None: the error propagates.
+    """
+    media: list[Media] = []
+    for producer in TABLE_PRODUCERS + (FIGURE_PRODUCERS if figures else []):
+        try:
+            media.extend(producer(report))
+        except Exception as error:
+            if failed is None:
+                raise
+            failed(producer, error)
+    return media

@@ -244,6 +244,7 @@ class Dissector:
         self.history: list[HistoryEntry] = []
         self.last_step: int | None = None
         self.skipped: list[int] = []  # scheduled steps the budget could not afford
+        self.unwritten: list[int] = []  # dissected steps whose files could not be written
         self._planned_size: int | None = None  # restored by load_state_dict: a resumed run keeps its probe
         self._seconds_per_image: float | None = None  # measured by the calibration of `plan`
         self._planned_steps: tuple[tuple[float, int | None], list[int]] = ((math.nan, None), [])
@@ -507,13 +508,26 @@ class Dissector:
         drawing = time.perf_counter()
         if figures:
             report.strips = self._strips(model, probe, report, context, every_detector=final)
-        folder = RunFolder(context.dirpath) if context.dirpath is not None else None
-        if folder is not None:
-            folder.write_dissection(report.step, report.dissection, self.save_json, context.run_id)
-            folder.write_history(self.history)
+        if context.dirpath is not None:
+            self._write_files(RunFolder(context.dirpath), report, context)
         context.loggers.show(report, figures, self.on_error, context.warn)
         if figures:
             self.figure_budget.spent(time.perf_counter() - drawing)
+
+    def _write_files(self, folder: RunFolder, report: DissectionReport, context: RunContext) -> None:
+        """The dissection's files and the history. A folder that cannot be written (read-only, full) warns
+        once: the dissection stays in the history and the loggers, and its step is not marked complete."""
+        try:
+            folder.write_dissection(report.step, report.dissection, self.save_json, context.run_id)
+            folder.write_history(self.history)
+        except OSError as error:
+            if self.on_error == "raise":
+                raise
+            if not self.unwritten:
+                context.warn(f"the files of the dissection at step {report.step} could not be written to "
+                             f"{folder.directory} ({type(error).__name__}: {error}); the dissections go on in the "
+                             "history and the loggers, without files (said once)")
+            self.unwritten.append(report.step)
 
     def _strips(self, model: nn.Module, probe: ProbeSet, report: DissectionReport, context: RunContext,
                 every_detector: bool = False) -> dict[str, Any]:
@@ -546,7 +560,12 @@ class Dissector:
         """Rewrite `<dirpath>/history.jsonl` from the history (atomically)."""
         context = context or self.context
         if context.dirpath is not None and self.history:
-            RunFolder(context.dirpath).write_history(self.history)
+            try:
+                RunFolder(context.dirpath).write_history(self.history)
+            except OSError as error:
+                if self.on_error == "raise":
+                    raise
+                context.warn(f"{context.dirpath}: the history could not be written ({error})")
 
     # ------------------------------------------------------------------ state
 

@@ -232,10 +232,20 @@ class LoggerGroup:
     def show(self, report: DissectionReport, figures: bool, on_error: str, warn: Callable[[str], None]) -> None:
         """Log `report`'s scalars to every logger and its media (with figures when `figures`) to those that show them.
 
+        A figure that cannot be drawn is left out with a warning: the scalars and tables (and the
+        files, written before) never depend on a figure.
+
         Raises:
-            Exception: a logger's own error, under `on_error="raise"`.
+            Exception: a logger's or a figure's own error, under `on_error="raise"`.
         """
-        media = make_media(report, figures=figures) if self.shows_media else []
+
+        def failed(producer: Callable[..., Any], error: Exception) -> None:
+            if on_error == "raise":
+                raise error
+            warn(f"{producer.__name__} could not draw the dissection at step {report.step} ({type(error).__name__}: "
+                 f"{error}); the scalars, tables and files have it")
+
+        media = make_media(report, figures=figures, failed=failed) if self.shows_media else []
         for adapter in self.adapters:
             try:
                 adapter.log_dissection(report.metrics, media, report.step)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lightning_dissect.report.figures import figure_to_array, integer_ticks, new_figure
+from lightning_dissect.report.figures import figure_to_array, integer_ticks, new_figure, plain
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -68,7 +68,7 @@ def bar_graph_figure(layer_result: LayerDissection) -> Figure:
     figure = new_figure(min(60.0, max(4.0, 1.0 + 0.24 * bars)), 3.2)
     axes = figure.add_axes((0.08 if bars > 8 else 0.15, 0.42, 0.9 if bars > 8 else 0.8, 0.4))
     summary = layer_result.summary()
-    figure.suptitle(f"{layer_result.layer}: {int(summary['unique_concepts'])} unique concepts, "
+    figure.suptitle(f"{plain(layer_result.layer)}: {int(summary['unique_concepts'])} unique concepts, "
                     f"{int(summary['detectors'])} detectors of {layer_result.num_units} units "
                     f"(IoU > {layer_result.iou_threshold:g})\n{int(summary['unique_top_concepts'])} unique top "
                     "concepts (labels of detectors), one bar each", fontsize=9, y=0.98, va="top")
@@ -86,11 +86,11 @@ def bar_graph_figure(layer_result: LayerDissection) -> Figure:
         start = position
         for concept, count in concepts:
             ticks.append(position)
-            names.append(concept)
+            names.append(plain(concept))
             heights.append(count)
             colors.append(color)
             position += 1
-        axes.annotate(category, xy=((start + position - 1) / 2, 1), xycoords=("data", "axes fraction"),
+        axes.annotate(plain(category), xy=((start + position - 1) / 2, 1), xycoords=("data", "axes fraction"),
                       xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8,
                       color=color, fontweight="bold", annotation_clip=False)
         position += 1  # a gap between categories
@@ -118,15 +118,16 @@ def iou_histogram_figure(layer_result: LayerDissection, bins: int = 40) -> Figur
         if values.size:
             counts = np.histogram(values, bins=edges)[0]
             # One filled outline per category, stacked on the ones before (hist() draws a patch per bin).
-            axes.stairs(bottom + counts, edges, baseline=bottom.copy(), fill=True, label=category,
+            axes.stairs(bottom + counts, edges, baseline=bottom.copy(), fill=True, label=plain(category),
                         color=category_color(category, layer_result.categories))
             bottom += counts
     if bottom.any():
         axes.set_ylim(0, bottom.max() * 1.05)
         axes.legend(fontsize=7, frameon=False, loc="upper right")  # a fixed place: "best" is slow to find
     axes.axvline(layer_result.iou_threshold, color="#333333", linestyle="--", linewidth=1)
-    axes.set_title(f"{layer_result.layer}: IoU of each unit's label ({layer_result.num_units} units)", fontsize=9,
-                   y=1.0)  # a fixed place: automatic placement measures every tick label again
+    # A fixed place: automatic placement measures every tick label again.
+    axes.set_title(f"{plain(layer_result.layer)}: IoU of each unit's label ({layer_result.num_units} units)",
+                   fontsize=9, y=1.0)
     axes.set_xlabel("IoU", fontsize=8)
     integer_ticks(axes)
     axes.set_ylabel("units", fontsize=8)

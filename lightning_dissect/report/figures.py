@@ -24,6 +24,17 @@ if TYPE_CHECKING:
     from matplotlib.ticker import MaxNLocator
 
 
+def plain(text: object) -> str:
+    """`text` as matplotlib shows it literally: names come from datasets and users, and a `$` pair would
+    otherwise be read as mathtext (which fails on `$$` and changes `$x_1$`).
+
+    Example:
+        >>> plain("price $ in $")
+        'price \\$ in \\$'
+    """
+    return str(text).replace("$", r"\$")
+
+
 def new_figure(width: float, height: float, layout: Literal["constrained"] | None = None) -> Figure:
     """A figure of `width` x `height` inches at 100 dpi on its own Agg canvas (no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -98,11 +109,11 @@ def category_counts_figure(summary: Mapping[str, float], categories: Sequence[st
     unique = [summary[f"unique_concepts/{name}"] for name in categories]
     axes.bar(positions - 0.2, detectors, width=0.4, label="detectors (in the category of their label)")
     axes.bar(positions + 0.2, unique, width=0.4, label=f"unique concepts (best labels with IoU > {iou_threshold:g})")
-    axes.set_xticks(positions, list(categories))
+    axes.set_xticks(positions, [plain(name) for name in categories])
     axes.set_ylabel("count")
     integer_ticks(axes)
     # Fixed places, above the bars: "best" legend placement and automatic title placement are slow to compute.
-    figure.suptitle(title, y=0.98, va="top")
+    figure.suptitle(plain(title), y=0.98, va="top")
     axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize="small", frameon=False)
     figure.text(0.01, 0.01, f"A unit counts in every category whose best label has IoU > {iou_threshold:g}, as a "
                 "detector only in its label's category:\na category can have unique concepts and no detector.",
@@ -126,12 +137,12 @@ def emergence_figure(steps: Sequence[int], unique_concepts: Mapping[str, Sequenc
     figure = _callback_figure()
     axes = figure.add_subplot()
     for name, counts in unique_concepts.items():
-        axes.plot(steps, counts, marker="o", markersize=3, label=name)
+        axes.plot(steps, counts, marker="o", markersize=3, label=plain(name))
     axes.set_xscale("symlog", linthresh=1)
     # Steps as plain numbers (1, 10, 100): the default 10^k labels go through mathtext, slow to lay out.
     axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axes.set_xlabel("training step")
     axes.set_ylabel("unique concepts")
-    axes.set_title(title, y=1.0)
+    axes.set_title(plain(title), y=1.0)
     axes.legend(fontsize="small", ncols=2, loc="upper left")
     return figure

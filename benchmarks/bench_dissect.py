@@ -25,7 +25,7 @@ import torch
 import lightning_dissect as ld
 from benchmarks.baseline import dense_tally, dense_thresholds
 from benchmarks.common import ResNet18Shaped, machine, print_table, synchronize, synthetic_probe
-from lightning_dissect.engine.dissect import resolve_layers
+from lightning_dissect.engine.capture import resolve_layers
 
 LAYERS = ["layer3", "layer4"]
 
@@ -72,7 +72,7 @@ def profile_table(profile: cProfile.Profile, total: float) -> list[list[object]]
     """Where one `ld.dissect` spends its time, from cProfile's cumulative times."""
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
     parts = {
-        "model forward (LayerCapture.run)": ("dissect.py", "run"),
+        "model forward (LayerCapture.run)": ("capture.py", "run"),
         "input transform (ProbeSet.model_input)": ("probe.py", "model_input"),
         "threshold state (RunningTopK.add_maps)": ("thresholds.py", "add_maps"),
         "top images (_top_images_update)": ("dissect.py", "_top_images_update"),

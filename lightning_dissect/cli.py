@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_dissect.broden import BrodenError
-from lightning_dissect.engine.dissect import DissectionError
+from lightning_dissect.engine.errors import DissectionError
 
 
 class UsageError(Exception):

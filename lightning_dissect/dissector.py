@@ -32,7 +32,6 @@ import os
 import random
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,19 +44,10 @@ from torch import nn
 from lightning_dissect import schedule as schedules
 from lightning_dissect.broden import Broden, BrodenError, download_broden
 from lightning_dissect.distributed import default_synchronizer, guard, slowest
-from lightning_dissect.engine.dissect import (
-    DissectionError,
-    LayerCapture,
-    _as_rotation,
-    _Synchronizer,
-    as_unit_maps,
-    dissect,
-    frozen,
-    model_device,
-    resolve_layers,
-    validate_options,
-)
-from lightning_dissect.engine.rotation import Rotation
+from lightning_dissect.engine.capture import check_layers, choose_layers, frozen, model_device
+from lightning_dissect.engine.dissect import _Synchronizer, dissect, validate_options
+from lightning_dissect.engine.errors import DissectionError
+from lightning_dissect.engine.rotation import Rotation, as_rotation
 from lightning_dissect.io import atomic_write
 from lightning_dissect.loggers import LoggerAdapter, adapt, make_media
 from lightning_dissect.probe import ProbeSet, cache_root
@@ -71,10 +61,6 @@ DEFAULT_PROBE_SIZE = 1000
 SYNTHETIC_IMAGES = 500
 ON_ERROR = ("warn", "raise")
 _STATE_VERSION = 1
-# Modules whose output is never a representation worth dissecting on its own.
-_NOT_FEATURES = (nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten,
-                 nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-                 nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
 
 
 # ---------------------------------------------------------------------- probe
@@ -160,83 +146,6 @@ def _converted_inputs(probe: ProbeSet, convert: Callable[[torch.Tensor], torch.T
 
 
 # ---------------------------------------------------------------------- layers
-
-
-def _nested(a: str, b: str) -> bool:
-    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
-
-
-def choose_layers(model: nn.Module, inputs: torch.Tensor, count: int = 2) -> list[str]:
-    """The deepest modules with spatial output, found by one forward pass.
-
-    Among modules that run once and return a `(B, K, h, w)` tensor with
-    `h * w > 1` (not dropout, pooling, flatten or identity), the deepest is the
-    one that finishes last before the spatial axes are pooled away: for a
-    ResNet `layer4` (a block finishes after the modules inside it). Each
-    further layer is the deepest remaining module that is neither inside nor
-    around a chosen one and has another output shape (`layer3`).
-
-    Returns:
-        Up to `count` module names, shallowest first.
-
-    Raises:
-        DissectionError: no module has a spatial output.
-    """
-    modules = {name: module for name, module in model.named_modules() if name}
-    finished: list[tuple[str, tuple[int, ...]]] = []
-    calls: Counter[str] = Counter()
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: Any, output: Any) -> None:
-            calls[name] += 1
-            if isinstance(output, torch.Tensor):
-                finished.append((name, tuple(output.shape)))
-
-        return record
-
-    handles = []
-    try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(hook(name)))
-        model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    candidates = [(name, shape) for name, shape in finished
-                  if calls[name] == 1 and len(shape) == 4 and shape[2] * shape[3] > 1
-                  and not isinstance(modules[name], _NOT_FEATURES)]
-    if not candidates:
-        raise DissectionError(
-            f"layers=None: no module of {type(model).__name__} returns a spatial (N, K, h, w) output; "
-            "name the layers to dissect, e.g. layers=['backbone.layer4'] (token layers need explicit names)"
-        )
-    chosen = [candidates[-1]]
-    for name, shape in reversed(candidates):
-        if len(chosen) == count:
-            break
-        if all(not _nested(name, other) and shape != other_shape for other, other_shape in chosen):
-            chosen.append((name, shape))
-    return [name for name, _ in reversed(chosen)]
-
-
-def check_layers(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str],
-                 prefix_tokens: int | None = None) -> None:
-    """Run one batch and check that every layer runs once and has a spatial output.
-
-    Raises:
-        DissectionError: unknown layer (with close matches), a layer that does not
-            run or runs twice, or an output without spatial axes (or one position).
-    """
-    modules = resolve_layers(model, layers)
-    with LayerCapture(modules) as capture:
-        outputs = capture.run(model, inputs)
-    for name in layers:
-        maps = as_unit_maps(outputs[name], name, prefix_tokens)
-        if maps.shape[2] * maps.shape[3] < 2:
-            raise DissectionError(
-                f"layer {name!r} output has shape {tuple(outputs[name].shape)}: a single spatial position, nothing "
-                "to segment. Choose a layer before global pooling."
-            )
 
 
 @contextlib.contextmanager
@@ -411,7 +320,7 @@ class Dissector:
         self.requested_layers = list(layers) if layers is not None else None
         self.schedule = schedule if schedule is not None else schedules.log_spaced()
         self.options = dict(quantile=quantile, iou_threshold=iou_threshold, denominator=denominator,
-                            batch_size=batch_size, rotation=_as_rotation(rotation), prefix_tokens=prefix_tokens,
+                            batch_size=batch_size, rotation=as_rotation(rotation), prefix_tokens=prefix_tokens,
                             top_k=top_k)
         self.probe_size, self.probe_seed, self.image_size = probe_size, probe_seed, image_size
         self.max_seconds = max_seconds

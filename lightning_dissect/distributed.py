@@ -38,7 +38,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from lightning_dissect.engine.dissect import DissectionError, _Synchronizer, _top_images_update
+from lightning_dissect.engine.dissect import _Synchronizer, _top_images_update
+from lightning_dissect.engine.errors import DissectionError
 
 __all__ = [
     "DistributedSynchronizer",

@@ -27,7 +27,8 @@ from lightning_dissect.distributed import (
     default_synchronizer,
     local_zero_first,
 )
-from lightning_dissect.engine.dissect import DissectionError, _Synchronizer
+from lightning_dissect.engine.dissect import _Synchronizer
+from lightning_dissect.engine.errors import DissectionError
 from tests.conftest import random_broden
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),

@@ -264,7 +264,7 @@ def test_a_layer_output_changed_in_place_later_in_the_pass_is_dissected_as_the_l
 
 
 def test_outputs_are_copied_only_once_the_pass_changes_them_in_place():
-    from lightning_dissect.engine.dissect import LayerCapture
+    from lightning_dissect.engine.capture import LayerCapture
 
     inputs = torch.randn(2, 3, 8, 8)
     for inplace in [False, True]:

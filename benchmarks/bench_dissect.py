@@ -1,5 +1,5 @@
 """Targets 1 and 2 of the performance issue: `ld.dissect` against a plain forward pass, and against
-the straightforward dense method.
+the straightforward dense method (`tests/dense.py`, the tests' reference).
 
 A ResNet-18-shaped CNN with random weights (`benchmarks.common.ResNet18Shaped`, no torchvision),
 224x224 input, `layer3` (256 x 14 x 14) and `layer4` (512 x 7 x 7) dissected together over the
@@ -23,9 +23,9 @@ import time
 import torch
 
 import lightning_dissect as ld
-from benchmarks.baseline import dense_tally, dense_thresholds
 from benchmarks.common import ResNet18Shaped, machine, print_table, synchronize, synthetic_probe
 from lightning_dissect.engine.capture import resolve_layers
+from tests.dense import dense_tally, dense_thresholds
 
 LAYERS = ["layer3", "layer4"]
 
@@ -76,7 +76,7 @@ def profile_table(profile: cProfile.Profile, total: float) -> list[list[object]]
         "input transform (ProbeSet.model_input)": ("probe.py", "model_input"),
         "threshold state (RunningTopK.add_maps)": ("thresholds.py", "add_maps"),
         "top images (_top_images_update)": ("dissect.py", "_top_images_update"),
-        "masks: tiles near thresholds (mask_pixels)": ("tally.py", "mask_pixels"),
+        "masks: tiles near thresholds (mask_pixels)": ("masks.py", "mask_pixels"),
         "intersections, areas (IoUTally.add_pixels)": ("tally.py", "add_pixels"),
         "scores (iou, category_best, unit_labels)": ("scores.py", None),
     }

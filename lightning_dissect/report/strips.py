@@ -29,8 +29,8 @@ from torch import nn
 
 from lightning_dissect.engine.capture import LayerCapture, as_unit_maps, frozen, model_device, resolve_layers
 from lightning_dissect.engine.errors import DissectionError
+from lightning_dissect.engine.masks import upsample_masks
 from lightning_dissect.engine.rotation import Rotation, as_rotation, rotate_units
-from lightning_dissect.engine.tally import upsample_masks
 
 if TYPE_CHECKING:
     from lightning_dissect.probe import ProbeSet

@@ -7,11 +7,10 @@ The engine (`dissect`, `dissect_activations`) is plain PyTorch and works on any
 
 from lightning_dissect.broden import Broden, BrodenError, BrodenRow, download_broden
 from lightning_dissect.dissector import Dissector
-from lightning_dissect.engine.dissect import dissect, dissect_activations
 from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.engine.rotation import Rotation, fractional_power, random_rotation, rotate_units
 from lightning_dissect.probe import ImageTransform, ProbeSet
-from lightning_dissect.result import Dissection, LayerDissection, concept_changes
+from lightning_dissect.result import Dissection, LayerDissection, concept_changes, dissect, dissect_activations
 from lightning_dissect.schedule import at_steps, every_n_epochs, every_n_steps, log_spaced
 from lightning_dissect.synthetic import make_synthetic_broden
 

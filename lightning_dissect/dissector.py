@@ -43,15 +43,15 @@ from torch import nn
 
 from lightning_dissect import schedule as schedules
 from lightning_dissect.broden import Broden, BrodenError, download_broden
-from lightning_dissect.distributed import default_synchronizer, guard, slowest
 from lightning_dissect.engine.capture import check_layers, choose_layers, frozen, model_device
-from lightning_dissect.engine.dissect import _Synchronizer, dissect, validate_options
+from lightning_dissect.engine.dissect import validate_options
 from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.engine.rotation import Rotation, as_rotation
+from lightning_dissect.engine.sync import Synchronizer, default_synchronizer, guard, slowest
 from lightning_dissect.io import atomic_write
 from lightning_dissect.loggers import LoggerAdapter, adapt, make_media
 from lightning_dissect.probe import ProbeSet, cache_root
-from lightning_dissect.result import Dissection, LayerDissection, concept_changes
+from lightning_dissect.result import Dissection, LayerDissection, concept_changes, dissect
 from lightning_dissect.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -335,7 +335,7 @@ class Dissector:
         # Set by an adapter such as the Lightning callback:
         self.forward_context: Callable[[], contextlib.AbstractContextManager] | None = None
         self.convert_input: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.synchronizer: _Synchronizer | None = None  # distributed probe sharding (lightning_dissect.distributed)
+        self.synchronizer: Synchronizer | None = None  # distributed probe sharding (lightning_dissect.distributed)
         self.is_global_zero = True  # only rank zero writes files and shows media
         self.strips_per_layer = 4  # unit strips shown and saved per layer at each dissection (0: none)
         self.info: Callable[[str], None] = log.info

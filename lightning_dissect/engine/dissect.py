@@ -1,12 +1,19 @@
-"""`dissect` and `dissect_activations`: two streaming passes over a probe set.
+"""`dissect` and `dissect_activations`: a threshold pass, a tally pass, assembly.
 
-Pass one runs the model over the probe set and keeps, per unit, the running
-top values that the exact threshold needs (and the top images). Pass two makes
-the masks against those thresholds and tallies intersections and areas. Between
-the passes the layers' raw activations are kept up to `activation_cache_bytes`
-(the first batches, in full); pass two runs the model again for the batches
-beyond it, so memory never grows with the probe set beyond the threshold state
-and that budget. See docs/performance.md for what each part costs.
+Pass one runs the model over the probe set and feeds each layer's statistics:
+the exact running top-k behind the thresholds (`engine/thresholds.py`) and the
+top images (`engine/top_images.py`). Between the passes the statistics are
+combined across processes (`engine/sync.py`) and the thresholds read out.
+Pass two makes the masks against those thresholds and tallies intersections
+and areas (`engine/tally.py`); assembly turns the sums into IoU, labels and
+scores (`engine/scores.py`). Between the passes the layers' activations are
+kept up to `activation_cache_bytes` (the first batches, in full); pass two runs
+the model again for the batches beyond it, so memory never grows with the probe
+set beyond the threshold state and that budget. See docs/performance.md for
+what each part costs.
+
+The engine returns its numbers (`DissectionNumbers`); `lightning_dissect.dissect`
+returns them as a `Dissection`, which adds their files.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -23,14 +31,32 @@ from lightning_dissect.engine.capture import LayerCapture, as_unit_maps, frozen,
 from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.engine.rotation import Rotation, as_rotation, rotate_units
 from lightning_dissect.engine.scores import category_best, iou, unit_labels
-from lightning_dissect.engine.tally import DENOMINATORS, IoUTally
-from lightning_dissect.engine.thresholds import RunningTopK, quantile_from_top, top_count
-from lightning_dissect.result import Dissection, LayerDissection
-
-if TYPE_CHECKING:
-    from lightning_dissect.probe import ProbeSet
+from lightning_dissect.engine.sync import Synchronizer, default_synchronizer, sync_states
+from lightning_dissect.engine.tally import DENOMINATORS, Denominator, IoUTally
+from lightning_dissect.engine.thresholds import ActivationThresholds, quantile_from_top
+from lightning_dissect.engine.top_images import TopImages, unpack_top_images
 
 DEFAULT_ACTIVATION_CACHE_BYTES = 2**31
+LABEL_TENSORS = ("label_maps", "image_labels", "present", "image_level_present")
+
+
+class Probe(Protocol):
+    """What the engine reads of a probe set (`lightning_dissect.probe.ProbeSet` is one)."""
+
+    categories: list[str]
+    label_names: list[str]
+    fingerprint: str
+
+    def __len__(self) -> int: ...
+
+    def tensors(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """The label tensors on `device`: `label_maps`, `image_labels`, `present`,
+        `image_level_present`, `label_area`, `label_category`."""
+        ...
+
+    def model_input(self, positions: Sequence[int] | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """The model's input for the images at probe `positions`."""
+        ...
 
 
 def validate_options(quantile: float, iou_threshold: float, denominator: str, batch_size: int,
@@ -48,161 +74,210 @@ def validate_options(quantile: float, iou_threshold: float, denominator: str, ba
         raise ValueError(f"top_k={top_k!r} must be a non-negative integer")
 
 
-class _Synchronizer:
-    """Combines per-shard state; the single-process version does nothing.
+@dataclass(frozen=True)
+class Options:
+    """The options of one dissection (see `dissect`), validated on construction."""
 
-    The distributed implementation (`lightning_dissect.distributed`) gathers
-    top values and sums tallies over ranks.
+    quantile: float = 0.005
+    iou_threshold: float = 0.04
+    denominator: Denominator = "paper"
+    batch_size: int = 64
+    rotation: Rotation | None = None
+    prefix_tokens: int | None = None
+    top_k: int = 10
+
+    def __post_init__(self) -> None:
+        validate_options(self.quantile, self.iou_threshold, self.denominator, self.batch_size, self.top_k)
+
+    def settings(self, probe: Probe, layers: Sequence[str]) -> dict[str, Any]:
+        """The options and the probe as recorded with the numbers (`Dissection.settings`)."""
+        return {
+            "quantile": self.quantile, "iou_threshold": self.iou_threshold, "denominator": self.denominator,
+            "batch_size": self.batch_size, "rotation": self.rotation.describe() if self.rotation is not None else None,
+            "prefix_tokens": self.prefix_tokens, "layers": list(layers), "probe_fingerprint": probe.fingerprint,
+            "probe_size": len(probe), "categories": list(probe.categories),
+        }
+
+
+@dataclass
+class LayerNumbers:
+    """Every number of one layer's dissection (SEMANTICS §2 to §5), on the CPU.
+
+    Attributes:
+        layer: the module name.
+        categories: the dissected categories, in `category.csv` order.
+        label_names: label names indexed by global label number.
+        label_category: long `(C,)`, primary category index of each label (-1: never scored).
+        iou_threshold: `t`, a unit is a detector when its score is above it.
+        thresholds: float64 `(K,)`, the activation threshold `T_u` of each unit.
+        iou: float64 `(K, C)`, `IoU(u, c)`; column = global label number.
+        intersection: long `(K, C)`, `I(u, c)`.
+        unit_area: long `(K, n_categories)`, `A_k(u)` under the chosen denominator.
+        label_area: long `(C,)`, `G(c)`.
+        category_labels: long `(K, n_categories)`, `best_k(u)` (-1: category without labels).
+        category_scores: float64 `(K, n_categories)`, `iou_k(u)`.
+        labels: long `(K,)`, each unit's label.
+        scores: float64 `(K,)`, each unit's score.
+        top_images: long `(K, k)`, probe positions of the images with the largest
+            per-image maximum activation, most active first.
+        top_activations: float32 `(K, k)`, those maxima.
     """
 
-    def shard(self, num_images: int) -> list[int]:
-        return list(range(num_images))
-
-    def merge_top(self, values: torch.Tensor, k: int) -> torch.Tensor:
-        return values
-
-    def merge_top_images(
-        self, values: torch.Tensor, indices: torch.Tensor, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return values, indices
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-
-def _default_synchronizer() -> _Synchronizer:
-    """Shard over the process group when `torch.distributed` runs several ranks, else the no-op one."""
-    from lightning_dissect.distributed import default_synchronizer  # imports this module
-
-    return default_synchronizer()
+    layer: str
+    categories: list[str]
+    label_names: list[str]
+    label_category: torch.Tensor
+    iou_threshold: float
+    thresholds: torch.Tensor
+    iou: torch.Tensor
+    intersection: torch.Tensor
+    unit_area: torch.Tensor
+    label_area: torch.Tensor
+    category_labels: torch.Tensor
+    category_scores: torch.Tensor
+    labels: torch.Tensor
+    scores: torch.Tensor
+    top_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
+    top_activations: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
 
 
-def _top_images_update(values: torch.Tensor, indices: torch.Tensor, new_values: torch.Tensor,
-                       new_indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the `k` largest per-image maxima of each unit; ties go to the lower probe position."""
-    all_values = torch.cat([values, new_values], dim=1)
-    all_indices = torch.cat([indices, new_indices], dim=1)
-    # Sort by index first, then stably by value: equal values stay in index order.
-    by_index = all_indices.argsort(dim=1, stable=True)
-    all_values, all_indices = all_values.gather(1, by_index), all_indices.gather(1, by_index)
-    order = all_values.argsort(dim=1, descending=True, stable=True)[:, :k]
-    return all_values.gather(1, order), all_indices.gather(1, order)
+@dataclass
+class DissectionNumbers:
+    """The numbers of every dissected layer, in the order requested, and the settings that made them."""
+
+    layers: dict[str, LayerNumbers]
+    settings: dict[str, Any]
 
 
-def _run(
-    activation_batches: Callable[[list[int]], dict[str, torch.Tensor]],
-    layers: Sequence[str],
-    probe: ProbeSet,
-    *,
-    quantile: float,
-    iou_threshold: float,
-    denominator: str,
-    batch_size: int,
-    device: torch.device,
-    rotation: Rotation | None,
-    top_k: int,
-    activation_cache_bytes: int,
-    progress: bool,
-    synchronizer: _Synchronizer,
-    settings: dict[str, Any],
-) -> Dissection:
-    started = time.perf_counter()
-    positions = synchronizer.shard(len(probe))
-    num_images = len(probe)
-    batches = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
-    data = probe.tensors(device)
+class LayerState:
+    """One layer on its way through the passes: its shape, its basis change and its statistics.
 
-    def unit_maps(batch: list[int]) -> dict[str, torch.Tensor]:
-        maps = activation_batches(batch)
-        if rotation is not None:
-            maps = {name: rotate_units(value, rotations[name]) for name, value in maps.items()}
+    Args:
+        name: the layer's name.
+        shape: `(K, h, w)`, from the first batch.
+        num_images: the probe size (over all processes).
+        options: the dissection's options.
+        device: where the statistics live.
+    """
+
+    def __init__(self, name: str, shape: tuple[int, ...], num_images: int, options: Options,
+                 device: torch.device) -> None:
+        self.name, self.shape, self.options = name, shape, options
+        units, height, width = shape
+        self.rotation = options.rotation.resolve(units).to(device) if options.rotation is not None else None
+        # The engine syncs explicitly, through its synchronizer, once per pass.
+        self.thresholds = ActivationThresholds(units, num_images * height * width, options.quantile,
+                                               sync_on_compute=False).to(device)
+        self.top_images = TopImages(units, options.top_k, sync_on_compute=False).to(device)
+        self.tally: IoUTally | None = None
+
+    def unit_maps(self, raw: torch.Tensor) -> torch.Tensor:
+        """The maps dissected: the layer's `(B, K, h, w)` in the chosen basis (SEMANTICS §6)."""
+        return rotate_units(raw, self.rotation) if self.rotation is not None else raw
+
+    def observe(self, raw: torch.Tensor, positions: list[int], index: torch.Tensor) -> torch.Tensor:
+        """Pass one: check a batch and add it to the threshold state and the top images.
+
+        Returns:
+            The batch's unit maps (for the activation cache).
+
+        Raises:
+            DissectionError: the layer changed shape, or produced NaN or inf.
+        """
+        if tuple(raw.shape[1:]) != self.shape:
+            raise DissectionError(f"layer {self.name!r} changed shape from {self.shape} to {tuple(raw.shape[1:])}")
+        maps = self.unit_maps(raw)
+        # One reduction instead of an elementwise test: a finite sum has no NaN or inf (an overflowing
+        # sum of finite values is told apart by the exact test).
+        if not torch.isfinite(maps.sum()) and not torch.isfinite(maps).all():
+            raise DissectionError(f"layer {self.name!r} produced non-finite activations (NaN or inf) on probe images "
+                                  f"{positions[0]}..{positions[-1]}")
+        self.thresholds.update(maps)
+        self.top_images.update(maps, index)
         return maps
 
-    rotations: dict[str, torch.Tensor] = {}
-    tops: dict[str, RunningTopK] = {}
-    top_values: dict[str, torch.Tensor] = {}
-    top_indices: dict[str, torch.Tensor] = {}
-    shapes: dict[str, tuple[int, int, int]] = {}
+    def start_tally(self, synchronizer: Synchronizer, label_category: torch.Tensor, num_categories: int) -> None:
+        """Between the passes: read out the thresholds over every process and set up the tally."""
+        sync_states(self.thresholds, synchronizer)
+        # The states' readout, as `compute` gives it but keeping the (K,) shape of a single unit.
+        thresholds = quantile_from_top(self.thresholds.top, int(self.thresholds.seen), self.options.quantile)
+        self.tally = IoUTally(thresholds, label_category, num_categories, self.options.denominator,
+                              sync_on_compute=False).to(thresholds.device)
+
+    def count(self, maps: torch.Tensor, labels: Sequence[torch.Tensor]) -> None:
+        """Pass two: add a batch's unit maps to the tally; `labels` are its `LABEL_TENSORS`."""
+        assert self.tally is not None, "start_tally runs between the passes"
+        self.tally.update(maps, *labels)
+
+    def numbers(self, synchronizer: Synchronizer, probe: Probe, data: Mapping[str, torch.Tensor]) -> LayerNumbers:
+        """Assembly: every number of SEMANTICS §4 and §5 from the sums over every process."""
+        assert self.tally is not None, "start_tally runs between the passes"
+        sync_states(self.top_images, synchronizer)
+        sync_states(self.tally, synchronizer)
+        top_activations, top_images = unpack_top_images(self.top_images.top, int(self.top_images.images))
+        intersection, unit_area = self.tally.intersection, self.tally.unit_area
+        label_area, label_category = data["label_area"], data["label_category"]
+        scores = iou(intersection, unit_area, label_area, label_category)
+        category_labels, category_scores = category_best(scores, label_category, len(probe.categories))
+        labels, unit_scores = unit_labels(category_labels, category_scores)
+        return LayerNumbers(
+            layer=self.name, categories=list(probe.categories), label_names=list(probe.label_names),
+            label_category=label_category.cpu(), iou_threshold=float(self.options.iou_threshold),
+            thresholds=self.tally.thresholds.cpu(), iou=scores.cpu(), intersection=intersection.cpu(),
+            unit_area=unit_area.cpu(), label_area=label_area.cpu(), category_labels=category_labels.cpu(),
+            category_scores=category_scores.cpu(), labels=labels.cpu(), scores=unit_scores.cpu(),
+            top_images=top_images.cpu(), top_activations=top_activations.cpu(),
+        )
+
+
+def _run(activations: Callable[[list[int]], dict[str, torch.Tensor]], probe: Probe, options: Options, *,
+         device: torch.device, synchronizer: Synchronizer, activation_cache_bytes: int,
+         progress: bool) -> DissectionNumbers:
+    """The two passes over this process's shard of the probe set; `activations(positions)` gives
+    every layer's raw `(B, K, h, w)` for a batch."""
+    started = time.perf_counter()
+    positions = synchronizer.shard(len(probe))
+    batches = [positions[i : i + options.batch_size] for i in range(0, len(positions), options.batch_size)]
+    data = probe.tensors(device)
+    bar = _progress(len(batches) * 2, progress)
+    layers: dict[str, LayerState] = {}
+    # The first batches' unit maps, up to the budget; pass two runs the model again only for the rest.
     cache: list[dict[str, torch.Tensor] | None] = []
     cached_bytes = 0
-    bar = _progress(len(batches) * 2, progress)
     for number, batch in enumerate(batches):
-        raw = activation_batches(batch)
-        if not shapes:
-            shapes = {name: tuple(value.shape[1:]) for name, value in raw.items()}
-            if rotation is not None:
-                rotations = {name: rotation.resolve(shape[0]).to(device) for name, shape in shapes.items()}
-            for name, (units, height, width) in shapes.items():
-                tops[name] = RunningTopK(units, top_count(num_images * height * width, quantile), device=device)
-                top_values[name] = torch.empty(units, 0, device=device)
-                top_indices[name] = torch.empty(units, 0, dtype=torch.long, device=device)
-        maps = {name: rotate_units(value, rotations[name]) for name, value in raw.items()} if rotations else raw
+        raw = activations(batch)
+        if not layers:
+            layers = {name: LayerState(name, tuple(value.shape[1:]), len(probe), options, device)
+                      for name, value in raw.items()}
         index = torch.tensor(batch, device=device)
-        for name, value in maps.items():
-            if tuple(value.shape[1:]) != shapes[name]:
-                raise DissectionError(f"layer {name!r} changed shape from {shapes[name]} to {tuple(value.shape[1:])}")
-            # One reduction instead of an elementwise test: a finite sum has no NaN or inf (an overflowing
-            # sum of finite values is told apart by the exact test).
-            if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
-                raise DissectionError(f"layer {name!r} produced non-finite activations (NaN or inf) on probe images "
-                                      f"{batch[0]}..{batch[-1]}")
-            tops[name].add_maps(value)
-            if top_k:
-                peaks = value.amax(dim=(2, 3)).t()
-                top_values[name], top_indices[name] = _top_images_update(
-                    top_values[name], top_indices[name], peaks, index.expand_as(peaks), top_k)
-        # Keep the first batches up to the budget; pass two runs the model again only for the rest.
+        maps = {name: layers[name].observe(value, batch, index) for name, value in raw.items()}
         batch_bytes = sum(value.numel() * value.element_size() for value in maps.values())
         if len(cache) == number and cached_bytes + batch_bytes <= activation_cache_bytes:
             cache.append(maps)
             cached_bytes += batch_bytes
         bar.update(1)
-    if not shapes:
+    if not layers:
         raise DissectionError("the probe set is empty: nothing to dissect")
 
-    thresholds = {}
-    for name, top in tops.items():
-        units, height, width = shapes[name]
-        merged = synchronizer.merge_top(top.values, top.k)
-        thresholds[name] = quantile_from_top(merged, num_images * height * width, quantile)
-        if top_k:
-            top_values[name], top_indices[name] = synchronizer.merge_top_images(
-                top_values[name], top_indices[name], top_k
-            )
-
-    tallies = {name: IoUTally(shapes[name][0], data["label_category"], len(probe.categories), denominator, device)
-               for name in shapes}
+    for layer in layers.values():
+        layer.start_tally(synchronizer, data["label_category"], len(probe.categories))
     for number, batch in enumerate(batches):
-        if number < len(cache):
-            maps, cache[number] = cache[number], None  # freed as soon as it is tallied
+        cached = cache[number] if number < len(cache) else None
+        if cached is not None:
+            maps, cache[number] = cached, None  # freed as soon as it is tallied
         else:
-            maps = unit_maps(batch)
+            maps = {name: layers[name].unit_maps(value) for name, value in activations(batch).items()}
         index = torch.tensor(batch, device=device)
-        labels = [data[key][index] for key in ("label_maps", "image_labels", "present", "image_level_present")]
+        labels = [data[key][index] for key in LABEL_TENSORS]
         for name, value in maps.items():
-            tallies[name].add(value, thresholds[name], *labels)
+            layers[name].count(value, labels)
         bar.update(1)
     bar.close()
 
-    label_area = data["label_area"]
-    results = {}
-    for name in layers:
-        tally = tallies[name]
-        intersection, unit_area = synchronizer.sum(tally.intersection), synchronizer.sum(tally.unit_area)
-        scores = iou(intersection, unit_area, label_area, data["label_category"])
-        category_labels, category_scores = category_best(scores, data["label_category"], len(probe.categories))
-        labels, unit_scores = unit_labels(category_labels, category_scores)
-        results[name] = LayerDissection(
-            layer=name, categories=list(probe.categories), label_names=list(probe.label_names),
-            label_category=data["label_category"].cpu(), iou_threshold=float(iou_threshold),
-            thresholds=thresholds[name].cpu(), iou=scores.cpu(), intersection=intersection.cpu(),
-            unit_area=unit_area.cpu(), label_area=label_area.cpu(), category_labels=category_labels.cpu(),
-            category_scores=category_scores.cpu(), labels=labels.cpu(), scores=unit_scores.cpu(),
-            top_images=top_indices[name].cpu() if top_k else torch.zeros(shapes[name][0], 0, dtype=torch.long),
-            top_activations=top_values[name].cpu() if top_k else torch.zeros(shapes[name][0], 0),
-        )
-    settings = dict(settings, seconds=time.perf_counter() - started, activations_cached=len(cache) == len(batches))
-    return Dissection(results, settings)
+    numbers = {name: layer.numbers(synchronizer, probe, data) for name, layer in layers.items()}
+    settings = dict(options.settings(probe, list(layers)), seconds=time.perf_counter() - started,
+                    activations_cached=len(cache) == len(batches))
+    return DissectionNumbers(numbers, settings)
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -221,19 +296,13 @@ class _NoBar:
         pass
 
 
-def _settings(probe: ProbeSet, **options: Any) -> dict[str, Any]:
-    rotation = options.pop("rotation")
-    return dict(options, rotation=rotation.describe() if rotation is not None else None,
-                probe_fingerprint=probe.fingerprint, probe_size=len(probe), categories=list(probe.categories))
-
-
 def dissect(
     model: nn.Module,
-    probe: ProbeSet,
+    probe: Probe,
     layers: str | Sequence[str],
     quantile: float = 0.005,
     iou_threshold: float = 0.04,
-    denominator: str = "paper",
+    denominator: Denominator = "paper",
     batch_size: int = 64,
     device: torch.device | str | None = None,
     rotation: Rotation | Mapping[str, Any] | torch.Tensor | None = None,
@@ -243,8 +312,8 @@ def dissect(
     activation_cache_bytes: int = DEFAULT_ACTIVATION_CACHE_BYTES,
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
     progress: bool = False,
-    synchronizer: _Synchronizer | None = None,
-) -> Dissection:
+    synchronizer: Synchronizer | None = None,
+) -> DissectionNumbers:
     """Dissect layers of `model` over a probe set (SEMANTICS §2 to §6).
 
     The model is run in eval mode without gradients; every submodule's train
@@ -269,48 +338,47 @@ def dissect(
         forward_context: a context manager factory wrapped around every forward
             (for example the trainer's precision context).
         progress: show a progress bar.
+        synchronizer: how this process takes part in a distributed dissection;
+            default `engine.sync.default_synchronizer()`.
 
     Returns:
-        A `Dissection`, one `LayerDissection` per layer.
+        The numbers of every layer; `lightning_dissect.dissect` returns them as a
+        `Dissection` (one `LayerDissection` per layer, with their files).
 
     Raises:
         DissectionError: unknown layer, an output without spatial axes, non-finite activations.
         ValueError: an option out of range.
 
     Example:
-        >>> result = dissect(model, probe, ["layer4"])          # doctest: +SKIP
+        >>> result = ld.dissect(model, probe, ["layer4"])        # doctest: +SKIP
         >>> result["layer4"].summary()["unique_concepts"]        # doctest: +SKIP
     """
-    validate_options(quantile, iou_threshold, denominator, batch_size, top_k)
-    rotation = as_rotation(rotation)
+    options = Options(quantile, iou_threshold, denominator, batch_size, as_rotation(rotation), prefix_tokens, top_k)
     modules = resolve_layers(model, layers)
     names = list(modules)
-    device = torch.device(device) if device is not None else model_device(model)
+    run_on = torch.device(device) if device is not None else model_device(model)
     context = forward_context or contextlib.nullcontext
 
     capture = LayerCapture(modules)  # one for all batches: it remembers whether outputs need copies
 
-    def activations(batch: list[int]) -> dict[str, torch.Tensor]:
-        inputs = probe.model_input(batch, device)
+    def layer_activations(batch: list[int]) -> dict[str, torch.Tensor]:
+        inputs = probe.model_input(batch, run_on)
         with capture, context():
             outputs = capture.run(model, inputs)
         return {name: as_unit_maps(outputs[name], name, prefix_tokens) for name in names}
 
-    settings = _settings(probe, quantile=quantile, iou_threshold=iou_threshold, denominator=denominator,
-                         batch_size=batch_size, rotation=rotation, prefix_tokens=prefix_tokens, layers=names)
     with frozen(model):
-        return _run(activations, names, probe, quantile=quantile, iou_threshold=iou_threshold,
-                    denominator=denominator, batch_size=batch_size, device=device, rotation=rotation, top_k=top_k,
-                    activation_cache_bytes=activation_cache_bytes, progress=progress,
-                    synchronizer=synchronizer or _default_synchronizer(), settings=settings)
+        return _run(layer_activations, probe, options, device=run_on,
+                    synchronizer=synchronizer or default_synchronizer(),
+                    activation_cache_bytes=activation_cache_bytes, progress=progress)
 
 
 def dissect_activations(
     activations: Mapping[str, torch.Tensor],
-    probe: ProbeSet,
+    probe: Probe,
     quantile: float = 0.005,
     iou_threshold: float = 0.04,
-    denominator: str = "paper",
+    denominator: Denominator = "paper",
     batch_size: int = 64,
     device: torch.device | str | None = None,
     rotation: Rotation | Mapping[str, Any] | torch.Tensor | None = None,
@@ -318,8 +386,8 @@ def dissect_activations(
     prefix_tokens: int | None = None,
     top_k: int = 10,
     progress: bool = False,
-    synchronizer: _Synchronizer | None = None,
-) -> Dissection:
+    synchronizer: Synchronizer | None = None,
+) -> DissectionNumbers:
     """Dissect precomputed activations, `{name: (N, K, h, w) or (N, T, K)}` in probe order.
 
     Same options and results as :func:`dissect`.
@@ -327,8 +395,7 @@ def dissect_activations(
     Raises:
         DissectionError: a tensor whose first axis is not the probe size.
     """
-    validate_options(quantile, iou_threshold, denominator, batch_size, top_k)
-    rotation = as_rotation(rotation)
+    options = Options(quantile, iou_threshold, denominator, batch_size, as_rotation(rotation), prefix_tokens, top_k)
     if not activations:
         raise DissectionError("activations is empty: pass {layer_name: tensor}")
     for name, value in activations.items():
@@ -337,17 +404,12 @@ def dissect_activations(
             raise DissectionError(f"activations[{name!r}] has shape {shape}; its first axis must be the probe size "
                                   f"{len(probe)}, in probe order")
     first = next(iter(activations.values()))
-    device = torch.device(device) if device is not None else first.device
+    run_on = torch.device(device) if device is not None else first.device
     names = list(activations)
 
-    def batches(batch: list[int]) -> dict[str, torch.Tensor]:
+    def batch_activations(batch: list[int]) -> dict[str, torch.Tensor]:
         index = torch.tensor(batch, device=activations[names[0]].device)
-        return {name: as_unit_maps(activations[name][index].to(device), name, prefix_tokens) for name in names}
+        return {name: as_unit_maps(activations[name][index].to(run_on), name, prefix_tokens) for name in names}
 
-    settings = _settings(probe, quantile=quantile, iou_threshold=iou_threshold, denominator=denominator,
-                         batch_size=batch_size, rotation=rotation, prefix_tokens=prefix_tokens, layers=names)
-    return _run(batches, names, probe, quantile=quantile, iou_threshold=iou_threshold, denominator=denominator,
-                batch_size=batch_size, device=device, rotation=rotation, top_k=top_k,
-                activation_cache_bytes=0, progress=progress, synchronizer=synchronizer or _default_synchronizer(),
-                settings=settings)
-
+    return _run(batch_activations, probe, options, device=run_on, synchronizer=synchronizer or default_synchronizer(),
+                activation_cache_bytes=0, progress=progress)

@@ -1,10 +1,12 @@
 """The reference switch: run the whole engine on the straightforward definitions of SEMANTICS §2.
 
-The masks have a fast path that is exact but not obvious
-(`engine/_fast_masks.py`: tiles near the threshold, rounding bands, kernel
-probes). With the switch on, they take the definition instead: every mask is
-`F.interpolate` of the layer tensor compared with the float64 threshold.
-Everything else (thresholds, tally, scores, synchronisation) is shared.
+The engine's two hot spots have fast paths that are exact but not obvious:
+the masks (`engine/_fast_masks.py`: tiles near the threshold, rounding bands,
+kernel probes) and the running top-k behind the thresholds (a sampled first
+bound and packed candidates, `engine/thresholds.py`). With the switch on, both
+take the definition instead: every mask is `F.interpolate` of the layer tensor
+compared with the float64 threshold, and the top-k is a plain `topk` of the
+state and the batch. Everything else (tally, scores, synchronisation) is shared.
 
 Whoever changes SEMANTICS §2 changes the reference path first and runs the
 whole test suite on both paths::
@@ -13,8 +15,8 @@ whole test suite on both paths::
 
 The environment variable is read each time the engine decides (so it can be
 set after import); tests use the context manager :func:`reference_path`. The
-switch lives in its own module so that every part of the engine with a fast
-path can read it without importing another part.
+switch lives in its own module because both `masks.py` and `thresholds.py` read
+it and neither should import the other for it.
 """
 
 from __future__ import annotations

@@ -4,14 +4,16 @@
 three denominators. The masks come from `engine.masks.mask_pixels` as pixel
 lists, so the counts are made from the mask pixels alone: one `bincount` over
 `unit * C + label` for the pixel-level labels, the whole mask for image-level
-labels (which cover every pixel).
+labels (which cover every pixel). :class:`IoUTally` keeps the two sums as a
+`torchmetrics.Metric` (int64, summed across processes).
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
+from torchmetrics import Metric
 
 from lightning_dissect.engine.masks import mask_pixels
 
@@ -22,41 +24,111 @@ touches a label of category k, or the image has an image-level one) or "global" 
 DENOMINATORS: tuple[Denominator, ...] = get_args(Denominator)
 
 
-class IoUTally:
-    """Running sums `I(u, c)` and `A_k(u)` over the probe images (SEMANTICS §4).
+def count_masks(maps: torch.Tensor, pixels: torch.Tensor, label_maps: torch.Tensor, image_labels: torch.Tensor,
+                present: torch.Tensor, image_level_present: torch.Tensor, label_category: torch.Tensor,
+                num_units: int, num_categories: int, denominator: Denominator
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's intersections and unit areas from its mask pixels (SEMANTICS §4).
 
     Args:
+        maps, pixels: the batch's mask pixels (`mask_pixels`).
+        label_maps: canonical integer label maps `(B, M, sh, sw)` (`engine.labels.canonical_labels`).
+        image_labels: canonical long `(B, L)`.
+        present: bool `(B, num_categories)`, category presence (paper rule).
+        image_level_present: bool `(B, num_categories)`, the categories of the image-level labels (lite rule).
+        label_category: long `(C,)`, the primary category index of every label (-1: never scored).
         num_units: `K`.
-        label_category: long `(C,)`, the primary category index of every
-            label (-1: never scored).
         num_categories: the number of dissected categories.
-        denominator: `"paper"`, `"lite"` or `"global"`, which unit area to sum.
-        device: where the sums live.
+        denominator: which unit area to count.
+
+    Returns:
+        `(intersection, unit_area)`: long `(K, C)` and `(K, num_categories)`.
+    """
+    batch, num_maps = label_maps.shape[0], label_maps.shape[1]
+    units, num_labels = num_units, label_category.shape[0]
+    pixel_count = label_maps.shape[-2] * label_maps.shape[-1]
+    image, unit = maps // units, maps % units
+    area = torch.bincount(maps, minlength=batch * units).view(batch, units)
+    # (mask pixels, M): the M label maps at each mask pixel, gathered without reordering the batch.
+    labels = label_maps.reshape(batch, num_maps, pixel_count)[image, :, pixels].long()
+    hit = labels > 0
+    intersection = torch.bincount((unit.unsqueeze(1) * num_labels + labels)[hit], minlength=units * num_labels)
+    # An image-level label covers every pixel: the whole mask intersects it (padding 0 adds 0).
+    image_level = image_labels.long().unsqueeze(1)  # (B, 1, L)
+    cells = torch.arange(units, device=maps.device).view(1, units, 1) * num_labels + image_level
+    intersection.index_add_(0, cells.reshape(-1), (area.unsqueeze(2) * (image_level > 0)).reshape(-1))
+    if denominator == "paper":
+        counted = present.unsqueeze(1).expand(batch, units, num_categories)
+    elif denominator == "global":
+        counted = torch.ones(batch, units, num_categories, dtype=torch.bool, device=maps.device)
+    else:
+        # lite: the mask must touch a pixel label of the category, or the image carry one image-level.
+        category = label_category[labels]
+        touched = (maps.unsqueeze(1) * num_categories + category)[category >= 0]
+        counted = torch.bincount(touched, minlength=batch * units * num_categories) > 0
+        counted = counted.view(batch, units, num_categories) | image_level_present.unsqueeze(1)
+    return intersection.view(units, num_labels), (area.unsqueeze(2) * counted).sum(0)
+
+
+class IoUTally(Metric):
+    """Running sums `I(u, c)` and `A_k(u)` over the probe images, for fixed thresholds (SEMANTICS §4).
+
+    The IoU follows with `engine.scores.iou(intersection, unit_area, label_area, label_category)`.
+
+    Args:
+        thresholds: float64 `(K,)`, the threshold `T_u` of every unit (`ActivationThresholds`).
+        label_category: long `(C,)`, the primary category index of every label (-1: never scored).
+        num_categories: the number of dissected categories.
+        denominator: which unit area to sum.
+        kwargs: passed to `torchmetrics.Metric` (`sync_on_compute`, `dist_sync_fn`, ...).
 
     Attributes:
         intersection: long `(K, C)`.
-        unit_area: long `(K, num_categories)`; for `"global"` all columns are equal.
+        unit_area: long `(K, num_categories)`; for "global" all columns are equal.
+
+    Example:
+        >>> tally = IoUTally(torch.tensor([0.5], dtype=torch.float64), torch.tensor([-1, 0]), num_categories=1)
+        >>> activations = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])  # one image, one unit, 2 x 2
+        >>> label_maps = torch.tensor([[[[1, 1], [0, 0]]]])           # label 1 on the top row
+        >>> tally.update(activations, label_maps, torch.zeros(1, 1, dtype=torch.long),
+        ...              torch.tensor([[True]]), torch.tensor([[False]]))
+        >>> tally.intersection, tally.unit_area
+        (tensor([[0, 1]]), tensor([[1]]))
     """
 
-    def __init__(self, num_units: int, label_category: torch.Tensor, num_categories: int,
-                 denominator: Denominator = "paper", device: torch.device | str | None = None) -> None:
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+    intersection: torch.Tensor
+    unit_area: torch.Tensor
+    thresholds: torch.Tensor
+    label_category: torch.Tensor
+
+    def __init__(self, thresholds: torch.Tensor, label_category: torch.Tensor, num_categories: int,
+                 denominator: Denominator = "paper", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if denominator not in DENOMINATORS:
             raise ValueError(f"denominator={denominator!r} is not one of {DENOMINATORS}")
-        self.denominator = denominator
-        self.num_units = num_units
-        self.num_categories = num_categories
-        self.label_category = label_category.to(device)
-        self.num_labels = label_category.shape[0]
-        self.intersection = torch.zeros(num_units, self.num_labels, dtype=torch.long, device=device)
-        self.unit_area = torch.zeros(num_units, num_categories, dtype=torch.long, device=device)
+        if thresholds.ndim != 1 or label_category.ndim != 1:
+            raise ValueError(f"thresholds {tuple(thresholds.shape)} and label_category {tuple(label_category.shape)} "
+                             "must be 1-d: (K,) and (C,)")
+        self.denominator: Denominator = denominator
+        self.num_units, self.num_categories = thresholds.shape[0], num_categories
+        # Inputs, not state: they move with the metric but are not summed or saved.
+        self.register_buffer("thresholds", thresholds.double(), persistent=False)
+        self.register_buffer("label_category", label_category.long(), persistent=False)
+        num_labels = label_category.shape[0]
+        self.add_state("intersection", torch.zeros(self.num_units, num_labels, dtype=torch.long),
+                       dist_reduce_fx="sum", persistent=True)
+        self.add_state("unit_area", torch.zeros(self.num_units, num_categories, dtype=torch.long),
+                       dist_reduce_fx="sum", persistent=True)
 
-    def add(self, activations: torch.Tensor, thresholds: torch.Tensor, label_maps: torch.Tensor,
-            image_labels: torch.Tensor, present: torch.Tensor, image_level_present: torch.Tensor) -> None:
+    def update(self, activations: torch.Tensor, label_maps: torch.Tensor, image_labels: torch.Tensor,
+               present: torch.Tensor, image_level_present: torch.Tensor) -> None:
         """Add one batch of images.
 
         Args:
             activations: float32 `(B, K, h, w)`.
-            thresholds: float64 `(K,)`.
             label_maps: canonical integer label maps `(B, M, sh, sw)`.
             image_labels: canonical long `(B, L)`.
             present: bool `(B, num_categories)`, category presence (paper rule).
@@ -64,39 +136,14 @@ class IoUTally:
                 image-level labels (lite rule).
         """
         size = (label_maps.shape[-2], label_maps.shape[-1])
-        maps, pixels = mask_pixels(activations, thresholds, size)
-        self.add_pixels(maps, pixels, label_maps, image_labels, present, image_level_present)
+        maps, pixels = mask_pixels(activations, self.thresholds, size)
+        intersection, unit_area = count_masks(maps, pixels, label_maps, image_labels, present, image_level_present,
+                                              self.label_category, self.num_units, self.num_categories,
+                                              self.denominator)
+        self.intersection += intersection
+        self.unit_area += unit_area
 
-    def add_pixels(self, maps: torch.Tensor, pixels: torch.Tensor, label_maps: torch.Tensor,
-                   image_labels: torch.Tensor, present: torch.Tensor, image_level_present: torch.Tensor) -> None:
-        """Add one batch given its mask pixels (`mask_pixels`); the other arguments as in `add`."""
-        batch, num_maps = label_maps.shape[0], label_maps.shape[1]
-        units, num_labels, num_categories = self.num_units, self.num_labels, self.num_categories
-        pixel_count = label_maps.shape[-2] * label_maps.shape[-1]
-        image, unit = maps // units, maps % units
-        area = torch.bincount(maps, minlength=batch * units).view(batch, units)
-        # (mask pixels, M): the M label maps at each mask pixel, gathered without reordering the batch.
-        labels = label_maps.reshape(batch, num_maps, pixel_count)[image, :, pixels].long()
-        hit = labels > 0
-        cells = (unit.unsqueeze(1) * num_labels + labels)[hit]
-        self.intersection.view(-1).add_(torch.bincount(cells, minlength=self.intersection.numel()))
-        # An image-level label covers every pixel: the whole mask intersects it (padding 0 adds 0).
-        image_level = image_labels.long().unsqueeze(1)  # (B, 1, L)
-        cells = torch.arange(units, device=maps.device).view(1, units, 1) * num_labels + image_level
-        self.intersection.view(-1).index_add_(0, cells.reshape(-1), (area.unsqueeze(2) * (image_level > 0)).reshape(-1))
-        if self.denominator == "paper":
-            counted = present.unsqueeze(1).expand(batch, units, num_categories)
-        elif self.denominator == "global":
-            counted = torch.ones(batch, units, num_categories, dtype=torch.bool, device=maps.device)
-        else:
-            # lite: the mask must touch a pixel label of the category, or the image carry one image-level.
-            category = self.label_category[labels]
-            touched = (maps.unsqueeze(1) * num_categories + category)[category >= 0]
-            counted = torch.bincount(touched, minlength=batch * units * num_categories) > 0
-            counted = counted.view(batch, units, num_categories) | image_level_present.unsqueeze(1)
-        self.unit_area += (area.unsqueeze(2) * counted).sum(0)
-
-    def merge(self, other_intersection: torch.Tensor, other_unit_area: torch.Tensor) -> None:
-        """Add the sums of a disjoint shard of the probe set."""
-        self.intersection += other_intersection.to(self.intersection.device)
-        self.unit_area += other_unit_area.to(self.unit_area.device)
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(intersection, unit_area)`: long `(K, C)` and `(K, num_categories)` (torchmetrics squeezes a
+        single element to a 0-d tensor; the states `intersection` and `unit_area` keep the shape)."""
+        return self.intersection, self.unit_area

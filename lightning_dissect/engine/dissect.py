@@ -93,9 +93,9 @@ class Options:
         """The options and the probe as recorded with the numbers (`Dissection.settings`)."""
         return {
             "quantile": self.quantile, "iou_threshold": self.iou_threshold, "denominator": self.denominator,
-            "batch_size": self.batch_size, "rotation": self.rotation.describe() if self.rotation is not None else None,
-            "prefix_tokens": self.prefix_tokens, "layers": list(layers), "probe_fingerprint": probe.fingerprint,
-            "probe_size": len(probe), "categories": list(probe.categories),
+            "batch_size": self.batch_size, "prefix_tokens": self.prefix_tokens, "layers": list(layers),
+            "rotation": self.rotation.describe() if self.rotation is not None else None,
+            "probe_fingerprint": probe.fingerprint, "probe_size": len(probe), "categories": list(probe.categories),
         }
 
 

@@ -1,5 +1,6 @@
 """Targets 1 and 2 of the performance issue: `ld.dissect` against a plain forward pass, and against
-the straightforward dense method.
+the straightforward dense method (`tests/dense.py`, the tests' reference; the engine's own
+reference path, `LIGHTNING_DISSECT_REFERENCE=1`, is timed beside it).
 
 A ResNet-18-shaped CNN with random weights (`benchmarks.common.ResNet18Shaped`, no torchvision),
 224x224 input, `layer3` (256 x 14 x 14) and `layer4` (512 x 7 x 7) dissected together over the
@@ -23,9 +24,10 @@ import time
 import torch
 
 import lightning_dissect as ld
-from benchmarks.baseline import dense_tally, dense_thresholds
 from benchmarks.common import ResNet18Shaped, machine, print_table, synchronize, synthetic_probe
-from lightning_dissect.engine.dissect import resolve_layers
+from lightning_dissect.engine.capture import resolve_layers
+from lightning_dissect.engine.reference import reference_path
+from tests.dense import dense_tally, dense_thresholds
 
 LAYERS = ["layer3", "layer4"]
 
@@ -72,12 +74,12 @@ def profile_table(profile: cProfile.Profile, total: float) -> list[list[object]]
     """Where one `ld.dissect` spends its time, from cProfile's cumulative times."""
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
     parts = {
-        "model forward (LayerCapture.run)": ("dissect.py", "run"),
+        "model forward (LayerCapture.run)": ("capture.py", "run"),
         "input transform (ProbeSet.model_input)": ("probe.py", "model_input"),
-        "threshold state (RunningTopK.add_maps)": ("thresholds.py", "add_maps"),
-        "top images (_top_images_update)": ("dissect.py", "_top_images_update"),
-        "masks: tiles near thresholds (mask_pixels)": ("tally.py", "mask_pixels"),
-        "intersections, areas (IoUTally.add_pixels)": ("tally.py", "add_pixels"),
+        "threshold state (ActivationThresholds.update)": ("thresholds.py", "update"),
+        "top images (TopImages.update)": ("top_images.py", "update"),
+        "masks: tiles near thresholds (mask_pixels)": ("masks.py", "mask_pixels"),
+        "intersections, areas (count_masks)": ("tally.py", "count_masks"),
         "scores (iou, category_best, unit_labels)": ("scores.py", None),
     }
     rows = []
@@ -162,6 +164,9 @@ def main() -> None:
     _, sub_activations = timed_forward(model, subset, args.batch_size, device)
     (fast_seconds, _), fast = timed(lambda: ld.dissect_activations(sub_activations, subset,
                                                                    batch_size=args.batch_size))
+    with reference_path():
+        (reference_seconds, _), reference = timed(lambda: ld.dissect_activations(sub_activations, subset,
+                                                                                 batch_size=args.batch_size))
     dense_seconds = 0.0
     identical = True
     for name, acts in sub_activations.items():
@@ -170,16 +175,19 @@ def main() -> None:
             dense_tally(acts, t, subset.label_maps.to(device), subset.image_labels.to(device),
                         subset.label_category.to(device), len(subset.categories), "paper")))
         dense_seconds += seconds
-        identical &= bool(torch.equal(thresholds.cpu(), fast[name].thresholds)
-                          and torch.equal(intersection.cpu(), fast[name].intersection)
-                          and torch.equal(unit_area.cpu(), fast[name].unit_area))
+        identical &= all(torch.equal(thresholds.cpu(), result[name].thresholds)
+                         and torch.equal(intersection.cpu(), result[name].intersection)
+                         and torch.equal(unit_area.cpu(), result[name].unit_area) for result in (fast, reference))
     print(f"\n### Target 2: against the straightforward dense method ({baseline_images} images, "
           "thresholds + tally on captured activations)\n")
     print_table(["method", "seconds", "speed-up"], [
         ["dense: upsample every map, float64 compare, one-hot label products", dense_seconds, "1"],
+        ["engine on its reference path (LIGHTNING_DISSECT_REFERENCE=1)", reference_seconds,
+         f"{dense_seconds / reference_seconds:.1f}x"],
         ["lightning_dissect engine (ld.dissect_activations)", fast_seconds, f"{dense_seconds / fast_seconds:.0f}x"],
     ])
-    print(f"\nidentical thresholds, intersections and unit areas: {'yes' if identical else 'NO'}")
+    print(f"\nidentical thresholds, intersections and unit areas (dense, engine, reference path): "
+          f"{'yes' if identical else 'NO'}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

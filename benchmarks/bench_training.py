@@ -132,7 +132,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None, help="where the synthetic datasets are generated and cached")
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    print(f"load average before: {os.getloadavg()[0]:.2f}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"load average before: {os.getloadavg()[0]:.2f}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
     for case in (["user", "emergence"] if args.case == "both" else [args.case]):
         measure(case, args.repeats, args.cache_dir, args.steps)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")

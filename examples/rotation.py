@@ -36,7 +36,7 @@ import torch
 import lightning_dissect as ld
 from lightning_dissect import analysis
 from lightning_dissect.demo import SyntheticTaskModule, make_trainer, synthetic_images, synthetic_task_data
-from lightning_dissect.engine.dissect import LayerCapture, frozen, resolve_layers
+from lightning_dissect.engine.capture import LayerCapture, frozen, resolve_layers
 from lightning_dissect.io import atomic_write
 from lightning_dissect.synthetic import synthetic_broden_path, synthetic_targets
 

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 from lightning_dissect.broden import Broden, BrodenError, BrodenRow, download_broden
 from lightning_dissect.dissector import Dissector, RunContext
-from lightning_dissect.engine.dissect import DissectionError, dissect, dissect_activations
+from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.engine.rotation import Rotation, fractional_power, random_rotation, rotate_units
 from lightning_dissect.history import HistoryEntry, concept_changes
 from lightning_dissect.probe import ImageTransform, ProbeSet
-from lightning_dissect.result import Dissection, LayerDissection
+from lightning_dissect.result import Dissection, LayerDissection, dissect, dissect_activations
 from lightning_dissect.schedule import at_steps, every_n_epochs, every_n_steps, log_spaced
 from lightning_dissect.synthetic import make_synthetic_broden
 

@@ -43,7 +43,8 @@ from lightning_dissect.broden import Broden
 from lightning_dissect.dashboard import DissectionReport
 from lightning_dissect.dissector import Dissector, OnError, RunContext, preserved_random_state
 from lightning_dissect.distributed import StrategySynchronizer, check_strategy, local_zero_first
-from lightning_dissect.engine.dissect import DissectionError, frozen, model_device
+from lightning_dissect.engine.capture import frozen, model_device
+from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.engine.rotation import Rotation
 from lightning_dissect.loggers import LoggerGroup
 from lightning_dissect.probe import ProbeSet

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_dissect.broden import BrodenError
-from lightning_dissect.engine.dissect import DissectionError
+from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.probe_source import dataset_of
 from lightning_dissect.progress import show_progress
 from lightning_dissect.synthetic import SYNTHETIC_TASKS

@@ -40,23 +40,15 @@ from lightning_dissect import schedule as schedules
 from lightning_dissect.broden import Broden
 from lightning_dissect.budget import FigureBudget, OverheadBudget, validate_max_seconds
 from lightning_dissect.dashboard import DissectionReport
-from lightning_dissect.distributed import default_synchronizer, guard, slowest
-from lightning_dissect.engine.dissect import (
-    _as_rotation,
-    _Synchronizer,
-    check_layers,
-    choose_layers,
-    dissect,
-    frozen,
-    model_device,
-    validate_options,
-)
-from lightning_dissect.engine.rotation import Rotation
+from lightning_dissect.engine.capture import check_layers, choose_layers, frozen, model_device
+from lightning_dissect.engine.dissect import validate_options
+from lightning_dissect.engine.rotation import Rotation, as_rotation
+from lightning_dissect.engine.sync import Synchronizer, default_synchronizer, guard, slowest
 from lightning_dissect.history import HistoryEntry
 from lightning_dissect.loggers import LoggerGroup
 from lightning_dissect.probe import ProbeSet
 from lightning_dissect.probe_source import ProbeSource, load_probe, probe_at_input_size, resized_probe
-from lightning_dissect.result import Dissection
+from lightning_dissect.result import Dissection, dissect
 from lightning_dissect.run_folder import RunFolder
 from lightning_dissect.schedule import Schedule
 
@@ -79,7 +71,7 @@ class RunContext:
 
     Attributes:
         synchronizer: shards the probe over the ranks of a distributed run and combines the
-            results exactly (`lightning_dissect.distributed`); None: a single process (or a
+            results exactly (`lightning_dissect.engine.sync`); None: a single process (or a
             `torch.distributed` group, found by the engine).
         forward_context: a context manager factory around every forward pass (a precision context).
         convert_input: applied to the probe's model input (a precision plugin's `convert_input`).
@@ -92,7 +84,7 @@ class RunContext:
         info, warn: where messages go (Lightning's rank-zero logging under the callback).
     """
 
-    synchronizer: _Synchronizer | None = None
+    synchronizer: Synchronizer | None = None
     forward_context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
     convert_input: Callable[[torch.Tensor], torch.Tensor] | None = None
     is_global_zero: bool = True
@@ -226,7 +218,7 @@ class Dissector:
         self.budget = OverheadBudget(max_overhead)
         self.probe_source = probe
         self.options: dict[str, Any] = dict(quantile=quantile, iou_threshold=iou_threshold, denominator=denominator,
-                            batch_size=batch_size, rotation=_as_rotation(rotation), prefix_tokens=prefix_tokens,
+                            batch_size=batch_size, rotation=as_rotation(rotation), prefix_tokens=prefix_tokens,
                             top_k=top_k)
         self.probe_size, self.probe_seed, self.image_size = probe_size, probe_seed, image_size
         self.max_seconds = max_seconds
@@ -425,6 +417,8 @@ class Dissector:
 
     def _affordable(self, step: int, context: RunContext) -> bool:
         """The budget's `keep`, agreed by every rank (each measures its own clock): skip when any rank would."""
+        if self.budget.max_overhead is None:
+            return True
         key = (context.total_steps, context.steps_per_epoch)
         if self._planned_steps[0] != key:  # once per run: a long run has many steps to go through
             self._planned_steps = (key, self.schedule.planned_steps(*key))
@@ -433,7 +427,7 @@ class Dissector:
         if self.at_end and (not planned or planned[-1] < context.total_steps):
             later += 1  # the final dissection
         keep = self.budget.keep(step, context.total_steps, later)
-        return slowest(context.synchronizer, float(not keep)) == 0.0
+        return slowest(context.synchronizer or default_synchronizer(), float(not keep)) == 0.0
 
     def _run_or_warn(self, model: nn.Module, step: int, epoch: int | None, context: RunContext,
                      final: bool) -> DissectionReport | None:
@@ -461,7 +455,7 @@ class Dissector:
         assert self.layers is not None
         synchronizer = context.synchronizer or default_synchronizer()
         first = not self.history
-        # Under several ranks a failure anywhere in here raises on every rank (lightning_dissect.distributed).
+        # Under several ranks a failure anywhere in here raises on every rank (lightning_dissect.engine.sync).
         with guard(synchronizer):
             dissection = self._dissect(model, probe, self.layers, context)
             dissection.settings["input_size"] = list(self.input_size or ())

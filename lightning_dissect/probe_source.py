@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lightning_dissect.broden import Broden, BrodenError, download_broden
-from lightning_dissect.engine.dissect import DissectionError
+from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.probe import ImageTransform, ProbeSet, cache_root
 from lightning_dissect.progress import show_progress
 

@@ -3,21 +3,26 @@
 `LayerDissection` holds everything SEMANTICS §4 and §5 define for one layer;
 `Dissection` maps layer names to them and records the settings and the probe
 fingerprint. JSON round-trips exactly (floats are written with `repr`
-precision); the CSV follows NetDissect's columns.
+precision); the CSV follows NetDissect's columns. The numbers themselves come
+from the engine (`engine.dissect.LayerNumbers`); `dissect` and
+`dissect_activations` here are the engine's, returning a `Dissection`.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 import torch
 
+from lightning_dissect.engine import dissect as engine
+from lightning_dissect.engine.dissect import DissectionNumbers, LayerNumbers
 from lightning_dissect.engine.scores import summarize
 from lightning_dissect.io import atomic_write
 
@@ -39,46 +44,9 @@ _TENSOR_FIELDS = {
 }
 
 
-@dataclass
-class LayerDissection:
-    """The dissection of one layer (SEMANTICS §4, §5).
-
-    Attributes:
-        layer: the module name.
-        categories: the dissected categories, in `category.csv` order.
-        label_names: label names indexed by global label number.
-        label_category: long `(C,)`, primary category index of each label (-1: never scored).
-        iou_threshold: `t`, a unit is a detector when its score is above it.
-        thresholds: float64 `(K,)`, the activation threshold `T_u` of each unit.
-        iou: float64 `(K, C)`, `IoU(u, c)`; column = global label number.
-        intersection: long `(K, C)`, `I(u, c)`.
-        unit_area: long `(K, n_categories)`, `A_k(u)` under the chosen denominator.
-        label_area: long `(C,)`, `G(c)`.
-        category_labels: long `(K, n_categories)`, `best_k(u)` (-1: category without labels).
-        category_scores: float64 `(K, n_categories)`, `iou_k(u)`.
-        labels: long `(K,)`, each unit's label.
-        scores: float64 `(K,)`, each unit's score.
-        top_images: long `(K, k)`, probe positions of the images with the largest
-            per-image maximum activation, most active first.
-        top_activations: float32 `(K, k)`, those maxima.
-    """
-
-    layer: str
-    categories: list[str]
-    label_names: list[str]
-    label_category: torch.Tensor
-    iou_threshold: float
-    thresholds: torch.Tensor
-    iou: torch.Tensor
-    intersection: torch.Tensor
-    unit_area: torch.Tensor
-    label_area: torch.Tensor
-    category_labels: torch.Tensor
-    category_scores: torch.Tensor
-    labels: torch.Tensor
-    scores: torch.Tensor
-    top_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
-    top_activations: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+class LayerDissection(LayerNumbers):
+    """The dissection of one layer (SEMANTICS §4, §5): the engine's numbers
+    (`engine.dissect.LayerNumbers`, whose docstring lists the fields) and their files."""
 
     @property
     def num_units(self) -> int:
@@ -148,6 +116,11 @@ class LayerDissection:
         return data
 
     @classmethod
+    def from_numbers(cls, numbers: LayerNumbers) -> LayerDissection:
+        """The engine's numbers of one layer, with their files."""
+        return cls(**{item.name: getattr(numbers, item.name) for item in fields(numbers)})
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LayerDissection:
         tensors = {}
         for name, dtype in _TENSOR_FIELDS.items():
@@ -212,6 +185,12 @@ class Dissection(Mapping[str, LayerDissection]):
         }
 
     @classmethod
+    def from_numbers(cls, numbers: DissectionNumbers) -> Dissection:
+        """The engine's numbers (`engine.dissect.dissect`), with their files."""
+        return cls({name: LayerDissection.from_numbers(layer) for name, layer in numbers.layers.items()},
+                   numbers.settings)
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Dissection:
         """Read `to_dict()`'s form.
 
@@ -252,3 +231,20 @@ class Dissection(Mapping[str, LayerDissection]):
             return cls.from_dict(data)
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from error
+
+
+P = ParamSpec("P")
+
+
+def _returning_dissection(run: Callable[P, DissectionNumbers]) -> Callable[P, Dissection]:
+    @functools.wraps(run)
+    def dissect(*args: P.args, **kwargs: P.kwargs) -> Dissection:
+        return Dissection.from_numbers(run(*args, **kwargs))
+
+    return dissect
+
+
+# `ld.dissect` and `ld.dissect_activations`: the engine's functions (same arguments, documented
+# there), their numbers returned as a `Dissection`.
+dissect = _returning_dissection(engine.dissect)
+dissect_activations = _returning_dissection(engine.dissect_activations)

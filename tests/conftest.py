@@ -8,10 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from lightning_dissect.probe import ProbeSet
 
 # Tests never touch the user's cache or the network.
 os.environ.setdefault("WANDB_MODE", "offline")
+
+# Tests of masks, tallies and the engine's statistics run on every device there is; CUDA rounds its
+# own way, so on CUDA they compare with references computed on the same device.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="no CUDA device"))]
 
 
 @pytest.fixture(autouse=True)
@@ -124,3 +132,10 @@ def random_broden(root: Path, num_images: int = 24, image_size: int = 16, seed: 
 @pytest.fixture
 def random_dataset(tmp_path) -> Path:
     return random_broden(tmp_path / "broden")
+
+
+@pytest.fixture(scope="module")
+def probe_112(tmp_path_factory):
+    """Eight random 224x224 images with 112x112 label maps: Broden's sizes, every cell form."""
+    root = random_broden(tmp_path_factory.mktemp("broden224") / "broden", num_images=8, image_size=224, seed=5)
+    return ProbeSet(root, cache_dir=False)

@@ -19,15 +19,17 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import lightning_dissect as ld
-from lightning_dissect.distributed import (
+from lightning_dissect.distributed import StrategySynchronizer, check_strategy, local_zero_first
+from lightning_dissect.engine.errors import DissectionError
+from lightning_dissect.engine.sync import (
     RankFailedError,
-    StrategySynchronizer,
+    SingleProcessSynchronizer,
     TorchDistributedSynchronizer,
-    check_strategy,
     default_synchronizer,
-    local_zero_first,
+    guard,
 )
-from lightning_dissect.engine.dissect import DissectionError, _Synchronizer
+from lightning_dissect.engine.thresholds import ActivationThresholds
+from lightning_dissect.engine.top_images import TopImages
 from tests.conftest import random_broden
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -140,6 +142,19 @@ def prepare_twice(rank: int, out: Path) -> list[str]:
     return outcomes
 
 
+def metrics_by_hand(num_images: int, shard: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The engine's statistics driven by hand over `shard`, synced by torchmetrics itself on `compute`
+    (its default `gather_all_tensors` over the process group, as in a user's DDP validation loop)."""
+    acts = activations(num_images, 4, ties=True)[shard]
+    thresholds = ActivationThresholds(5, num_images * 9, 0.1)
+    images = TopImages(5, 4)
+    for start in range(0, len(shard), 3):
+        thresholds.update(acts[start : start + 3])
+        images.update(acts[start : start + 3], shard[start : start + 3])
+    values, positions = images.compute()
+    return {"thresholds": thresholds.compute(), "top_activations": values, "top_images": positions}
+
+
 def ranks_worker(rank: int, world_size: int, port: int, root: str, out: str) -> None:
     """Everything the standalone tests check, in one process group (spawning is the slow part)."""
     init_group(rank, world_size, port)
@@ -161,7 +176,7 @@ def ranks_worker(rank: int, world_size: int, port: int, root: str, out: str) -> 
             if failing_stage == "pass one" and rank == 1:
                 acts[1] = float("nan")  # probe image 1 is in rank 1's shard: rank 1 fails before any collective
             try:
-                with synchronizer.guard():
+                with guard(synchronizer):
                     ld.dissect_activations({"layer": acts}, probe, synchronizer=synchronizer)
                     if failing_stage == "after the last collective" and rank == 0:
                         raise OSError("disk full while writing the report")
@@ -172,11 +187,12 @@ def ranks_worker(rank: int, world_size: int, port: int, root: str, out: str) -> 
                 failures.append(type(error).__name__)
         results["failures"] = failures
         # The group still works after the failures.
-        with synchronizer.guard():
+        with guard(synchronizer):
             after = ld.dissect_activations({"layer": activations(len(probe), 0, ties=False)}, probe)["layer"]
         results["after_failures"] = after.thresholds
 
         results["local_zero_first"] = prepare_twice(rank, Path(out))
+        results["metrics"] = metrics_by_hand(len(probe), torch.arange(rank, len(probe), world_size))
 
         small = ld.ProbeSet(root, size=2, cache_dir=False)
         try:
@@ -220,6 +236,17 @@ def test_sharded_dissection_equals_single_process_exactly_on_every_rank(odd_prob
                     assert got == value, (rank, layer, field)
 
 
+def test_metrics_synced_by_torchmetrics_equal_the_single_process_ones(odd_probe_root, rank_results):
+    expected = metrics_by_hand(PROBE_SIZE, torch.arange(PROBE_SIZE))
+    layer = ld.dissect_activations({"l": activations(PROBE_SIZE, 4, ties=True)}, ld.ProbeSet(odd_probe_root,
+                                   cache_dir=False), quantile=0.1, top_k=4)["l"]
+    assert torch.equal(expected["thresholds"], layer.thresholds)
+    assert torch.equal(expected["top_images"], layer.top_images)
+    for rank, result in enumerate(rank_results):
+        for name, value in expected.items():
+            assert torch.equal(result["metrics"][name], value), (rank, name)
+
+
 def test_failure_on_one_rank_stops_every_rank_before_its_next_collective(odd_probe_root, rank_results):
     # Pass one: rank 1 raises on NaN activations; the others learn it at their first collective.
     # After the last collective: rank 0 raises; the others learn it when their guard ends.
@@ -248,7 +275,7 @@ def test_probe_smaller_than_the_world_fails_alike_on_every_rank(rank_results):
 # ---------------------------------------------------------------- without a process group
 
 def test_without_a_process_group_the_default_synchronizer_does_nothing():
-    assert type(default_synchronizer()) is _Synchronizer
+    assert type(default_synchronizer()) is SingleProcessSynchronizer
     with pytest.raises(RuntimeError, match="init_process_group"):
         TorchDistributedSynchronizer()
 
@@ -287,7 +314,7 @@ def test_strategy_synchronizer_on_one_device_equals_the_single_process_run(odd_p
     probe = ld.ProbeSet(odd_probe_root, cache_dir=False)
     acts = activations(len(probe), 3, ties=True)
     synchronizer = StrategySynchronizer(SingleDeviceStrategy(torch.device("cpu")))
-    with synchronizer.guard():
+    with guard(synchronizer):
         got = ld.dissect_activations({"l": acts}, probe, quantile=0.1, top_k=3, synchronizer=synchronizer)["l"]
     expected = ld.dissect_activations({"l": acts}, probe, quantile=0.1, top_k=3)["l"]
     for field in FIELDS:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 import lightning_dissect as ld
-from lightning_dissect.distributed import RankFailedError
+from lightning_dissect.engine.sync import RankFailedError
 from tests.conftest import random_broden
 from tests.test_distributed import run_ranks
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import lightning_dissect as ld
-from lightning_dissect.engine.thresholds import RunningTopK, quantile_from_top, top_count
+from lightning_dissect.engine.reference import reference_path
+from lightning_dissect.engine.thresholds import ActivationThresholds, quantile_from_top, top_count, top_values_update
 from tests.conftest import write_broden
 from tests.reference import reference_dissection
 
@@ -21,21 +22,32 @@ def random_activations(n: int, units: int, size: int, seed: int, ties: bool = Fa
     return acts
 
 
+def running_top(units: int, k: int, batches: list[torch.Tensor]) -> torch.Tensor:
+    """The engine's running top-k state after `batches` `(B, K, ...)`, from empty."""
+    top, seen = torch.full((units, k), -float("inf")), 0
+    for batch in batches:
+        top = top_values_update(top, batch, seen)
+        seen += batch[:, 0].numel()
+    return top
+
+
 @pytest.mark.parametrize("n,q", [(1, 0.005), (7, 0.005), (640, 0.005), (641, 0.1), (5000, 0.01), (333, 0.5)])
 def test_thresholds_equal_torch_quantile_in_float64(n, q):
     values = torch.randn(4, n, generator=torch.Generator().manual_seed(n))
-    top = RunningTopK(4, top_count(n, q))
+    thresholds = ActivationThresholds(4, n, q)
     for part in values.split(13, dim=1):
-        top.add(part)
+        thresholds.update(part.t())  # 13 images of one value per unit
     expected = torch.stack([torch.quantile(v.double(), 1 - q) for v in values])
-    assert torch.equal(quantile_from_top(top.values, n, q), expected)
+    assert torch.equal(quantile_from_top(thresholds.top, n, q), expected)
+    assert torch.equal(thresholds.compute(), expected)
 
 
 @pytest.mark.parametrize("kind", ["normal", "sparse", "ties", "constant"])
 @pytest.mark.parametrize("k", [1, 7, 40])
 def test_running_top_k_equals_the_top_k_of_everything(kind, k, monkeypatch):
-    """Large first batches take a bound from a strided sample (`_sample_bound`); it must hold for
-    every row, and rows where fewer than k values lie above it (mostly exact zeros) fall back."""
+    """On the fast path, large first batches take a bound from a strided sample (`_sample_bound`);
+    it must hold for every row, and rows where fewer than k values lie above it (mostly exact zeros)
+    fall back. The reference path (a plain top-k) keeps the same values."""
     from lightning_dissect.engine import thresholds
 
     g = torch.Generator().manual_seed(k)
@@ -49,26 +61,26 @@ def test_running_top_k_equals_the_top_k_of_everything(kind, k, monkeypatch):
     sampled = []
     real = thresholds._sample_bound
     monkeypatch.setattr(thresholds, "_sample_bound", lambda v, kk: sampled.append(1) or real(v, kk))
-    top = RunningTopK(6, k)
-    for part in values.split([2000, 1, 999, 1000], dim=1):
-        top.add(part)
+    parts = [part.unsqueeze(0) for part in values.split([2000, 1, 999, 1000], dim=1)]
+    with reference_path(False):
+        top = running_top(6, k, parts)
     assert sampled, "the first batch did not take the sampled bound"
-    assert torch.equal(top.values, values.topk(k, dim=1).values)
+    assert torch.equal(top, values.topk(k, dim=1).values)
+    with reference_path():
+        assert torch.equal(running_top(6, k, parts), top)
 
 
 @pytest.mark.parametrize("shape", [(9, 5, 4, 4), (3, 2, 1, 7), (40, 3, 2, 2)])
 @pytest.mark.parametrize("k", [1, 6, 30])
 def test_running_top_k_of_maps_equals_the_top_k_of_each_unit(shape, k):
-    """`add_maps` takes batches `(B, K, h, w)` without reordering them unit by unit; whatever the
+    """The running top-k takes batches `(B, K, h, w)` without reordering them unit by unit; whatever the
     batch, map size and k (first batches sampled within maps, across images, or too small to sample)."""
     g = torch.Generator().manual_seed(k + shape[0])
     batches = [(torch.randn(*shape, generator=g) * 2).round() / 2 for _ in range(4)]  # many ties
     batches[1][:, 1] = 0.0
-    top = RunningTopK(shape[1], k)
-    for batch in batches:
-        top.add_maps(batch)
+    top = running_top(shape[1], k, batches)
     everything = torch.cat(batches).transpose(0, 1).flatten(1)
-    assert torch.equal(top.values, everything.topk(min(k, everything.shape[1]), dim=1).values)
+    assert torch.equal(top, everything.topk(min(k, everything.shape[1]), dim=1).values)
 
 
 def test_top_count_matches_semantics_formula():

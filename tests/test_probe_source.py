@@ -63,7 +63,7 @@ def test_zero_configuration_offline_is_one_short_error_that_starts_with_the_way_
     assert "During handling" not in done.stderr and "direct cause" not in done.stderr
     assert len(lines) < 45, done.stderr  # three chained tracebacks made 97 lines; Lightning's frames remain
     name, _, message = lines[-1].partition(": ")
-    assert name == "lightning_dissect.engine.dissect.DissectionError"
+    assert name == "lightning_dissect.engine.errors.DissectionError"
     assert message.startswith("No probe dataset: pass probe='synthetic'")
     assert probe_source.BRODEN_ENV in message.split(". ")[0]  # the ways out come first
     assert str(tmp_path / "cache" / "broden" / "broden1_224") in message

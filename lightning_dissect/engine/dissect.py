@@ -1,41 +1,62 @@
-"""`dissect` and `dissect_activations`: two streaming passes over a probe set.
+"""`dissect` and `dissect_activations`: a threshold pass, a tally pass, assembly.
 
-Pass one runs the model over the probe set and keeps, per unit, the running
-top values that the exact threshold needs (and the top images). Pass two makes
-the masks against those thresholds and tallies intersections and areas. Between
-the passes the layers' raw activations are kept up to `activation_cache_bytes`
-(the first batches, in full); pass two runs the model again for the batches
-beyond it, so memory never grows with the probe set beyond the threshold state
-and that budget. See docs/performance.md for what each part costs.
+Pass one runs the model over the probe set and feeds each layer's statistics:
+the exact running top-k behind the thresholds (`engine/thresholds.py`) and the
+top images (`engine/top_images.py`). Between the passes the statistics are
+combined across processes (`engine/sync.py`) and the thresholds read out.
+Pass two makes the masks against those thresholds and tallies intersections
+and areas (`engine/tally.py`); assembly turns the sums into IoU, labels and
+scores (`engine/scores.py`). Between the passes the layers' activations are
+kept up to `activation_cache_bytes` (the first batches, in full); pass two runs
+the model again for the batches beyond it, so memory never grows with the probe
+set beyond the threshold state and that budget. See docs/performance.md for
+what each part costs.
+
+The engine returns its numbers (`DissectionNumbers`); `lightning_dissect.dissect`
+returns them as a `Dissection`, which adds their files.
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
-import math
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from lightning_dissect.engine.rotation import Rotation, rotate_units
+from lightning_dissect.engine.capture import LayerCapture, as_unit_maps, frozen, model_device, resolve_layers
+from lightning_dissect.engine.errors import DissectionError
+from lightning_dissect.engine.rotation import Rotation, as_rotation, rotate_units
 from lightning_dissect.engine.scores import category_best, iou, unit_labels
-from lightning_dissect.engine.tally import DENOMINATORS, IoUTally
-from lightning_dissect.engine.thresholds import RunningTopK, quantile_from_top, top_count
-from lightning_dissect.result import Dissection, LayerDissection
-
-if TYPE_CHECKING:
-    from lightning_dissect.probe import ProbeSet
+from lightning_dissect.engine.sync import Synchronizer, default_synchronizer, sync_states
+from lightning_dissect.engine.tally import DENOMINATORS, Denominator, IoUTally
+from lightning_dissect.engine.thresholds import ActivationThresholds, quantile_from_top
+from lightning_dissect.engine.top_images import TopImages, unpack_top_images
 
 DEFAULT_ACTIVATION_CACHE_BYTES = 2**31
+LABEL_TENSORS = ("label_maps", "image_labels", "present", "image_level_present")
 
 
-class DissectionError(ValueError):
-    """A configuration or input error that names the layer or argument at fault."""
+class Probe(Protocol):
+    """What the engine reads of a probe set (`lightning_dissect.probe.ProbeSet` is one)."""
+
+    categories: list[str]
+    label_names: list[str]
+    fingerprint: str
+
+    def __len__(self) -> int: ...
+
+    def tensors(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """The label tensors on `device`: `label_maps`, `image_labels`, `present`,
+        `image_level_present`, `label_area`, `label_category`."""
+        ...
+
+    def model_input(self, positions: Sequence[int] | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """The model's input for the images at probe `positions`."""
+        ...
 
 
 def validate_options(quantile: float, iou_threshold: float, denominator: str, batch_size: int,
@@ -53,316 +74,210 @@ def validate_options(quantile: float, iou_threshold: float, denominator: str, ba
         raise ValueError(f"top_k={top_k!r} must be a non-negative integer")
 
 
-def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> dict[str, nn.Module]:
-    """Look up layer names in `model.named_modules()`.
+@dataclass(frozen=True)
+class Options:
+    """The options of one dissection (see `dissect`), validated on construction."""
 
-    Raises:
-        DissectionError: for an unknown name, with the closest matches.
-    """
-    if isinstance(layers, str):
-        layers = [layers]
-    if not layers:
-        raise DissectionError("layers is empty: name at least one module, e.g. layers=['layer4']")
-    modules = dict(model.named_modules())
-    found = {}
-    for name in layers:
-        if name not in modules or name == "":
-            close = difflib.get_close_matches(name, [m for m in modules if m], n=5, cutoff=0.5)
-            hint = f" Did you mean {close}?" if close else f" Modules: {[m for m in modules if m][:20]}"
-            raise DissectionError(f"layer {name!r} is not a module of {type(model).__name__}.{hint}")
-        found[name] = modules[name]
-    return found
+    quantile: float = 0.005
+    iou_threshold: float = 0.04
+    denominator: Denominator = "paper"
+    batch_size: int = 64
+    rotation: Rotation | None = None
+    prefix_tokens: int | None = None
+    top_k: int = 10
 
+    def __post_init__(self) -> None:
+        validate_options(self.quantile, self.iou_threshold, self.denominator, self.batch_size, self.top_k)
 
-def as_unit_maps(output: Any, layer: str, prefix_tokens: int | None = None) -> torch.Tensor:
-    """A layer's output as float32 `(B, K, h, w)` (SEMANTICS §2).
-
-    Token outputs `(B, T, K)` become a square grid after dropping `prefix_tokens`
-    leading (class/register) tokens; when `prefix_tokens` is None and `T` is
-    not a square, the fewest leading tokens that leave a square are dropped.
-
-    Raises:
-        DissectionError: for an output that is not a tensor or has no spatial axes.
-    """
-    if not isinstance(output, torch.Tensor):
-        raise DissectionError(
-            f"layer {layer!r} returned {type(output).__name__}, not a tensor; dissect a module whose output is "
-            "a (N, K, h, w) feature map or (N, T, K) tokens"
-        )
-    if output.ndim == 4:
-        return output.float().contiguous()
-    if output.ndim == 3:
-        batch, tokens, units = output.shape
-        drop = prefix_tokens
-        if drop is None:
-            drop = next((d for d in range(tokens) if math.isqrt(tokens - d) ** 2 == tokens - d), None)
-        side = math.isqrt(max(tokens - (drop or 0), 0))
-        if drop is None or side == 0 or side * side != tokens - drop:
-            raise DissectionError(
-                f"layer {layer!r} has {tokens} tokens; after dropping prefix_tokens={drop} they do not form a "
-                "square grid. Pass prefix_tokens= the number of class/register tokens."
-            )
-        grid = output[:, drop:, :].reshape(batch, side, side, units).permute(0, 3, 1, 2)
-        return grid.float().contiguous()
-    raise DissectionError(
-        f"layer {layer!r} output has shape {tuple(output.shape)}: no spatial axes to dissect. Choose a "
-        "convolutional layer (N, K, h, w) or a token layer (N, T, K) before pooling."
-    )
+    def settings(self, probe: Probe, layers: Sequence[str]) -> dict[str, Any]:
+        """The options and the probe as recorded with the numbers (`Dissection.settings`)."""
+        return {
+            "quantile": self.quantile, "iou_threshold": self.iou_threshold, "denominator": self.denominator,
+            "batch_size": self.batch_size, "prefix_tokens": self.prefix_tokens, "layers": list(layers),
+            "rotation": self.rotation.describe() if self.rotation is not None else None,
+            "probe_fingerprint": probe.fingerprint, "probe_size": len(probe), "categories": list(probe.categories),
+        }
 
 
-class _StopForward(Exception):
-    """Raised by a hook once every requested layer has produced its output."""
+@dataclass
+class LayerNumbers:
+    """Every number of one layer's dissection (SEMANTICS §2 to §5), on the CPU.
 
-
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Evaluate `model` without changing it: eval mode, no gradients, every
-    submodule's `training` flag restored afterwards (even on error)."""
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-class LayerCapture:
-    """Forward hooks that capture the outputs of named modules for one forward pass.
-
-    Hooks are registered on entry and always removed on exit. Once every layer
-    has produced its output, the rest of the forward pass is skipped. A captured
-    output that the pass goes on with is kept without a copy; when a later
-    operation of the pass changes it in place (an in-place ReLU after a
-    BatchNorm: the tensor's version counter moves), the batch is run again, and
-    from then on this capture keeps copies.
+    Attributes:
+        layer: the module name.
+        categories: the dissected categories, in `category.csv` order.
+        label_names: label names indexed by global label number.
+        label_category: long `(C,)`, primary category index of each label (-1: never scored).
+        iou_threshold: `t`, a unit is a detector when its score is above it.
+        thresholds: float64 `(K,)`, the activation threshold `T_u` of each unit.
+        iou: float64 `(K, C)`, `IoU(u, c)`; column = global label number.
+        intersection: long `(K, C)`, `I(u, c)`.
+        unit_area: long `(K, n_categories)`, `A_k(u)` under the chosen denominator.
+        label_area: long `(C,)`, `G(c)`.
+        category_labels: long `(K, n_categories)`, `best_k(u)` (-1: category without labels).
+        category_scores: float64 `(K, n_categories)`, `iou_k(u)`.
+        labels: long `(K,)`, each unit's label.
+        scores: float64 `(K,)`, each unit's score.
+        top_images: long `(K, k)`, probe positions of the images with the largest
+            per-image maximum activation, most active first.
+        top_activations: float32 `(K, k)`, those maxima.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], stop_early: bool = True) -> None:
-        self.modules = modules
-        self.stop_early = stop_early
-        self.copy = False
-        self.outputs: dict[str, Any] = {}
-        self.versions: dict[str, tuple[torch.Tensor, int]] = {}
-        self.handles: list[Any] = []
-
-    def __enter__(self) -> LayerCapture:
-        try:
-            for name, module in self.modules.items():
-                self.handles.append(module.register_forward_hook(self._hook(name)))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if name in self.outputs:
-                raise DissectionError(f"layer {name!r} ran twice in one forward pass; dissect a module that runs once")
-            last = self.stop_early and len(self.outputs) + 1 == len(self.modules)
-            if isinstance(output, torch.Tensor) and not last:
-                # The forward pass goes on with this tensor and may change it in place.
-                version = None if self.copy else _version(output)
-                if version is None:
-                    output = output.clone()
-                else:
-                    self.versions[name] = (output, version)
-            self.outputs[name] = output
-            if last:
-                raise _StopForward
-
-        return hook
-
-    def run(self, model: nn.Module, inputs: torch.Tensor) -> dict[str, Any]:
-        self.outputs, self.versions = {}, {}
-        try:
-            model(inputs)
-        except _StopForward:
-            pass
-        missing = [name for name in self.modules if name not in self.outputs]
-        if missing:
-            raise DissectionError(f"layers {missing} did not run in the model's forward pass")
-        if any(tensor._version != version for tensor, version in self.versions.values()):
-            self.copy = True  # changed in place after the hook: capture the batch again, with copies
-            return self.run(model, inputs)
-        return self.outputs
+    layer: str
+    categories: list[str]
+    label_names: list[str]
+    label_category: torch.Tensor
+    iou_threshold: float
+    thresholds: torch.Tensor
+    iou: torch.Tensor
+    intersection: torch.Tensor
+    unit_area: torch.Tensor
+    label_area: torch.Tensor
+    category_labels: torch.Tensor
+    category_scores: torch.Tensor
+    labels: torch.Tensor
+    scores: torch.Tensor
+    top_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
+    top_activations: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
 
 
-def _version(tensor: torch.Tensor) -> int | None:
-    """The tensor's version counter (None for inference tensors, which have none)."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
+@dataclass
+class DissectionNumbers:
+    """The numbers of every dissected layer, in the order requested, and the settings that made them."""
+
+    layers: dict[str, LayerNumbers]
+    settings: dict[str, Any]
 
 
-def model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+class LayerState:
+    """One layer on its way through the passes: its shape, its basis change and its statistics.
 
-
-class _Synchronizer:
-    """Combines per-shard state; the single-process version does nothing.
-
-    The distributed implementation (`lightning_dissect.distributed`) gathers
-    top values and sums tallies over ranks.
+    Args:
+        name: the layer's name.
+        shape: `(K, h, w)`, from the first batch.
+        num_images: the probe size (over all processes).
+        options: the dissection's options.
+        device: where the statistics live.
     """
 
-    def shard(self, num_images: int) -> list[int]:
-        return list(range(num_images))
+    def __init__(self, name: str, shape: tuple[int, ...], num_images: int, options: Options,
+                 device: torch.device) -> None:
+        self.name, self.shape, self.options = name, shape, options
+        units, height, width = shape
+        self.rotation = options.rotation.resolve(units).to(device) if options.rotation is not None else None
+        # The engine syncs explicitly, through its synchronizer, once per pass.
+        self.thresholds = ActivationThresholds(units, num_images * height * width, options.quantile,
+                                               sync_on_compute=False).to(device)
+        self.top_images = TopImages(units, options.top_k, sync_on_compute=False).to(device)
+        self.tally: IoUTally | None = None
 
-    def merge_top(self, values: torch.Tensor, k: int) -> torch.Tensor:
-        return values
+    def unit_maps(self, raw: torch.Tensor) -> torch.Tensor:
+        """The maps dissected: the layer's `(B, K, h, w)` in the chosen basis (SEMANTICS §6)."""
+        return rotate_units(raw, self.rotation) if self.rotation is not None else raw
 
-    def merge_top_images(
-        self, values: torch.Tensor, indices: torch.Tensor, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return values, indices
+    def observe(self, raw: torch.Tensor, positions: list[int], index: torch.Tensor) -> torch.Tensor:
+        """Pass one: check a batch and add it to the threshold state and the top images.
 
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
+        Returns:
+            The batch's unit maps (for the activation cache).
 
-
-def _default_synchronizer() -> _Synchronizer:
-    """Shard over the process group when `torch.distributed` runs several ranks, else the no-op one."""
-    from lightning_dissect.distributed import default_synchronizer  # imports this module
-
-    return default_synchronizer()
-
-
-def _top_images_update(values: torch.Tensor, indices: torch.Tensor, new_values: torch.Tensor,
-                       new_indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the `k` largest per-image maxima of each unit; ties go to the lower probe position."""
-    all_values = torch.cat([values, new_values], dim=1)
-    all_indices = torch.cat([indices, new_indices], dim=1)
-    # Sort by index first, then stably by value: equal values stay in index order.
-    by_index = all_indices.argsort(dim=1, stable=True)
-    all_values, all_indices = all_values.gather(1, by_index), all_indices.gather(1, by_index)
-    order = all_values.argsort(dim=1, descending=True, stable=True)[:, :k]
-    return all_values.gather(1, order), all_indices.gather(1, order)
-
-
-def _run(
-    activation_batches: Callable[[list[int]], dict[str, torch.Tensor]],
-    layers: Sequence[str],
-    probe: ProbeSet,
-    *,
-    quantile: float,
-    iou_threshold: float,
-    denominator: str,
-    batch_size: int,
-    device: torch.device,
-    rotation: Rotation | None,
-    top_k: int,
-    activation_cache_bytes: int,
-    progress: bool,
-    synchronizer: _Synchronizer,
-    settings: dict[str, Any],
-) -> Dissection:
-    started = time.perf_counter()
-    positions = synchronizer.shard(len(probe))
-    num_images = len(probe)
-    batches = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
-    data = probe.tensors(device)
-
-    def unit_maps(batch: list[int]) -> dict[str, torch.Tensor]:
-        maps = activation_batches(batch)
-        if rotation is not None:
-            maps = {name: rotate_units(value, rotations[name]) for name, value in maps.items()}
+        Raises:
+            DissectionError: the layer changed shape, or produced NaN or inf.
+        """
+        if tuple(raw.shape[1:]) != self.shape:
+            raise DissectionError(f"layer {self.name!r} changed shape from {self.shape} to {tuple(raw.shape[1:])}")
+        maps = self.unit_maps(raw)
+        # One reduction instead of an elementwise test: a finite sum has no NaN or inf (an overflowing
+        # sum of finite values is told apart by the exact test).
+        if not torch.isfinite(maps.sum()) and not torch.isfinite(maps).all():
+            raise DissectionError(f"layer {self.name!r} produced non-finite activations (NaN or inf) on probe images "
+                                  f"{positions[0]}..{positions[-1]}")
+        self.thresholds.update(maps)
+        self.top_images.update(maps, index)
         return maps
 
-    rotations: dict[str, torch.Tensor] = {}
-    tops: dict[str, RunningTopK] = {}
-    top_values: dict[str, torch.Tensor] = {}
-    top_indices: dict[str, torch.Tensor] = {}
-    shapes: dict[str, tuple[int, int, int]] = {}
+    def start_tally(self, synchronizer: Synchronizer, label_category: torch.Tensor, num_categories: int) -> None:
+        """Between the passes: read out the thresholds over every process and set up the tally."""
+        sync_states(self.thresholds, synchronizer)
+        # The states' readout, as `compute` gives it but keeping the (K,) shape of a single unit.
+        thresholds = quantile_from_top(self.thresholds.top, int(self.thresholds.seen), self.options.quantile)
+        self.tally = IoUTally(thresholds, label_category, num_categories, self.options.denominator,
+                              sync_on_compute=False).to(thresholds.device)
+
+    def count(self, maps: torch.Tensor, labels: Sequence[torch.Tensor]) -> None:
+        """Pass two: add a batch's unit maps to the tally; `labels` are its `LABEL_TENSORS`."""
+        assert self.tally is not None, "start_tally runs between the passes"
+        self.tally.update(maps, *labels)
+
+    def numbers(self, synchronizer: Synchronizer, probe: Probe, data: Mapping[str, torch.Tensor]) -> LayerNumbers:
+        """Assembly: every number of SEMANTICS §4 and §5 from the sums over every process."""
+        assert self.tally is not None, "start_tally runs between the passes"
+        sync_states(self.top_images, synchronizer)
+        sync_states(self.tally, synchronizer)
+        top_activations, top_images = unpack_top_images(self.top_images.top, int(self.top_images.images))
+        intersection, unit_area = self.tally.intersection, self.tally.unit_area
+        label_area, label_category = data["label_area"], data["label_category"]
+        scores = iou(intersection, unit_area, label_area, label_category)
+        category_labels, category_scores = category_best(scores, label_category, len(probe.categories))
+        labels, unit_scores = unit_labels(category_labels, category_scores)
+        return LayerNumbers(
+            layer=self.name, categories=list(probe.categories), label_names=list(probe.label_names),
+            label_category=label_category.cpu(), iou_threshold=float(self.options.iou_threshold),
+            thresholds=self.tally.thresholds.cpu(), iou=scores.cpu(), intersection=intersection.cpu(),
+            unit_area=unit_area.cpu(), label_area=label_area.cpu(), category_labels=category_labels.cpu(),
+            category_scores=category_scores.cpu(), labels=labels.cpu(), scores=unit_scores.cpu(),
+            top_images=top_images.cpu(), top_activations=top_activations.cpu(),
+        )
+
+
+def _run(activations: Callable[[list[int]], dict[str, torch.Tensor]], probe: Probe, options: Options, *,
+         device: torch.device, synchronizer: Synchronizer, activation_cache_bytes: int,
+         progress: bool) -> DissectionNumbers:
+    """The two passes over this process's shard of the probe set; `activations(positions)` gives
+    every layer's raw `(B, K, h, w)` for a batch."""
+    started = time.perf_counter()
+    positions = synchronizer.shard(len(probe))
+    batches = [positions[i : i + options.batch_size] for i in range(0, len(positions), options.batch_size)]
+    data = probe.tensors(device)
+    bar = _progress(len(batches) * 2, progress)
+    layers: dict[str, LayerState] = {}
+    # The first batches' unit maps, up to the budget; pass two runs the model again only for the rest.
     cache: list[dict[str, torch.Tensor] | None] = []
     cached_bytes = 0
-    bar = _progress(len(batches) * 2, progress)
     for number, batch in enumerate(batches):
-        raw = activation_batches(batch)
-        if not shapes:
-            shapes = {name: tuple(value.shape[1:]) for name, value in raw.items()}
-            if rotation is not None:
-                rotations = {name: rotation.resolve(shape[0]).to(device) for name, shape in shapes.items()}
-            for name, (units, height, width) in shapes.items():
-                tops[name] = RunningTopK(units, top_count(num_images * height * width, quantile), device=device)
-                top_values[name] = torch.empty(units, 0, device=device)
-                top_indices[name] = torch.empty(units, 0, dtype=torch.long, device=device)
-        maps = {name: rotate_units(value, rotations[name]) for name, value in raw.items()} if rotations else raw
+        raw = activations(batch)
+        if not layers:
+            layers = {name: LayerState(name, tuple(value.shape[1:]), len(probe), options, device)
+                      for name, value in raw.items()}
         index = torch.tensor(batch, device=device)
-        for name, value in maps.items():
-            if tuple(value.shape[1:]) != shapes[name]:
-                raise DissectionError(f"layer {name!r} changed shape from {shapes[name]} to {tuple(value.shape[1:])}")
-            # One reduction instead of an elementwise test: a finite sum has no NaN or inf (an overflowing
-            # sum of finite values is told apart by the exact test).
-            if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
-                raise DissectionError(f"layer {name!r} produced non-finite activations (NaN or inf) on probe images "
-                                      f"{batch[0]}..{batch[-1]}")
-            tops[name].add_maps(value)
-            if top_k:
-                peaks = value.amax(dim=(2, 3)).t()
-                top_values[name], top_indices[name] = _top_images_update(
-                    top_values[name], top_indices[name], peaks, index.expand_as(peaks), top_k)
-        # Keep the first batches up to the budget; pass two runs the model again only for the rest.
+        maps = {name: layers[name].observe(value, batch, index) for name, value in raw.items()}
         batch_bytes = sum(value.numel() * value.element_size() for value in maps.values())
         if len(cache) == number and cached_bytes + batch_bytes <= activation_cache_bytes:
             cache.append(maps)
             cached_bytes += batch_bytes
         bar.update(1)
-    if not shapes:
+    if not layers:
         raise DissectionError("the probe set is empty: nothing to dissect")
 
-    thresholds = {}
-    for name, top in tops.items():
-        units, height, width = shapes[name]
-        merged = synchronizer.merge_top(top.values, top.k)
-        thresholds[name] = quantile_from_top(merged, num_images * height * width, quantile)
-        if top_k:
-            top_values[name], top_indices[name] = synchronizer.merge_top_images(
-                top_values[name], top_indices[name], top_k
-            )
-
-    tallies = {name: IoUTally(shapes[name][0], data["label_category"], len(probe.categories), denominator, device)
-               for name in shapes}
+    for layer in layers.values():
+        layer.start_tally(synchronizer, data["label_category"], len(probe.categories))
     for number, batch in enumerate(batches):
-        if number < len(cache):
-            maps, cache[number] = cache[number], None  # freed as soon as it is tallied
+        cached = cache[number] if number < len(cache) else None
+        if cached is not None:
+            maps, cache[number] = cached, None  # freed as soon as it is tallied
         else:
-            maps = unit_maps(batch)
+            maps = {name: layers[name].unit_maps(value) for name, value in activations(batch).items()}
         index = torch.tensor(batch, device=device)
-        labels = [data[key][index] for key in ("label_maps", "image_labels", "present", "image_level_present")]
+        labels = [data[key][index] for key in LABEL_TENSORS]
         for name, value in maps.items():
-            tallies[name].add(value, thresholds[name], *labels)
+            layers[name].count(value, labels)
         bar.update(1)
     bar.close()
 
-    label_area = data["label_area"]
-    results = {}
-    for name in layers:
-        tally = tallies[name]
-        intersection, unit_area = synchronizer.sum(tally.intersection), synchronizer.sum(tally.unit_area)
-        scores = iou(intersection, unit_area, label_area, data["label_category"])
-        category_labels, category_scores = category_best(scores, data["label_category"], len(probe.categories))
-        labels, unit_scores = unit_labels(category_labels, category_scores)
-        results[name] = LayerDissection(
-            layer=name, categories=list(probe.categories), label_names=list(probe.label_names),
-            label_category=data["label_category"].cpu(), iou_threshold=float(iou_threshold),
-            thresholds=thresholds[name].cpu(), iou=scores.cpu(), intersection=intersection.cpu(),
-            unit_area=unit_area.cpu(), label_area=label_area.cpu(), category_labels=category_labels.cpu(),
-            category_scores=category_scores.cpu(), labels=labels.cpu(), scores=unit_scores.cpu(),
-            top_images=top_indices[name].cpu() if top_k else torch.zeros(shapes[name][0], 0, dtype=torch.long),
-            top_activations=top_values[name].cpu() if top_k else torch.zeros(shapes[name][0], 0),
-        )
-    settings = dict(settings, seconds=time.perf_counter() - started, activations_cached=len(cache) == len(batches))
-    return Dissection(results, settings)
+    numbers = {name: layer.numbers(synchronizer, probe, data) for name, layer in layers.items()}
+    settings = dict(options.settings(probe, list(layers)), seconds=time.perf_counter() - started,
+                    activations_cached=len(cache) == len(batches))
+    return DissectionNumbers(numbers, settings)
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -381,32 +296,13 @@ class _NoBar:
         pass
 
 
-def _settings(probe: ProbeSet, **options: Any) -> dict[str, Any]:
-    rotation = options.pop("rotation")
-    return dict(options, rotation=rotation.describe() if rotation is not None else None,
-                probe_fingerprint=probe.fingerprint, probe_size=len(probe), categories=list(probe.categories))
-
-
-def _as_rotation(rotation: Rotation | Mapping[str, Any] | torch.Tensor | None) -> Rotation | None:
-    if rotation is None or isinstance(rotation, Rotation):
-        return rotation
-    if isinstance(rotation, torch.Tensor):
-        return Rotation(matrix=rotation)
-    if isinstance(rotation, Mapping):
-        unknown = set(rotation) - {"seed", "alpha", "matrix"}
-        if unknown:
-            raise ValueError(f"rotation has unknown keys {sorted(unknown)}; use seed, alpha or matrix")
-        return Rotation(**rotation)
-    raise ValueError(f"rotation={rotation!r} must be None, a Rotation, a dict(seed=, alpha=) or a K x K tensor")
-
-
 def dissect(
     model: nn.Module,
-    probe: ProbeSet,
+    probe: Probe,
     layers: str | Sequence[str],
     quantile: float = 0.005,
     iou_threshold: float = 0.04,
-    denominator: str = "paper",
+    denominator: Denominator = "paper",
     batch_size: int = 64,
     device: torch.device | str | None = None,
     rotation: Rotation | Mapping[str, Any] | torch.Tensor | None = None,
@@ -416,8 +312,8 @@ def dissect(
     activation_cache_bytes: int = DEFAULT_ACTIVATION_CACHE_BYTES,
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
     progress: bool = False,
-    synchronizer: _Synchronizer | None = None,
-) -> Dissection:
+    synchronizer: Synchronizer | None = None,
+) -> DissectionNumbers:
     """Dissect layers of `model` over a probe set (SEMANTICS §2 to §6).
 
     The model is run in eval mode without gradients; every submodule's train
@@ -442,48 +338,47 @@ def dissect(
         forward_context: a context manager factory wrapped around every forward
             (for example the trainer's precision context).
         progress: show a progress bar.
+        synchronizer: how this process takes part in a distributed dissection;
+            default `engine.sync.default_synchronizer()`.
 
     Returns:
-        A `Dissection`, one `LayerDissection` per layer.
+        The numbers of every layer; `lightning_dissect.dissect` returns them as a
+        `Dissection` (one `LayerDissection` per layer, with their files).
 
     Raises:
         DissectionError: unknown layer, an output without spatial axes, non-finite activations.
         ValueError: an option out of range.
 
     Example:
-        >>> result = dissect(model, probe, ["layer4"])          # doctest: +SKIP
+        >>> result = ld.dissect(model, probe, ["layer4"])        # doctest: +SKIP
         >>> result["layer4"].summary()["unique_concepts"]        # doctest: +SKIP
     """
-    validate_options(quantile, iou_threshold, denominator, batch_size, top_k)
-    rotation = _as_rotation(rotation)
+    options = Options(quantile, iou_threshold, denominator, batch_size, as_rotation(rotation), prefix_tokens, top_k)
     modules = resolve_layers(model, layers)
     names = list(modules)
-    device = torch.device(device) if device is not None else model_device(model)
+    run_on = torch.device(device) if device is not None else model_device(model)
     context = forward_context or contextlib.nullcontext
 
     capture = LayerCapture(modules)  # one for all batches: it remembers whether outputs need copies
 
-    def activations(batch: list[int]) -> dict[str, torch.Tensor]:
-        inputs = probe.model_input(batch, device)
+    def layer_activations(batch: list[int]) -> dict[str, torch.Tensor]:
+        inputs = probe.model_input(batch, run_on)
         with capture, context():
             outputs = capture.run(model, inputs)
         return {name: as_unit_maps(outputs[name], name, prefix_tokens) for name in names}
 
-    settings = _settings(probe, quantile=quantile, iou_threshold=iou_threshold, denominator=denominator,
-                         batch_size=batch_size, rotation=rotation, prefix_tokens=prefix_tokens, layers=names)
     with frozen(model):
-        return _run(activations, names, probe, quantile=quantile, iou_threshold=iou_threshold,
-                    denominator=denominator, batch_size=batch_size, device=device, rotation=rotation, top_k=top_k,
-                    activation_cache_bytes=activation_cache_bytes, progress=progress,
-                    synchronizer=synchronizer or _default_synchronizer(), settings=settings)
+        return _run(layer_activations, probe, options, device=run_on,
+                    synchronizer=synchronizer or default_synchronizer(),
+                    activation_cache_bytes=activation_cache_bytes, progress=progress)
 
 
 def dissect_activations(
     activations: Mapping[str, torch.Tensor],
-    probe: ProbeSet,
+    probe: Probe,
     quantile: float = 0.005,
     iou_threshold: float = 0.04,
-    denominator: str = "paper",
+    denominator: Denominator = "paper",
     batch_size: int = 64,
     device: torch.device | str | None = None,
     rotation: Rotation | Mapping[str, Any] | torch.Tensor | None = None,
@@ -491,8 +386,8 @@ def dissect_activations(
     prefix_tokens: int | None = None,
     top_k: int = 10,
     progress: bool = False,
-    synchronizer: _Synchronizer | None = None,
-) -> Dissection:
+    synchronizer: Synchronizer | None = None,
+) -> DissectionNumbers:
     """Dissect precomputed activations, `{name: (N, K, h, w) or (N, T, K)}` in probe order.
 
     Same options and results as :func:`dissect`.
@@ -500,8 +395,7 @@ def dissect_activations(
     Raises:
         DissectionError: a tensor whose first axis is not the probe size.
     """
-    validate_options(quantile, iou_threshold, denominator, batch_size, top_k)
-    rotation = _as_rotation(rotation)
+    options = Options(quantile, iou_threshold, denominator, batch_size, as_rotation(rotation), prefix_tokens, top_k)
     if not activations:
         raise DissectionError("activations is empty: pass {layer_name: tensor}")
     for name, value in activations.items():
@@ -510,101 +404,12 @@ def dissect_activations(
             raise DissectionError(f"activations[{name!r}] has shape {shape}; its first axis must be the probe size "
                                   f"{len(probe)}, in probe order")
     first = next(iter(activations.values()))
-    device = torch.device(device) if device is not None else first.device
+    run_on = torch.device(device) if device is not None else first.device
     names = list(activations)
 
-    def batches(batch: list[int]) -> dict[str, torch.Tensor]:
+    def batch_activations(batch: list[int]) -> dict[str, torch.Tensor]:
         index = torch.tensor(batch, device=activations[names[0]].device)
-        return {name: as_unit_maps(activations[name][index].to(device), name, prefix_tokens) for name in names}
+        return {name: as_unit_maps(activations[name][index].to(run_on), name, prefix_tokens) for name in names}
 
-    settings = _settings(probe, quantile=quantile, iou_threshold=iou_threshold, denominator=denominator,
-                         batch_size=batch_size, rotation=rotation, prefix_tokens=prefix_tokens, layers=names)
-    return _run(batches, names, probe, quantile=quantile, iou_threshold=iou_threshold, denominator=denominator,
-                batch_size=batch_size, device=device, rotation=rotation, top_k=top_k,
-                activation_cache_bytes=0, progress=progress, synchronizer=synchronizer or _default_synchronizer(),
-                settings=settings)
-
-
-# ---------------------------------------------------------------------- choosing and checking layers
-
-# Modules whose output is never a representation worth dissecting on its own.
-_NOT_FEATURES = (nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten,
-                 nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-                 nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
-
-
-def _nested(a: str, b: str) -> bool:
-    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
-
-
-def choose_layers(model: nn.Module, inputs: torch.Tensor, count: int = 2) -> list[str]:
-    """The deepest modules with spatial output, found by one forward pass.
-
-    Among modules that run once and return a `(B, K, h, w)` tensor with
-    `h * w > 1` (not dropout, pooling, flatten or identity), the deepest is the
-    one that finishes last before the spatial axes are pooled away: for a
-    ResNet `layer4` (a block finishes after the modules inside it). Each
-    further layer is the deepest remaining module that is neither inside nor
-    around a chosen one and has another output shape (`layer3`).
-
-    Returns:
-        Up to `count` module names, shallowest first.
-
-    Raises:
-        DissectionError: no module has a spatial output.
-    """
-    modules = {name: module for name, module in model.named_modules() if name}
-    finished: list[tuple[str, tuple[int, ...]]] = []
-    calls: Counter[str] = Counter()
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: Any, output: Any) -> None:
-            calls[name] += 1
-            if isinstance(output, torch.Tensor):
-                finished.append((name, tuple(output.shape)))
-
-        return record
-
-    handles = []
-    try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(hook(name)))
-        model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    candidates = [(name, shape) for name, shape in finished
-                  if calls[name] == 1 and len(shape) == 4 and shape[2] * shape[3] > 1
-                  and not isinstance(modules[name], _NOT_FEATURES)]
-    if not candidates:
-        raise DissectionError(
-            f"layers=None: no module of {type(model).__name__} returns a spatial (N, K, h, w) output; "
-            "name the layers to dissect, e.g. layers=['backbone.layer4'] (token layers need explicit names)"
-        )
-    chosen = [candidates[-1]]
-    for name, shape in reversed(candidates):
-        if len(chosen) == count:
-            break
-        if all(not _nested(name, other) and shape != other_shape for other, other_shape in chosen):
-            chosen.append((name, shape))
-    return [name for name, _ in reversed(chosen)]
-
-
-def check_layers(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str],
-                 prefix_tokens: int | None = None) -> None:
-    """Run one batch and check that every layer runs once and has a spatial output.
-
-    Raises:
-        DissectionError: unknown layer (with close matches), a layer that does not
-            run or runs twice, or an output without spatial axes (or one position).
-    """
-    modules = resolve_layers(model, layers)
-    with LayerCapture(modules) as capture:
-        outputs = capture.run(model, inputs)
-    for name in layers:
-        maps = as_unit_maps(outputs[name], name, prefix_tokens)
-        if maps.shape[2] * maps.shape[3] < 2:
-            raise DissectionError(
-                f"layer {name!r} output has shape {tuple(outputs[name].shape)}: a single spatial position, nothing "
-                "to segment. Choose a layer before global pooling."
-            )
+    return _run(batch_activations, probe, options, device=run_on, synchronizer=synchronizer or default_synchronizer(),
+                activation_cache_bytes=0, progress=progress)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -95,10 +97,31 @@ class Rotation:
             return matrix
         return fractional_power(random_rotation(num_units, int(self.seed or 0)), float(self.alpha))
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
+        """The rotation as recorded in a dissection's settings (JSON-ready)."""
         if self.matrix is not None:
             return {"matrix": torch.as_tensor(self.matrix, dtype=torch.float64).tolist()}
         return {"seed": self.seed, "alpha": self.alpha}
+
+
+def as_rotation(rotation: Rotation | Mapping[str, Any] | torch.Tensor | None) -> Rotation | None:
+    """The `rotation=` option of `dissect` as a `Rotation` (None: no basis change).
+
+    Accepts a `Rotation`, `dict(seed=, alpha=)` or `dict(matrix=)`, or an explicit `K x K` tensor.
+
+    Raises:
+        ValueError: anything else, or a dict with other keys.
+    """
+    if rotation is None or isinstance(rotation, Rotation):
+        return rotation
+    if isinstance(rotation, torch.Tensor):
+        return Rotation(matrix=rotation)
+    if isinstance(rotation, Mapping):
+        unknown = set(rotation) - {"seed", "alpha", "matrix"}
+        if unknown:
+            raise ValueError(f"rotation has unknown keys {sorted(unknown)}; use seed, alpha or matrix")
+        return Rotation(**rotation)
+    raise ValueError(f"rotation={rotation!r} must be None, a Rotation, a dict(seed=, alpha=) or a K x K tensor")
 
 
 def rotate_units(activations: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,29 @@
-"""Exact per-unit activation quantiles over a stream of batches (SEMANTICS §2).
+"""Exact per-unit activation thresholds over a stream of batches (SEMANTICS §2).
 
 The references estimate the threshold with a sketch. Here it is exact: the
 `1 - q` quantile with linear interpolation only reads the order statistics at
-and above `floor((1 - q) * (n - 1))`, so a running top-k of that many values per
-unit holds everything the quantile needs, in `O(q * n)` memory per unit.
+and above `floor((1 - q) * (n - 1))`, so a running top-k of `top_count(n, q)`
+values per unit holds everything the quantile needs, in `O(q * n)` memory per
+unit. The top `k` of a union is the top `k` of the parts' top `k`, so states of
+disjoint shards (distributed ranks) merge exactly: :class:`ActivationThresholds`
+is a `torchmetrics.Metric` whose reduction across processes is that merge.
+
+The running top-k has a fast update (`top_values_update`): a bound on what can
+enter each unit's top `k` (the smallest kept value, or for a large first batch
+one taken from a strided sample), then only the values above it, packed per
+unit, go to `topk`. It keeps the same values as a plain `topk` of the state and
+the batch, which is what the reference path (`engine/reference.py`) runs.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+from torchmetrics import Metric
+
+from lightning_dissect.engine.reference import use_reference
 
 
 def quantile_rank(num_values: int, quantile: float) -> tuple[int, float]:
@@ -38,106 +51,6 @@ def top_count(num_values: int, quantile: float) -> int:
     return min(num_values, num_values - below)
 
 
-class RunningTopK:
-    """The `k` largest values of each unit seen so far, merged batch by batch.
-
-    Exact. Memory is `K x k` values. States from disjoint shards of the data
-    merge with :meth:`merge` (used across distributed ranks).
-
-    Example:
-        >>> top = RunningTopK(num_units=2, k=3)
-        >>> top.add(torch.tensor([[1.0, 5.0, 2.0, 4.0], [0.0, -1.0, 3.0, 2.0]]))
-        >>> top.values
-        tensor([[5., 4., 2.],
-                [3., 2., 0.]])
-    """
-
-    def __init__(self, num_units: int, k: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
-        self.k = k
-        self.values = torch.empty(num_units, 0, device=device, dtype=dtype)
-
-    def add(self, values: torch.Tensor) -> None:
-        """Merge `values` of shape `(K, n)` (one row per unit) into the state."""
-        self.add_maps(values.unsqueeze(0))
-
-    def add_maps(self, maps: torch.Tensor) -> None:
-        """Merge a batch of maps `(B, K, ...)` (units on axis 1) into the state: the same as
-        `add(maps.transpose(0, 1).reshape(K, -1))`, without copying the batch into unit order."""
-        flat = maps.reshape(maps.shape[0], maps.shape[1], -1).to(self.values.dtype)
-        batch, units, size = flat.shape
-        full = self.values.shape[1] == self.k > 0
-        bound = None
-        if full:
-            # Only values above a unit's smallest kept value can enter its top k (an equal one
-            # would replace an equal one).
-            bound = self.values[:, -1]
-        elif self.values.shape[1] == 0 and batch * size >= 8 * self.k > 0:
-            bound = _sample_bound(flat, self.k)
-        if bound is not None:
-            image, unit, column = (flat > bound.view(1, units, 1)).nonzero(as_tuple=True)
-            # nonzero lists the values image by image, unit by unit: `runs` of one (image, unit) each.
-            runs = torch.bincount(image * units + unit, minlength=batch * units)
-            per_image = runs.view(batch, units)
-            counts = per_image.sum(0)
-            # A sampled bound counts only where every unit has k values above it.
-            if full or bool((counts >= self.k).all()):
-                if image.shape[0] == 0:
-                    return
-                width = int(counts.max())
-                if width < batch * size // 2:
-                    # Usually few values pass: each unit's, packed left into a (K, width) block
-                    # padded with -inf, go to the top-k instead of the whole batch. A value's place
-                    # in its unit's row: the unit's values in earlier images, then its rank in its run.
-                    run = image * units + unit
-                    earlier = (per_image.cumsum(0) - per_image).view(-1)
-                    position = (torch.arange(run.shape[0], device=run.device) - (runs.cumsum(0) - runs)[run]
-                                + earlier[run])
-                    packed = torch.full((units, width), -math.inf, dtype=flat.dtype, device=flat.device)
-                    packed[unit, position] = flat[image, unit, column]
-                    self.values = _top(torch.cat([self.values, packed], dim=1), self.k)
-                    return
-        rows = flat.transpose(0, 1).reshape(units, batch * size)
-        self.values = _top(torch.cat([self.values, rows], dim=1), self.k)
-
-    def merge(self, values: torch.Tensor) -> None:
-        """Merge another state's `values` `(K, k')` (from a disjoint shard)."""
-        self.add(values)
-
-    @property
-    def minimum(self) -> torch.Tensor:
-        """Per unit, the smallest value kept (`-inf` until `k` values were seen)."""
-        if self.values.shape[1] < self.k:
-            return torch.full(self.values.shape[:1], -math.inf, dtype=self.values.dtype,
-                              device=self.values.device)
-        return self.values[:, -1]
-
-    def state_dict(self) -> dict[str, torch.Tensor | int]:
-        return {"k": self.k, "values": self.values}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
-        self.k = int(state["k"])
-        self.values = state["values"]
-
-
-def _sample_bound(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Per unit of `flat` `(B, K, m)`, a value that a strided sample of its `B * m` values puts
-    near rank `2k`: usually about `2k` values lie above it, so a first batch much larger than
-    `k` needs no top-k over all its values. The caller checks that at least `k` do."""
-    batch, units, size = flat.shape
-    stride = batch * size // (4 * k)
-    sample = flat[:, :, ::stride] if stride <= size else flat[:: stride // size]  # else whole maps of some images
-    sample = sample.transpose(0, 1).reshape(units, -1)
-    rank = min(sample.shape[1], math.ceil(2 * k * sample.shape[1] / (batch * size)))
-    return sample.topk(rank, dim=1, sorted=False).values.amin(1)
-
-
-def _top(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The `k` largest entries of each row, in descending order."""
-    k = min(k, values.shape[1])
-    return values.topk(k, dim=1, largest=True, sorted=True).values
-
-
 def quantile_from_top(top_values: torch.Tensor, num_values: int, quantile: float) -> torch.Tensor:
     """The exact `1 - quantile` quantile of each unit from its largest values.
 
@@ -161,3 +74,154 @@ def quantile_from_top(top_values: torch.Tensor, num_values: int, quantile: float
     high = top_values[:, num_values - 1 - above].double()
     # torch.quantile interpolates with lerp; calling it gives the same bits.
     return torch.lerp(low, high, torch.full_like(low, weight))
+
+
+def top_values_update(top: torch.Tensor, maps: torch.Tensor, seen: int) -> torch.Tensor:
+    """The `k` largest values of each unit among `top` and a batch of maps, in descending order.
+
+    Exact whichever way it is computed: the same values as
+    `torch.cat([top, maps.transpose(0, 1).reshape(K, -1)], 1).topk(k).values`, which is what
+    the reference path runs. The fast path takes a bound that at least `k` values of each unit
+    exceed (the smallest kept value once `k` values were seen, or for a large first batch a
+    value from a strided sample of it) and sends only the values above it, packed per unit,
+    to `topk`, without copying the batch into unit order.
+
+    Args:
+        top: `(K, k)` the state, descending; slots not filled yet hold `-inf`.
+        maps: `(B, K, ...)` a batch, units on axis 1.
+        seen: how many values of each unit `top` has seen (its slots beyond `seen` are empty).
+
+    Returns:
+        The new state, `(K, k)`.
+    """
+    k = top.shape[1]
+    flat = maps.reshape(maps.shape[0], maps.shape[1], -1).to(top.dtype)
+    batch, units, size = flat.shape
+    if not use_reference():
+        full = seen >= k > 0
+        bound = None
+        if full:
+            # Only values above a unit's smallest kept value can enter its top k (an equal one
+            # would replace an equal one).
+            bound = top[:, -1]
+        elif seen == 0 and batch * size >= 8 * k > 0:
+            bound = _sample_bound(flat, k)
+        if bound is not None:
+            image, unit, column = (flat > bound.view(1, units, 1)).nonzero(as_tuple=True)
+            # nonzero lists the values image by image, unit by unit: `runs` of one (image, unit) each.
+            runs = torch.bincount(image * units + unit, minlength=batch * units)
+            per_image = runs.view(batch, units)
+            counts = per_image.sum(0)
+            # A sampled bound counts only where every unit has k values above it.
+            if full or bool((counts >= k).all()):
+                if image.shape[0] == 0:
+                    return top
+                width = int(counts.max())
+                if width < batch * size // 2:
+                    # Usually few values pass: each unit's, packed left into a (K, width) block
+                    # padded with -inf, go to the top-k instead of the whole batch. A value's place
+                    # in its unit's row: the unit's values in earlier images, then its rank in its run.
+                    run = image * units + unit
+                    earlier = (per_image.cumsum(0) - per_image).view(-1)
+                    position = (torch.arange(run.shape[0], device=run.device) - (runs.cumsum(0) - runs)[run]
+                                + earlier[run])
+                    packed = torch.full((units, width), -math.inf, dtype=flat.dtype, device=flat.device)
+                    packed[unit, position] = flat[image, unit, column]
+                    return _top(_with_state(top, packed, seen), k)
+    rows = flat.transpose(0, 1).reshape(units, batch * size)
+    return _top(_with_state(top, rows, seen), k)
+
+
+def _with_state(top: torch.Tensor, candidates: torch.Tensor, seen: int) -> torch.Tensor:
+    """The state's values and the batch's candidates `(K, m)`, side by side; an empty state (all
+    `-inf`) is left out where the candidates alone fill `k` columns."""
+    if seen == 0 and candidates.shape[1] >= top.shape[1]:
+        return candidates
+    return torch.cat([top, candidates], dim=1)
+
+
+def _sample_bound(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Per unit of `flat` `(B, K, m)`, a value that a strided sample of its `B * m` values puts
+    near rank `2k`: usually about `2k` values lie above it, so a first batch much larger than
+    `k` needs no top-k over all its values. The caller checks that at least `k` do."""
+    batch, units, size = flat.shape
+    stride = batch * size // (4 * k)
+    sample = flat[:, :, ::stride] if stride <= size else flat[:: stride // size]  # else whole maps of some images
+    sample = sample.transpose(0, 1).reshape(units, -1)
+    rank = min(sample.shape[1], math.ceil(2 * k * sample.shape[1] / (batch * size)))
+    return sample.topk(rank, dim=1, sorted=False).values.amin(1)
+
+
+def _top(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The `k` largest entries of each row, in descending order."""
+    return values.topk(k, dim=1, largest=True, sorted=True).values
+
+
+def merge_top_values(states: torch.Tensor) -> torch.Tensor:
+    """The exact merge of running top-k states of disjoint shards: `(P, K, k)` stacked -> `(K, k)`.
+
+    The top `k` of a union is the top `k` of the parts' top `k` (empty slots hold `-inf`
+    and sort last). Used by torchmetrics as `ActivationThresholds.top`'s `dist_reduce_fx`.
+    """
+    parts, units, k = states.shape
+    return _top(states.permute(1, 0, 2).reshape(units, parts * k), k)
+
+
+class ActivationThresholds(Metric):
+    """The exact threshold `T_u` of every unit over a stream of batches (SEMANTICS §2).
+
+    `T_u = torch.quantile(A[:, u].flatten().double(), 1 - q)` over every value of
+    unit `u` seen, from a running top-k of `top_count(num_values, quantile)` values
+    per unit. Exact; memory `K x k` float32 values. Across processes the states
+    merge exactly (:func:`merge_top_values`), so a sharded run gives the
+    single-process thresholds bit for bit.
+
+    Args:
+        num_units: `K`.
+        num_values: `n`, the number of values each unit will see in all (over all
+            processes): `N * h * w` for `N` images of `h x w` maps. It sizes the
+            state; `compute` reads the quantile of the values actually seen,
+            which may be fewer.
+        quantile: `q`, the fraction of each unit's values above its threshold.
+        kwargs: passed to `torchmetrics.Metric` (`sync_on_compute`, `dist_sync_fn`, ...).
+
+    Example:
+        >>> thresholds = ActivationThresholds(num_units=2, num_values=2 * 3 * 3, quantile=0.25)
+        >>> maps = torch.arange(36.0).view(2, 2, 3, 3)
+        >>> thresholds.update(maps[:1])
+        >>> thresholds.update(maps[1:])
+        >>> thresholds.compute()
+        tensor([21.7500, 30.7500], dtype=torch.float64)
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+    top: torch.Tensor
+    seen: torch.Tensor
+
+    def __init__(self, num_units: int, num_values: int, quantile: float = 0.005, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(num_units, int) or num_units < 1:
+            raise ValueError(f"num_units={num_units!r} must be a positive integer")
+        if not isinstance(num_values, int) or num_values < 1:
+            raise ValueError(f"num_values={num_values!r} must be a positive integer")
+        if not isinstance(quantile, (int, float)) or not 0 < quantile < 1:
+            raise ValueError(f"quantile={quantile!r} must be a number in (0, 1), e.g. 0.005 for the top 0.5%")
+        self.num_units, self.num_values, self.quantile = num_units, num_values, float(quantile)
+        self.k = top_count(num_values, quantile)
+        self.add_state("top", torch.full((num_units, self.k), -math.inf), dist_reduce_fx=merge_top_values,
+                       persistent=True)
+        self.add_state("seen", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum", persistent=True)
+
+    def update(self, maps: torch.Tensor) -> None:
+        """Add a batch of activations `(B, K, h, w)` (any trailing shape; units on axis 1)."""
+        if maps.ndim < 2 or maps.shape[1] != self.num_units:
+            raise ValueError(f"maps has shape {tuple(maps.shape)}; expected (B, {self.num_units}, ...)")
+        self.top = top_values_update(self.top, maps, int(self.seen))
+        self.seen += maps[:, 0].numel()
+
+    def compute(self) -> torch.Tensor:
+        """float64 `(K,)`: the `1 - q` quantile of every unit's values seen so far, `quantile_from_top`
+        of the states (torchmetrics squeezes a single unit's to a 0-d tensor)."""
+        return quantile_from_top(self.top, int(self.seen), self.quantile)

@@ -33,17 +33,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from lightning_dissect.engine.dissect import (
-    DissectionError,
-    LayerCapture,
-    _as_rotation,
-    as_unit_maps,
-    frozen,
-    model_device,
-    resolve_layers,
-)
-from lightning_dissect.engine.rotation import Rotation, rotate_units
-from lightning_dissect.engine.tally import upsample_masks
+from lightning_dissect.engine.capture import LayerCapture, as_unit_maps, frozen, model_device, resolve_layers
+from lightning_dissect.engine.errors import DissectionError
+from lightning_dissect.engine.masks import upsample_masks
+from lightning_dissect.engine.rotation import Rotation, as_rotation, rotate_units
 
 if TYPE_CHECKING:
     from lightning_dissect.probe import ProbeSet
@@ -121,7 +114,7 @@ def activation_maps(
     """
     modules = resolve_layers(model, [layer])
     device = torch.device(device) if device is not None else model_device(model)
-    rotation = _as_rotation(rotation)
+    rotation = as_rotation(rotation)
     context = forward_context or contextlib.nullcontext
     positions = [int(p) for p in positions]
     parts = []
@@ -354,7 +347,7 @@ def unit_strips(
     if activations is not None:
         index = torch.tensor(positions, dtype=torch.long, device=activations.device)
         raw = as_unit_maps(activations[index], layer_result.layer, prefix_tokens).cpu()
-        rotation = _as_rotation(rotation)
+        rotation = as_rotation(rotation)
         if rotation is not None and len(positions):
             raw = rotate_units(raw, rotation.resolve(raw.shape[1]))
     elif model is not None:

@@ -1,10 +1,11 @@
-"""The straightforward dense Network Dissection tally: the baseline of the benchmarks and the
-reference of `tests/test_fast_path.py`.
+"""The straightforward dense Network Dissection: the reference of the engine's tests and the
+baseline `benchmarks/bench_dissect.py` times.
 
-Every map is upsampled at full resolution, compared with its float64 threshold, and every label
-is compared with every mask (as one-hot matrix products). Thresholds are `torch.quantile` over
-all activations of a unit (SEMANTICS §2). It shares nothing with the engine's tally but the
-probe set's canonical labels (SEMANTICS §3), which do not depend on the model.
+Every map is upsampled at full resolution as part of its layer tensor, compared with its float64
+threshold, and every label is compared with every mask (as one-hot matrix products). Thresholds
+are `torch.quantile` over all activations of a unit (SEMANTICS §2). It shares nothing with the
+engine but the probe set's canonical labels (SEMANTICS §3), which do not depend on the model.
+Unlike `tests/reference.py` (loops, one image at a time) it runs at benchmark sizes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ import torch.nn.functional as F
 
 # Dense elements held at once (upsampled values), to bound memory.
 _CHUNK_ELEMENTS = 2**25
+
+
+def dense_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Sorted `map * P + pixel` of every mask pixel (`map = x * K + u`, `P = sh * sw`): `F.interpolate`
+    of the whole layer tensor `(B, K, h, w)`, compared in float64 (SEMANTICS §2)."""
+    upsampled = F.interpolate(activations, size=size, mode="bilinear", align_corners=False)
+    masks = upsampled.double() > thresholds.view(1, -1, 1, 1)
+    return masks.flatten().nonzero().squeeze(1)
 
 
 def dense_thresholds(activations: torch.Tensor, quantile: float) -> torch.Tensor:

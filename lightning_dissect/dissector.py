@@ -547,7 +547,7 @@ class Dissector:
             context.warn(f"unit strips at step {report.step} failed and were skipped ({type(error).__name__}: {error})")
             return {}
         shown = {f"dissect/{layer}/strips/unit_{unit}" for layer, result in report.dissection.items()
-                 for unit in select_units(result, self.strips_per_layer, report.switched.get(layer, ()))}
+                 for unit in select_units(result, self.strips_per_layer, list(report.switched.get(layer, {})))}
         return {tag: image for tag, image in strips.items() if tag in shown}
 
     def write_history(self, context: RunContext | None = None) -> None:

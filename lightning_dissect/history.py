@@ -32,7 +32,7 @@ import torch
 from lightning_dissect.io import atomic_write
 
 if TYPE_CHECKING:
-    from lightning_dissect.result import LayerDissection
+    from lightning_dissect.engine.dissect import LayerNumbers
 
 __all__ = ["HistoryEntry", "Labelling", "concept_changes", "read_history", "write_history"]
 
@@ -126,7 +126,7 @@ class HistoryEntry:
     transitions: list[tuple[str, str, int]] = field(default_factory=list)
 
     @classmethod
-    def of(cls, result: LayerDissection, step: int, epoch: int | None = None, probe_size: int = 0,
+    def of(cls, result: LayerNumbers, step: int, epoch: int | None = None, probe_size: int = 0,
            seconds: float = 0.0, previous: Labelling | None = None) -> HistoryEntry:
         """The entry of a dissected layer, with its changes since `previous` (None: its first dissection)."""
         summary = result.summary()

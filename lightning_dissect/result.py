@@ -14,16 +14,15 @@ import csv
 import functools
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, ParamSpec
+from typing import Any, ParamSpec, cast
 
 import torch
 
 from lightning_dissect.engine import dissect as engine
 from lightning_dissect.engine.dissect import DissectionNumbers, LayerNumbers
-from lightning_dissect.engine.scores import summarize
 from lightning_dissect.io import atomic_write
 
 FORMAT_VERSION = 1  # of the JSON form; bump when a reader of the old form would misread the new
@@ -47,31 +46,6 @@ _TENSOR_FIELDS = {
 class LayerDissection(LayerNumbers):
     """The dissection of one layer (SEMANTICS §4, §5): the engine's numbers
     (`engine.dissect.LayerNumbers`, whose docstring lists the fields) and their files."""
-
-    @property
-    def num_units(self) -> int:
-        return int(self.thresholds.shape[0])
-
-    @property
-    def detectors(self) -> torch.Tensor:
-        """bool `(K,)`: units whose score is above `iou_threshold` (strict)."""
-        return self.scores > self.iou_threshold
-
-    def label_name(self, unit: int) -> str:
-        label = int(self.labels[unit])
-        return self.label_names[label] if label >= 0 else ""
-
-    def unit_category(self, unit: int) -> str:
-        """The category of a unit's label."""
-        label = int(self.labels[unit])
-        k = int(self.label_category[label]) if label >= 0 else -1
-        return self.categories[k] if k >= 0 else ""
-
-    def summary(self) -> dict[str, float]:
-        """Counts of SEMANTICS §5: `units`, `detectors`, `detectors/<category>`,
-        `unique_concepts`, `unique_concepts/<category>`, `unique_top_concepts`, `mean_score`."""
-        return summarize(self.labels, self.scores, self.category_labels, self.category_scores,
-                         self.label_category, self.categories, self.iou_threshold)
 
     def to_csv(self, path: str | os.PathLike) -> None:
         """Write NetDissect's per-unit table.
@@ -146,8 +120,9 @@ class LayerDissection(LayerNumbers):
                                iou_threshold=self.iou_threshold, **values)
 
 
-class Dissection(Mapping[str, LayerDissection]):
-    """The dissection of several layers over one probe set.
+class Dissection(DissectionNumbers):
+    """The dissection of several layers over one probe set: the engine's numbers
+    (`engine.dissect.DissectionNumbers`) and their files.
 
     Args:
         layers: layer name -> `LayerDissection`, in the order requested.
@@ -155,27 +130,13 @@ class Dissection(Mapping[str, LayerDissection]):
             fingerprint and size, recorded with the numbers.
     """
 
+    layers: dict[str, LayerDissection]  # type: ignore[assignment]  # the numbers with their files
+
     def __init__(self, layers: Mapping[str, LayerDissection], settings: Mapping[str, Any] | None = None) -> None:
-        self.layers = dict(layers)
-        self.settings = dict(settings or {})
+        super().__init__(layers, settings)
 
     def __getitem__(self, name: str) -> LayerDissection:
-        try:
-            return self.layers[name]
-        except KeyError:
-            raise KeyError(f"no layer {name!r} in this dissection; layers: {list(self.layers)}") from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __repr__(self) -> str:
-        return f"Dissection(layers={list(self.layers)}, settings={self.settings})"
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        return {name: layer.summary() for name, layer in self.layers.items()}
+        return cast(LayerDissection, super().__getitem__(name))
 
     def to_dict(self) -> dict[str, Any]:
         return {

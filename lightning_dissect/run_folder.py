@@ -26,6 +26,7 @@ from pathlib import Path
 
 from lightning_dissect.history import HistoryEntry, read_history, write_history
 from lightning_dissect.io import atomic_write
+from lightning_dissect.report.media import saved_strips
 from lightning_dissect.result import Dissection
 
 
@@ -36,33 +37,7 @@ HISTORY_FILE = "history.jsonl"
 DISSECTION_FILE = "dissection.json"
 RUN_FILE = "run.json"
 COMPLETE_FILE = "complete.json"
-STRIPS_FOLDER = "strips"
-# Strips are photographs: JPEG keeps a run's folder and a report a few times smaller than PNG.
-STRIP_SUFFIX = ".jpg"
 _STEP_FOLDER = re.compile(r"^step=(\d+)$")
-_UNIT_FILE = re.compile(r"^unit_(\d+)\.(?:jpg|png)$")
-
-
-def safe_name(layer: str) -> str:
-    """A layer name usable as a file or folder name (`features.3` stays, `a/b` becomes `a_b`)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", layer) or "_"
-
-
-def strip_path(directory: str | os.PathLike[str], layer: str, unit: int) -> Path:
-    """Where a saved strip lives: `<directory>/strips/<layer>/unit_<u>.jpg`."""
-    return Path(directory) / STRIPS_FOLDER / safe_name(layer) / f"unit_{unit}{STRIP_SUFFIX}"
-
-
-def saved_strips(directory: str | os.PathLike[str], layer: str) -> dict[int, Path]:
-    """The strips saved for `layer` under `directory`: unit -> image path."""
-    folder = Path(directory) / STRIPS_FOLDER / safe_name(layer)
-    found = {}
-    if folder.is_dir():
-        for path in folder.iterdir():
-            match = _UNIT_FILE.match(path.name)
-            if match:
-                found[int(match.group(1))] = path
-    return found
 
 
 class RunFolder:

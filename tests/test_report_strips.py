@@ -17,13 +17,13 @@ from lightning_dissect.report import (
     bar_graph_media,
     detectors_per_concept,
     iou_histogram,
+    saved_strips,
     select_units,
     strip_media,
     unit_strips,
 )
 from lightning_dissect.report.bargraph import CATEGORY_COLORS
 from lightning_dissect.report.strips import DIM, draw_mask
-from lightning_dissect.run_folder import saved_strips
 from tests.conftest import write_broden
 
 SIZE = 16  # image side; segmentations are 8 x 8

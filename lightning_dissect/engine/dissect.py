@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,7 +30,7 @@ from torch import nn
 from lightning_dissect.engine.capture import LayerCapture, as_unit_maps, frozen, model_device, resolve_layers
 from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.engine.rotation import Rotation, as_rotation, rotate_units
-from lightning_dissect.engine.scores import category_best, iou, unit_labels
+from lightning_dissect.engine.scores import category_best, iou, summarize, unit_labels
 from lightning_dissect.engine.sync import Synchronizer, default_synchronizer, sync_states
 from lightning_dissect.engine.tally import DENOMINATORS, Denominator, IoUTally
 from lightning_dissect.engine.thresholds import ActivationThresholds, quantile_from_top
@@ -140,13 +140,62 @@ class LayerNumbers:
     top_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
     top_activations: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
 
+    @property
+    def num_units(self) -> int:
+        return int(self.thresholds.shape[0])
 
-@dataclass
-class DissectionNumbers:
-    """The numbers of every dissected layer, in the order requested, and the settings that made them."""
+    @property
+    def detectors(self) -> torch.Tensor:
+        """bool `(K,)`: units whose score is above `iou_threshold` (strict)."""
+        return self.scores > self.iou_threshold
 
-    layers: dict[str, LayerNumbers]
-    settings: dict[str, Any]
+    def label_name(self, unit: int) -> str:
+        label = int(self.labels[unit])
+        return self.label_names[label] if label >= 0 else ""
+
+    def unit_category(self, unit: int) -> str:
+        """The category of a unit's label."""
+        label = int(self.labels[unit])
+        k = int(self.label_category[label]) if label >= 0 else -1
+        return self.categories[k] if k >= 0 else ""
+
+    def summary(self) -> dict[str, float]:
+        """Counts of SEMANTICS §5: `units`, `detectors`, `detectors/<category>`,
+        `unique_concepts`, `unique_concepts/<category>`, `unique_top_concepts`, `mean_score`."""
+        return summarize(self.labels, self.scores, self.category_labels, self.category_scores,
+                         self.label_category, self.categories, self.iou_threshold)
+
+
+class DissectionNumbers(Mapping[str, LayerNumbers]):
+    """The numbers of every dissected layer, in the order requested, and the settings that made them.
+
+    Args:
+        layers: layer name -> its numbers.
+        settings: the options used (quantile, denominator, ...) and the probe's fingerprint and size.
+    """
+
+    def __init__(self, layers: Mapping[str, LayerNumbers], settings: Mapping[str, Any] | None = None) -> None:
+        self.layers = dict(layers)
+        self.settings = dict(settings or {})
+
+    def __getitem__(self, name: str) -> LayerNumbers:
+        try:
+            return self.layers[name]
+        except KeyError:
+            raise KeyError(f"no layer {name!r} in this dissection; layers: {list(self.layers)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layers={list(self.layers)}, settings={self.settings})"
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """`LayerNumbers.summary()` of every layer."""
+        return {name: layer.summary() for name, layer in self.layers.items()}
 
 
 class LayerState:

@@ -10,7 +10,7 @@
 
 from lightning_dissect.report.bargraph import bar_graph, detectors_per_concept, iou_histogram
 from lightning_dissect.report.html import write_report
-from lightning_dissect.report.media import bar_graph_media, select_units, strip_media
+from lightning_dissect.report.media import bar_graph_media, saved_strips, select_units, strip_media
 from lightning_dissect.report.strips import UnitStrip, activation_maps, unit_strips
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "bar_graph_media",
     "detectors_per_concept",
     "iou_histogram",
+    "saved_strips",
     "select_units",
     "strip_media",
     "unit_strips",

@@ -21,7 +21,7 @@ from lightning_dissect.report.figures import figure_to_array, integer_ticks, new
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from lightning_dissect.result import LayerDissection
+    from lightning_dissect.engine.dissect import LayerNumbers
 
 # NetDissect's report colours for Broden's categories; others cycle through matplotlib's tab10.
 CATEGORY_COLORS = {
@@ -40,7 +40,7 @@ def category_color(category: str, categories: list[str]) -> str:
     return _OTHER_COLORS[index % len(_OTHER_COLORS)]
 
 
-def detectors_per_concept(layer_result: LayerDissection) -> list[tuple[str, list[tuple[str, int]]]]:
+def detectors_per_concept(layer_result: LayerNumbers) -> list[tuple[str, list[tuple[str, int]]]]:
     """Detector units per concept, grouped by category.
 
     Returns:
@@ -61,7 +61,7 @@ def detectors_per_concept(layer_result: LayerDissection) -> list[tuple[str, list
     return groups
 
 
-def bar_graph_figure(layer_result: LayerDissection) -> Figure:
+def bar_graph_figure(layer_result: LayerNumbers) -> Figure:
     """NetDissect's bar graph of detectors per concept, as a matplotlib `Figure`."""
     groups = detectors_per_concept(layer_result)
     bars = sum(len(concepts) for _, concepts in groups)
@@ -103,7 +103,7 @@ def bar_graph_figure(layer_result: LayerDissection) -> Figure:
     return figure
 
 
-def iou_histogram_figure(layer_result: LayerDissection, bins: int = 40) -> Figure:
+def iou_histogram_figure(layer_result: LayerNumbers, bins: int = 40) -> Figure:
     """A histogram of the units' scores, stacked by the category of their label,
     with the detector threshold marked."""
     figure = new_figure(5.0, 2.8)
@@ -136,11 +136,11 @@ def iou_histogram_figure(layer_result: LayerDissection, bins: int = 40) -> Figur
     return figure
 
 
-def bar_graph(layer_result: LayerDissection) -> np.ndarray:
+def bar_graph(layer_result: LayerNumbers) -> np.ndarray:
     """The bar graph of detectors per concept, uint8 RGB `(H, W, 3)`."""
     return figure_to_array(bar_graph_figure(layer_result))
 
 
-def iou_histogram(layer_result: LayerDissection) -> np.ndarray:
+def iou_histogram(layer_result: LayerNumbers) -> np.ndarray:
     """The IoU histogram of a layer, uint8 RGB `(H, W, 3)`."""
     return figure_to_array(iou_histogram_figure(layer_result))

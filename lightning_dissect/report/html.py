@@ -24,24 +24,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning_dissect.engine.dissect import DissectionNumbers, LayerNumbers
 from lightning_dissect.io import atomic_write
 from lightning_dissect.report.bargraph import bar_graph, category_color, iou_histogram
-from lightning_dissect.report.media import save_image
+from lightning_dissect.report.media import STRIP_SUFFIX, safe_name, save_image
 from lightning_dissect.report.strips import unit_strips
-from lightning_dissect.run_folder import STRIP_SUFFIX, safe_name
 
 if TYPE_CHECKING:
     from torch import nn
 
     from lightning_dissect.history import HistoryEntry
     from lightning_dissect.probe import ProbeSet
-    from lightning_dissect.result import Dissection, LayerDissection
 
 SORT_KEYS = ("iou", "unit", "concept")
 
 
 def write_report(
-    source: Dissection | LayerDissection,
+    source: DissectionNumbers | LayerNumbers,
     directory: str | os.PathLike,
     *,
     model: nn.Module | None = None,
@@ -94,10 +93,8 @@ def write_report(
         >>> result.to_html("report.html")                              # doctest: +SKIP
         PosixPath('report.html')
     """
-    from lightning_dissect.result import Dissection, LayerDissection
-
-    if isinstance(source, LayerDissection):
-        source = Dissection({source.layer: source})
+    if isinstance(source, LayerNumbers):
+        source = DissectionNumbers({source.layer: source})
     if (model is not None or activations is not None) and probe is None:
         raise ValueError("write_report draws strips from the model or activations over the probe images: pass "
                          "probe= (the ProbeSet the dissection used)")
@@ -310,7 +307,7 @@ def _summary_table(summaries: Mapping[str, Mapping[str, float]], categories: lis
             f"{''.join(rows)}</table>")
 
 
-def _index_page(dissection: Dissection, links: Mapping[str, str], title: str, step: int | None) -> str:
+def _index_page(dissection: DissectionNumbers, links: Mapping[str, str], title: str, step: int | None) -> str:
     first = next(iter(dissection.values()), None)
     categories = first.categories if first is not None else []
     settings = {key: value for key, value in dissection.settings.items() if key not in ("layers",)}
@@ -334,7 +331,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _layer_page(layer_result: LayerDissection, directory: Path, folder: Path, strip_files: Mapping[int, Path],
+def _layer_page(layer_result: LayerNumbers, directory: Path, folder: Path, strip_files: Mapping[int, Path],
                 strip_notes: Mapping[int, str], history: Sequence[HistoryEntry] | None, title: str,
                 pages: Mapping[str, str], index: str) -> str:
     name = html.escape(layer_result.layer)
@@ -385,7 +382,7 @@ def _over_training(history: Sequence[HistoryEntry]) -> str:
             f"<table><tr><th>step</th>{head}</tr>{''.join(rows)}</table></details>\n")
 
 
-def _card(layer_result: LayerDissection, unit: int, strip: Path | None, note: str, directory: Path,
+def _card(layer_result: LayerNumbers, unit: int, strip: Path | None, note: str, directory: Path,
           history: Sequence[HistoryEntry] | None) -> str:
     label = layer_result.label_name(unit)
     category = layer_result.unit_category(unit)

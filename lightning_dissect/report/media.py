@@ -19,6 +19,7 @@ from the run directory, without the model, shows strips (`report.html`).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,15 +32,42 @@ from lightning_dissect.history import concept_changes
 from lightning_dissect.io import atomic_write
 from lightning_dissect.report.bargraph import bar_graph, iou_histogram
 from lightning_dissect.report.strips import UnitStrip, unit_strips
-from lightning_dissect.run_folder import strip_path
 
 if TYPE_CHECKING:
+    from lightning_dissect.engine.dissect import DissectionNumbers, LayerNumbers
     from lightning_dissect.probe import ProbeSet
-    from lightning_dissect.result import Dissection, LayerDissection
 
 
 
-def select_units(layer_result: LayerDissection, count: int, switched: Sequence[int] = (),
+STRIPS_FOLDER = "strips"
+# Strips are photographs: JPEG keeps a run's folder and a report a few times smaller than PNG.
+STRIP_SUFFIX = ".jpg"
+_UNIT_FILE = re.compile(r"^unit_(\d+)\.(?:jpg|png)$")
+
+
+def safe_name(layer: str) -> str:
+    """A layer name usable as a file or folder name (`features.3` stays, `a/b` becomes `a_b`)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", layer) or "_"
+
+
+def strip_path(directory: str | os.PathLike[str], layer: str, unit: int) -> Path:
+    """Where a saved strip lives: `<directory>/strips/<layer>/unit_<u>.jpg`."""
+    return Path(directory) / STRIPS_FOLDER / safe_name(layer) / f"unit_{unit}{STRIP_SUFFIX}"
+
+
+def saved_strips(directory: str | os.PathLike[str], layer: str) -> dict[int, Path]:
+    """The strips saved for `layer` under `directory`: unit -> image path."""
+    folder = Path(directory) / STRIPS_FOLDER / safe_name(layer)
+    found = {}
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = _UNIT_FILE.match(path.name)
+            if match:
+                found[int(match.group(1))] = path
+    return found
+
+
+def select_units(layer_result: LayerNumbers, count: int, switched: Sequence[int] = (),
                  max_switched: int = 4) -> list[int]:
     """The `count` highest-scoring units (ties: lower unit first), then up to
     `max_switched` of the `switched` units not already chosen, in their order."""
@@ -52,11 +80,11 @@ def select_units(layer_result: LayerDissection, count: int, switched: Sequence[i
 def strip_media(
     model: nn.Module | None,
     probe: ProbeSet,
-    dissection: Dissection,
+    dissection: DissectionNumbers,
     units_per_layer: int = 4,
     switched: Mapping[str, Sequence[int] | Mapping[int, str]] | None = None,
     *,
-    previous: Dissection | None = None,
+    previous: DissectionNumbers | None = None,
     max_switched: int = 4,
     num_images: int | None = 5,
     directory: str | os.PathLike | None = None,
@@ -117,7 +145,7 @@ def strip_media(
     return media
 
 
-def bar_graph_media(dissection: Dissection) -> dict[str, np.ndarray]:
+def bar_graph_media(dissection: DissectionNumbers) -> dict[str, np.ndarray]:
     """Per layer, the bar graph of detectors per concept and the IoU histogram.
 
     Returns:

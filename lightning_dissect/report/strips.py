@@ -39,8 +39,8 @@ from lightning_dissect.engine.masks import upsample_masks
 from lightning_dissect.engine.rotation import Rotation, as_rotation, rotate_units
 
 if TYPE_CHECKING:
+    from lightning_dissect.engine.dissect import LayerNumbers
     from lightning_dissect.probe import ProbeSet
-    from lightning_dissect.result import LayerDissection
 
 DIM = 0.25
 BORDER_COLOR = (255, 214, 0)
@@ -224,7 +224,7 @@ def compose_strip(tiles: np.ndarray, caption: str, gap: int = GAP,
     return np.asarray(strip).copy(), boxes
 
 
-def unit_caption(layer_result: LayerDissection, unit: int, note: str = "") -> str:
+def unit_caption(layer_result: LayerNumbers, unit: int, note: str = "") -> str:
     """`"layer4 unit 12: dog (object) IoU 0.081"`, with a note appended when given."""
     label = layer_result.label_name(unit) or "-"
     category = layer_result.unit_category(unit) or "-"
@@ -234,7 +234,7 @@ def unit_caption(layer_result: LayerDissection, unit: int, note: str = "") -> st
 
 def strips_from_maps(
     probe: ProbeSet,
-    layer_result: LayerDissection,
+    layer_result: LayerNumbers,
     units: Sequence[int],
     maps: Mapping[int, torch.Tensor],
     *,
@@ -293,7 +293,7 @@ def strips_from_maps(
 def unit_strips(
     model: nn.Module | None,
     probe: ProbeSet,
-    layer_result: LayerDissection,
+    layer_result: LayerNumbers,
     units: Sequence[int] | None = None,
     *,
     activations: torch.Tensor | None = None,
@@ -372,7 +372,7 @@ def _nearest(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return masks[:, rows][:, :, columns]
 
 
-def _checked_units(layer_result: LayerDissection, units: Sequence[int]) -> list[int]:
+def _checked_units(layer_result: LayerNumbers, units: Sequence[int]) -> list[int]:
     checked = []
     for unit in units:
         if isinstance(unit, bool) or not 0 <= int(unit) < layer_result.num_units:
@@ -382,7 +382,7 @@ def _checked_units(layer_result: LayerDissection, units: Sequence[int]) -> list[
     return checked
 
 
-def _warn_if_changed(layer_result: LayerDissection, units: Sequence[int], maps: Mapping[int, torch.Tensor],
+def _warn_if_changed(layer_result: LayerNumbers, units: Sequence[int], maps: Mapping[int, torch.Tensor],
                      num_images: int | None) -> None:
     # Loose on purpose: another batch composition or a reduced-precision forward context moves
     # maxima by far less than 1% of the unit's range; a training step usually moves them more.

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, ParamSpec, cast
+from typing import Any, ParamSpec
 
 import torch
 
@@ -120,7 +120,7 @@ class LayerDissection(LayerNumbers):
                                iou_threshold=self.iou_threshold, **values)
 
 
-class Dissection(DissectionNumbers):
+class Dissection(DissectionNumbers[LayerDissection]):
     """The dissection of several layers over one probe set: the engine's numbers
     (`engine.dissect.DissectionNumbers`) and their files.
 
@@ -129,14 +129,6 @@ class Dissection(DissectionNumbers):
         settings: the options used (quantile, denominator, ...) and the probe's
             fingerprint and size, recorded with the numbers.
     """
-
-    layers: dict[str, LayerDissection]  # type: ignore[assignment]  # the numbers with their files
-
-    def __init__(self, layers: Mapping[str, LayerDissection], settings: Mapping[str, Any] | None = None) -> None:
-        super().__init__(layers, settings)
-
-    def __getitem__(self, name: str) -> LayerDissection:
-        return cast(LayerDissection, super().__getitem__(name))
 
     def to_dict(self) -> dict[str, Any]:
         return {

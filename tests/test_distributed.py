@@ -168,6 +168,15 @@ def ranks_worker(rank: int, world_size: int, port: int, root: str, out: str) -> 
             results[case] = as_tensors(ld.dissect_activations({"layer": acts}, probe, batch_size=5, **options))
         results["model"] = as_tensors(ld.dissect(tiny_cnn(), probe, ["conv", "conv.0"], quantile=0.05,
                                                  batch_size=1))
+        # BatchNorm statistics drifted apart, as under DDP between its buffer broadcasts: every rank
+        # dissects rank zero's model, and keeps its own statistics.
+        drifted = tiny_cnn()
+        with torch.no_grad():
+            drifted.conv[1].running_mean += rank
+            drifted.conv[1].running_var *= 1 + rank
+        own = {name: buffer.clone() for name, buffer in drifted.named_buffers()}
+        results["drifted"] = as_tensors(ld.dissect(drifted, probe, ["conv", "conv.0"], quantile=0.05, batch_size=1))
+        results["buffers_kept"] = all(torch.equal(own[name], buffer) for name, buffer in drifted.named_buffers())
 
         synchronizer = TorchDistributedSynchronizer()
         failures = []
@@ -183,6 +192,7 @@ def ranks_worker(rank: int, world_size: int, port: int, root: str, out: str) -> 
                 failures.append("ok")
             except RankFailedError as error:
                 failures.append(f"RankFailedError{error.ranks}")
+                results.setdefault("failure_messages", []).append(str(error))
             except (DissectionError, OSError) as error:
                 failures.append(type(error).__name__)
         results["failures"] = failures
@@ -222,9 +232,12 @@ def test_each_rank_dissects_a_strided_shard(rank_results):
                                                             for rank in range(WORLD_SIZE)]
 
 
-@pytest.mark.parametrize("case", [*CASES, "model"])
+@pytest.mark.parametrize("case", [*CASES, "model", "drifted"])
 def test_sharded_dissection_equals_single_process_exactly_on_every_rank(odd_probe_root, rank_results, case):
-    expected = single_process_results(odd_probe_root)[case]
+    # "drifted": each rank's BatchNorm statistics differ; the result is rank zero's model's ("model").
+    expected = single_process_results(odd_probe_root)["model" if case == "drifted" else case]
+    if case == "drifted":
+        assert all(result["buffers_kept"] for result in rank_results)  # each rank's own statistics are back
     for rank, result in enumerate(rank_results):
         assert result[case].keys() == expected.keys()
         for layer, fields in expected.items():
@@ -255,6 +268,11 @@ def test_failure_on_one_rank_stops_every_rank_before_its_next_collective(odd_pro
         ["DissectionError", "RankFailedError[0]"],
         ["RankFailedError[1]", "RankFailedError[0]"],
     ]
+    # The ranks that did not fail say why the failing one did.
+    for rank in (0, 2):
+        assert "rank 1: DissectionError: layer 'layer' produced non-finite" in rank_results[rank]["failure_messages"][0]
+    for rank in (1, 2):
+        assert "rank 0: OSError: disk full while writing the report" in rank_results[rank]["failure_messages"][-1]
     probe = ld.ProbeSet(odd_probe_root, cache_dir=False)
     expected = ld.dissect_activations({"layer": activations(len(probe), 0, ties=False)}, probe)["layer"]
     for result in rank_results:

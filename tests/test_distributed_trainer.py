@@ -31,12 +31,15 @@ STEPS_PER_EPOCH = 2  # per rank, with 2 ranks: 16 training images in batches of 
 
 
 class TinyNet(pl.LightningModule):
-    """Two conv layers on 16 x 16 images; `fail_at_step` makes the dissection forward raise on rank 1."""
+    """Two conv layers with BatchNorm between them on 16 x 16 images; `fail_at_step` makes the dissection
+    forward raise on rank 1. Plain DDP (no SyncBatchNorm): each rank's BatchNorm statistics follow its own
+    batches between DDP's buffer broadcasts, so the ranks' models differ when a dissection runs."""
 
     def __init__(self, fail_at_step: int | None = None):
         super().__init__()
         torch.manual_seed(0)
-        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.Conv2d(4, 4, 3, padding=1))
         self.head = nn.Linear(4, 2)
         self.fail_at_step = fail_at_step
         self.armed = False
@@ -71,11 +74,14 @@ class SaveRankState(pl.Callback):
         self.out = Path(out)
 
     def on_train_end(self, trainer, pl_module):
-        callback = next(c for c in trainer.callbacks if isinstance(c, ld.DissectionCallback))
-        metrics = {name: value.item() for name, value in trainer.callback_metrics.items() if name.startswith("dissect")}
-        history = [entry.to_dict() for entry in callback.dissector.history]  # plain values: torch.load(weights_only)
-        torch.save({"history": history, "state": callback.state_dict(), "metrics": metrics},
-                   self.out / f"rank{trainer.global_rank}.pt")
+        saved = {"weights": {name: value.clone() for name, value in pl_module.state_dict().items()}}
+        callback = next((c for c in trainer.callbacks if isinstance(c, ld.DissectionCallback)), None)
+        if callback is not None:  # listed first: its final dissection ran already
+            metrics = {name: value.item() for name, value in trainer.callback_metrics.items()
+                       if name.startswith("dissect")}
+            history = [entry.to_dict() for entry in callback.dissector.history]  # plain values for weights_only
+            saved.update(history=history, state=callback.state_dict(), metrics=metrics)
+        torch.save(saved, self.out / f"rank{trainer.global_rank}.pt")
 
 
 def entries(history: list[dict]) -> list[ld.HistoryEntry]:
@@ -87,15 +93,15 @@ def with_entries(saved: dict) -> dict:
     return dict(saved, history=entries(saved["history"]))
 
 
-def ddp_spawn_trainer(tmp: Path, max_steps: int, **callback_options) -> pl.Trainer:
+def ddp_spawn_trainer(tmp: Path, max_steps: int, dissect: bool = True, **callback_options) -> pl.Trainer:
     # strategy="ddp_spawn" with a finite collective timeout, so a bug fails instead of hanging the suite.
     strategy = pl.strategies.DDPStrategy(start_method="spawn", timeout=datetime.timedelta(seconds=60))
-    callback = ld.DissectionCallback(**OPTIONS, every_n_steps=2, dirpath=tmp / "dissections",
-                                     max_overhead=None, **callback_options)
+    callbacks = [ld.DissectionCallback(**OPTIONS, every_n_steps=2, dirpath=tmp / "dissections", max_overhead=None,
+                                       **callback_options)] if dissect else []
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp / "checkpoints", save_last=True)
     return pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=max_steps, logger=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
-                      callbacks=[callback, checkpoints, SaveRankState(tmp)])
+                      callbacks=[*callbacks, checkpoints, SaveRankState(tmp)])
 
 
 def single_process(model: nn.Module, probe: ld.ProbeSet) -> ld.Dissection:
@@ -135,6 +141,19 @@ def first_run(probe_root, tmp_path_factory):
     ddp_spawn_trainer(tmp, max_steps=STEPS_PER_EPOCH, probe=str(probe_root), probe_size=PROBE_SIZE).fit(model)
     # ddp_spawn loads rank zero's final weights back into `model`.
     return tmp, initial, model, [with_entries(torch.load(tmp / f"rank{rank}.pt")) for rank in range(2)]
+
+
+def test_ddp_spawn_with_batchnorm_trains_bit_identically_on_every_rank(probe_root, first_run, tmp_path):
+    """Every rank dissects rank zero's model and gets its own BatchNorm statistics back: each rank's weights
+    and statistics at the end equal those of the same run without the callback."""
+    ddp_spawn_trainer(tmp_path, max_steps=STEPS_PER_EPOCH, dissect=False).fit(TinyNet())
+    plain = [torch.load(tmp_path / f"rank{rank}.pt")["weights"] for rank in range(2)]
+    dissected = [ranks["weights"] for ranks in first_run[3]]
+    assert not torch.equal(plain[0]["features.1.running_mean"], plain[1]["features.1.running_mean"])  # drifted
+    for rank in range(2):
+        assert plain[rank].keys() == dissected[rank].keys()
+        for name, value in plain[rank].items():
+            assert torch.equal(value, dissected[rank][name]), (rank, name)
 
 
 def test_ddp_spawn_dissections_equal_single_process_on_every_rank(probe_root, first_run):
@@ -228,6 +247,8 @@ def test_failure_on_one_rank_during_a_periodic_dissection_stalls_no_rank(two_nod
         assert outcome["history_steps"] == [0] * layers + [4] * layers
     assert rank0["warn"]["history"] == rank1["warn"]["history"]
     assert len(rank0["warn"]["warnings"]) == 1 and "rank(s) [1]" in rank0["warn"]["warnings"][0]
+    # Rank zero, the one that logs, shows rank 1's own error.
+    assert "rank 1: RuntimeError: simulated out of memory during the dissection" in rank0["warn"]["warnings"][0]
     # on_error="raise": the fit stops on both ranks at step 2, each with its own reason.
     assert rank0["raise"]["error"] == "RankFailedError[1]" and rank1["raise"]["error"] == "RuntimeError"
     assert rank0["raise"]["global_step"] == rank1["raise"]["global_step"] == 2

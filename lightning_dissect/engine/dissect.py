@@ -22,7 +22,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from lightning_dissect.engine.capture import LayerCapture, as_unit_maps, frozen,
 from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.engine.rotation import Rotation, as_rotation, rotate_units
 from lightning_dissect.engine.scores import category_best, iou, summarize, unit_labels
-from lightning_dissect.engine.sync import Synchronizer, default_synchronizer, sync_states
+from lightning_dissect.engine.sync import Synchronizer, default_synchronizer, rank_zero_buffers, sync_states
 from lightning_dissect.engine.tally import DENOMINATORS, Denominator, IoUTally
 from lightning_dissect.engine.thresholds import ActivationThresholds, quantile_from_top
 from lightning_dissect.engine.top_images import TopImages, unpack_top_images
@@ -166,7 +166,10 @@ class LayerNumbers:
                          self.label_category, self.categories, self.iou_threshold)
 
 
-class DissectionNumbers(Mapping[str, LayerNumbers]):
+Layer = TypeVar("Layer", bound=LayerNumbers)
+
+
+class DissectionNumbers(Mapping[str, Layer]):
     """The numbers of every dissected layer, in the order requested, and the settings that made them.
 
     Args:
@@ -174,11 +177,11 @@ class DissectionNumbers(Mapping[str, LayerNumbers]):
         settings: the options used (quantile, denominator, ...) and the probe's fingerprint and size.
     """
 
-    def __init__(self, layers: Mapping[str, LayerNumbers], settings: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, layers: Mapping[str, Layer], settings: Mapping[str, Any] | None = None) -> None:
         self.layers = dict(layers)
         self.settings = dict(settings or {})
 
-    def __getitem__(self, name: str) -> LayerNumbers:
+    def __getitem__(self, name: str) -> Layer:
         try:
             return self.layers[name]
         except KeyError:
@@ -416,9 +419,10 @@ def dissect(
             outputs = capture.run(model, inputs)
         return {name: as_unit_maps(outputs[name], name, prefix_tokens) for name in names}
 
-    with frozen(model):
-        return _run(layer_activations, probe, options, device=run_on,
-                    synchronizer=synchronizer or default_synchronizer(),
+    synchronizer = synchronizer or default_synchronizer()
+    # Several processes dissect one model: rank zero's buffers on every rank (engine.sync), restored after.
+    with frozen(model), rank_zero_buffers(model, synchronizer):
+        return _run(layer_activations, probe, options, device=run_on, synchronizer=synchronizer,
                     activation_cache_bytes=activation_cache_bytes, progress=progress)
 
 

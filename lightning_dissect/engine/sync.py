@@ -20,13 +20,19 @@ the same order, with :meth:`Synchronizer.gather` as torchmetrics'
 
 So the scores, labels and counts are the same tensors on every rank.
 
-What torchmetrics does not do lives here: the strided shards, and failures that
-do not stall the other ranks. Every gather is preceded by a small all-reduce of
-a per-rank failure flag. Inside :func:`guard` a rank that raises joins the next
-flag all-reduce with its flag set, and every other rank raises
-:class:`RankFailedError` there, before any further collective. The guard ends
-with one more flag all-reduce, so a failure after the last data collective is
-caught too.
+What torchmetrics does not do lives here: the strided shards, one model on every rank, and
+failures that do not stall the other ranks.
+
+- One model: under DDP without SyncBatchNorm each rank's BatchNorm statistics drift apart
+  between DDP's buffer broadcasts, so the ranks would dissect different models.
+  :func:`rank_zero_buffers` gives every rank rank zero's buffers (the ones DDP broadcasts) for
+  the length of a dissection and restores each rank's own afterwards, bit for bit.
+  Parameters are the same on every rank under DDP and are not touched.
+- Failures: every gather is preceded by a small exchange of a per-rank failure flag and message.
+  Inside :func:`guard` a rank that raises joins the next exchange with its flag set and its
+  error's message, and every other rank raises :class:`RankFailedError` there, naming the
+  failed ranks and their messages, before any further collective. The guard ends with one more
+  exchange, so a failure after the last data collective is caught too.
 
 :class:`DistributedSynchronizer` holds this logic on top of two primitives
 (gather and sum); :class:`TorchDistributedSynchronizer` implements them with an
@@ -46,19 +52,25 @@ from torchmetrics import Metric
 
 from lightning_dissect.engine.errors import DissectionError
 
+# The bytes of a failure's message that travel with its flag (longer messages are cut).
+MESSAGE_BYTES = 400
+
 
 class RankFailedError(RuntimeError):
     """Raised on the ranks that did not fail when another rank's dissection failed.
 
     Attributes:
-        ranks: the global ranks that failed; their own exceptions carry the cause.
+        ranks: the global ranks that failed.
+        messages: rank -> its error (type and message, cut to `MESSAGE_BYTES` bytes).
     """
 
-    def __init__(self, ranks: list[int]) -> None:
+    def __init__(self, ranks: list[int], messages: dict[int, str] | None = None) -> None:
         self.ranks = ranks
+        self.messages = dict(messages or {})
+        causes = "; ".join(f"rank {rank}: {self.messages[rank]}" for rank in ranks if self.messages.get(rank))
         super().__init__(
-            f"dissection failed on rank(s) {ranks}; this rank stopped before its next collective so that no rank "
-            f"waits forever. See the traceback of rank(s) {ranks} for the cause."
+            f"dissection failed on rank(s) {ranks}" + (f" ({causes})" if causes else "") + "; this rank stopped "
+            "before its next collective so that no rank waits forever"
         )
 
 
@@ -87,8 +99,9 @@ class Synchronizer(Protocol):
         """A collective on every process: raise `RankFailedError` when another one reported a failure."""
         ...
 
-    def report_failure(self) -> None:
-        """The failing process's side of `check`: take part in the exchange with this process's flag set."""
+    def report_failure(self, message: str = "") -> None:
+        """The failing process's side of `check`: take part in the exchange with this process's flag set
+        and the error's `message`, which the others' `RankFailedError` shows."""
         ...
 
 
@@ -107,7 +120,7 @@ class SingleProcessSynchronizer:
     def check(self) -> None:
         pass
 
-    def report_failure(self) -> None:
+    def report_failure(self, message: str = "") -> None:
         pass
 
 
@@ -160,18 +173,28 @@ class DistributedSynchronizer:
         return list(gathered.unbind(0))
 
     def check(self) -> None:
-        failed = self._exchange_flags(failed=False)
+        failed = self._exchange_flags(None)
         if failed:
-            raise RankFailedError(failed)
+            raise RankFailedError(list(failed), failed)
 
-    def report_failure(self) -> None:
-        self._exchange_flags(failed=True)
+    def report_failure(self, message: str = "") -> None:
+        self._exchange_flags(message)
 
-    def _exchange_flags(self, failed: bool) -> list[int]:
-        flags = torch.zeros(self.world_size, dtype=torch.long, device=self.device)
-        flags[self.rank] = int(failed)
-        flags = self._all_reduce_sum(flags)
-        return [rank for rank, flag in enumerate(flags.tolist()) if flag]
+    def _exchange_flags(self, failure: str | None) -> dict[int, str]:
+        """Every rank's flag and message (None: this rank did not fail): failed rank -> its message."""
+        encoded = (failure or "").encode("utf-8", "replace")[:MESSAGE_BYTES]
+        local = torch.zeros(MESSAGE_BYTES + 3, dtype=torch.uint8)
+        local[0] = failure is not None
+        local[1], local[2] = len(encoded) // 256, len(encoded) % 256
+        local[3 : 3 + len(encoded)] = torch.frombuffer(bytearray(encoded), dtype=torch.uint8) if encoded else 0
+        everyone = self._all_gather(local.to(self.device)).cpu()
+        return {rank: bytes(row[3 : 3 + int(row[1]) * 256 + int(row[2])].tolist()).decode("utf-8", "replace")
+                for rank, row in enumerate(everyone) if row[0]}
+
+    def broadcast_from_zero(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank zero's `tensor` (the same shape and dtype on every rank), on every rank."""
+        self.check()
+        return self._all_gather(tensor.to(self.device))[0].to(tensor.device)
 
 
 class TorchDistributedSynchronizer(DistributedSynchronizer):
@@ -251,11 +274,40 @@ def guard(synchronizer: Synchronizer) -> Iterator[None]:
         yield
     except RankFailedError:
         raise  # learnt from the flags: the failed rank already took part in this exchange
-    except Exception:
+    except Exception as error:
         with contextlib.suppress(Exception):  # a broken process group must not hide the cause
-            synchronizer.report_failure()
+            synchronizer.report_failure(f"{type(error).__name__}: {error}")
         raise
     synchronizer.check()
+
+
+@contextlib.contextmanager
+def rank_zero_buffers(model: torch.nn.Module, synchronizer: Synchronizer) -> Iterator[None]:
+    """Give every rank rank zero's buffers for the block, and each rank its own back after it, bit for bit.
+
+    Under DDP the buffers (BatchNorm's running statistics) are rank zero's at every forward, and
+    drift apart between forwards; inside this block every rank holds the model DDP defines. All
+    buffers travel as one byte tensor, in one collective. In a single process it does nothing.
+    """
+    buffers = [buffer for buffer in model.buffers() if buffer.numel()]
+    if synchronizer.world_size == 1 or not buffers or not isinstance(synchronizer, DistributedSynchronizer):
+        yield
+        return
+    saved = [buffer.detach().clone() for buffer in buffers]
+    as_bytes = [buffer.detach().contiguous().reshape(-1).view(torch.uint8) for buffer in buffers]
+    zero = synchronizer.broadcast_from_zero(torch.cat([part.to(as_bytes[0].device) for part in as_bytes]))
+    try:
+        start = 0
+        with torch.no_grad():
+            for buffer, part in zip(buffers, as_bytes):
+                piece = zero[start : start + part.numel()].to(buffer.device)
+                buffer.copy_(piece.view(buffer.dtype).reshape(buffer.shape))
+                start += part.numel()
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, own in zip(buffers, saved):
+                buffer.copy_(own)
 
 
 def slowest(synchronizer: Synchronizer, seconds: float) -> float:

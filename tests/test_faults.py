@@ -91,3 +91,21 @@ def test_a_training_run_on_markup_names_logs_every_dissection(markup_probe, tmp_
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0}).Reload()
     assert [event.step for event in events.Scalars("dissect/block2/detectors")] == [0, 2, 4]
     assert [event.step for event in events.Images("dissect/block2/bar_graph")] == [0, 2, 4]
+
+
+def test_the_report_after_an_interrupted_dissection_shows_the_last_complete_step(probe, tmp_path):
+    """A dissection killed while its files were written leaves a step folder without `complete.json`
+    (strips come first): the report and the analyses read only the complete steps."""
+    from lightning_dissect.analysis import read_run
+    from lightning_dissect.report.run import report_run
+
+    callback = ld.DissectionCallback(probe, layers="block2", every_n_steps=2, max_overhead=None,
+                                     dirpath=tmp_path / "run")
+    fit([callback], max_steps=2, strips=True)
+    interrupted = tmp_path / "run" / "step=4"
+    (interrupted / "strips" / "block2").mkdir(parents=True)
+    strip = next((tmp_path / "run" / "step=2" / "strips" / "block2").iterdir())
+    (interrupted / "strips" / "block2" / strip.name).write_bytes(strip.read_bytes())
+    index = report_run(tmp_path / "run")
+    assert "(step 2)" in index.read_text()
+    assert [step for step, _ in read_run(tmp_path / "run")] == [0, 2]

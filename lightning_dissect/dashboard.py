@@ -157,15 +157,16 @@ FIGURE_PRODUCERS: list[Producer] = [detector_figures, emergence_figures, unit_fi
 
 
 def make_media(report: DissectionReport, figures: bool = True,
-               failed: Callable[[Producer, Exception], None] | None = None) -> list[Media]:
+               failed: Callable[[Producer, Exception], None] | None = None, tables: bool = True) -> list[Media]:
     """Every producer's media for one dissection; with `figures=False`, only the tables.
 
     Args:
+        figures, tables: whether to make the figures, the tables.
         failed: called with a producer that raised and its error; the other producers' media are
             still made. None: the error propagates.
     """
     media: list[Media] = []
-    for producer in TABLE_PRODUCERS + (FIGURE_PRODUCERS if figures else []):
+    for producer in (TABLE_PRODUCERS if tables else []) + (FIGURE_PRODUCERS if figures else []):
         try:
             media.extend(producer(report))
         except Exception as error:

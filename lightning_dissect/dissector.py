@@ -240,6 +240,8 @@ class Dissector:
         self._planned_size: int | None = None  # restored by load_state_dict: a resumed run keeps its probe
         self._seconds_per_image: float | None = None  # measured by the calibration of `plan`
         self._planned_steps: tuple[tuple[float, int | None], list[int]] = ((math.nan, None), [])
+        self._last_report: DissectionReport | None = None  # the latest dissection, for `finish`
+        self._last_final = False  # whether it drew what a final dissection draws
 
     # ------------------------------------------------------------------ setup
 
@@ -406,9 +408,18 @@ class Dissector:
         The final dissection is never skipped by the budget, always draws its figures, and saves the
         strip of every detector, so the report has a picture on every detector's card.
         """
-        if not self.at_end or step == self.last_step:
-            return None
         context = context or self.context
+        if not self.at_end:
+            return None
+        if step == self.last_step:
+            # Dissected on the schedule just before the end: draw what a final dissection draws, if it did not.
+            last = self._last_report
+            if last is not None and not self._last_final and context.is_global_zero and self.probe is not None:
+                started = time.perf_counter()
+                self._keep_and_show(model, self.probe, last, context, figures=True, final=True, again=True)
+                self._last_final = True
+                self.budget.spent(time.perf_counter() - started, dissection=False)
+            return None
         if self.probe is None:
             self.plan(model, context)
         if step in self.skipped:
@@ -452,6 +463,7 @@ class Dissector:
         started = time.perf_counter()
         self.budget.start()
         probe = self.plan(model, context)
+        final = final or step >= context.total_steps  # the run's last step: known for a run of known length
         assert self.layers is not None
         synchronizer = context.synchronizer or default_synchronizer()
         first = not self.history
@@ -463,6 +475,7 @@ class Dissector:
             report = self._record(dissection, step, epoch, seconds)
             if context.is_global_zero:
                 self._keep_and_show(model, probe, report, context, figures=first or final, final=final)
+            self._last_report, self._last_final = report, final
         self.budget.spent(time.perf_counter() - started)
         context.info(f"DissectionCallback: step {step}, {seconds:.1f} s: " + "; ".join(
             f"{layer} {entry.summary['unique_concepts']:.0f} unique concepts, {entry.summary['detectors']:.0f} "
@@ -496,15 +509,18 @@ class Dissector:
                                 iou_threshold=any_layer.iou_threshold, switched=switched)
 
     def _keep_and_show(self, model: nn.Module, probe: ProbeSet, report: DissectionReport, context: RunContext,
-                       figures: bool, final: bool) -> None:
-        """On rank zero: the strips (when the figure budget allows, or `figures`), the files, and the loggers."""
+                       figures: bool, final: bool, again: bool = False) -> None:
+        """On rank zero: the strips (when the figure budget allows, or `figures`), the files, and the loggers.
+
+        `again`: the report was kept and shown already; only its strips and figures are added.
+        """
         figures = self.figure_budget.due() or figures
         drawing = time.perf_counter()
         if figures:
             report.strips = self._strips(model, probe, report, context, every_detector=final)
-        if context.dirpath is not None:
+        if context.dirpath is not None and not again:
             self._write_files(RunFolder(context.dirpath), report, context)
-        context.loggers.show(report, figures, self.on_error, context.warn)
+        context.loggers.show(report, figures, self.on_error, context.warn, scalars=not again)
         if figures:
             self.figure_budget.spent(time.perf_counter() - drawing)
 

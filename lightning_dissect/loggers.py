@@ -229,8 +229,10 @@ class LoggerGroup:
         """Whether any logger shows tables and images (so strips and figures are worth drawing)."""
         return any(adapter.shows_media for adapter in self.adapters)
 
-    def show(self, report: DissectionReport, figures: bool, on_error: str, warn: Callable[[str], None]) -> None:
-        """Log `report`'s scalars to every logger and its media (with figures when `figures`) to those that show them.
+    def show(self, report: DissectionReport, figures: bool, on_error: str, warn: Callable[[str], None],
+             scalars: bool = True) -> None:
+        """Log `report`'s scalars (unless not `scalars`) to every logger and its media (with figures when `figures`)
+        to those that show them.
 
         A figure that cannot be drawn is left out with a warning: the scalars and tables (and the
         files, written before) never depend on a figure.
@@ -245,10 +247,13 @@ class LoggerGroup:
             warn(f"{producer.__name__} could not draw the dissection at step {report.step} ({type(error).__name__}: "
                  f"{error}); the scalars, tables and files have it")
 
-        media = make_media(report, figures=figures, failed=failed) if self.shows_media else []
+        media = make_media(report, figures=figures, failed=failed, tables=scalars) if self.shows_media else []
         for adapter in self.adapters:
             try:
-                adapter.log_dissection(report.metrics, media, report.step)
+                if scalars:
+                    adapter.log_dissection(report.metrics, media, report.step)
+                elif adapter.shows_media:
+                    adapter.log_media(media, report.step)
             except Exception as error:  # one broken logger must not hide the dissection from the others
                 if on_error == "raise":
                     raise

@@ -119,20 +119,31 @@ def test_the_probe_goes_to_the_model_at_the_training_images_size(probe, caplog):
     assert given.dissector.input_size == (20, 20)
 
 
-def test_first_and_last_dissections_always_draw_their_figures(probe, tmp_path):
+@pytest.mark.parametrize("ending", ["off schedule", "on schedule", "early stop on schedule"])
+def test_first_and_last_dissections_always_draw_their_figures(probe, tmp_path, ending):
+    from lightning.pytorch.callbacks import EarlyStopping
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    callback = ld.DissectionCallback(probe, layers="block2", every_n_steps=2, max_overhead=None,
-                                     figure_budget=1e-9)
+    every = {"every_n_epochs": 1} if ending == "early stop on schedule" else {"every_n_steps": 2}
+    callback = ld.DissectionCallback(probe, layers="block2", max_overhead=None, figure_budget=1e-9, **every)
     logger = TensorBoardLogger(tmp_path, name="tb")
-    fit([callback], max_steps=7, logger=logger, strips=True)
-    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0}).Reload()
-    assert [e.step for e in events.Scalars("dissect/block2/detectors")] == [0, 2, 4, 6, 7]
-    assert [e.step for e in events.Images("dissect/block2/detectors_per_category")] == [0, 7]
+    if ending == "early stop on schedule":  # stops at the end of the second epoch, just dissected on schedule
+        stopping = EarlyStopping(monitor="val_loss", patience=0, min_delta=1e9, mode="min")
+        fit([callback, stopping], model=tiny_cnn(lr=0.0), max_epochs=10, val=loader(num_images=8), logger=logger,
+            strips=True)
+        last, steps = 8, [0, 4, 8]
+    else:
+        last = 7 if ending == "off schedule" else 6
+        steps = [0, 2, 4, 6, 7] if ending == "off schedule" else [0, 2, 4, 6]
+        fit([callback], max_steps=last, logger=logger, strips=True)
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0}).Reload()
+    assert [e.step for e in events.Scalars("dissect/block2/detectors")] == steps
+    assert [e.step for e in events.Images("dissect/block2/detectors_per_category")] == [0, last]
+    assert [e.step for e in events.Tensors("dissect/block2/units/text_summary")] == steps  # tables once a step
     # The final dissection saves the strip of every detector: a picture on every detector's card.
-    final = ld.Dissection.from_json(Path(logger.log_dir) / "dissections" / "step=7" / "dissection.json")["block2"]
-    strips = Path(logger.log_dir) / "dissections" / "step=7" / "strips" / "block2"
+    final = ld.Dissection.from_json(Path(logger.log_dir) / "dissections" / f"step={last}" / "dissection.json")["block2"]
+    strips = Path(logger.log_dir) / "dissections" / f"step={last}" / "strips" / "block2"
     detectors = final.detectors.nonzero().squeeze(1).tolist()
     assert detectors and {f"unit_{unit}.jpg" for unit in detectors} <= {path.name for path in strips.iterdir()}
 

@@ -2,11 +2,12 @@
 
 Decoding JPEGs and PNG label maps is the slow part of a dissection, and the labels never change, so a
 probe set decodes its images once (in worker processes, chunk by chunk) and writes the arrays to a
-cache keyed by the dataset's fingerprint, the selection and the stats of every file it decodes. The
-cache is a folder of fixed-size files that is mapped, not loaded (`probe_storage`), so opening a
-cached probe of any size takes constant memory and milliseconds, and a dissection reads one batch at
-a time (`model_input`, `labels`, `stream`). The model-independent quantities of SEMANTICS §3 and §4
-(canonical labels, label areas `G(c)`, category presence) are computed here, once, chunk by chunk.
+cache folder named by its fingerprint (the dataset's csv files and the selection), valid while every
+file it decoded keeps its size and modification time. The cache is a folder of fixed-size files that
+is mapped, not loaded (`probe_storage`), so opening a cached probe takes constant memory and, besides
+one `stat` per decoded file, constant time; a dissection reads one batch at a time (`model_input`,
+`labels`, `stream`). The model-independent quantities of SEMANTICS §3 and §4 (canonical labels, label
+areas `G(c)`, category presence) are computed here, once, chunk by chunk.
 
 Where the probe lives:
 - In the cache (`cache_dir`, default `cache_root() / "probes"`), mapped.
@@ -53,11 +54,13 @@ from lightning_dissect.probe_storage import (
     ArrayWriter,
     CacheInvalid,
     CacheWriteError,
+    Manifest,
     MappedArrays,
     MemoryArrays,
     build_lock,
-    open_cache,
+    files_stats,
     publish,
+    read_manifest,
     remove_stale_staging,
     require_free_space,
     staging_folder,
@@ -137,6 +140,10 @@ class ProbeBatch(NamedTuple):
     positions: list[int]
     inputs: torch.Tensor | None
     labels: ProbeLabels | None
+
+
+def _nbytes(specs: dict[str, ArraySpec]) -> int:
+    return sum(spec.nbytes for spec in specs.values())
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -416,48 +423,19 @@ class ProbeSet:
         self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
         self.device_budget_bytes = device_budget_bytes
         self._device_tensors: dict[str, Any] = {}
-        key, self._specs = self._scan()
-        self._storage, self.cache_folder = self._load(key, cache_dir, progress)
+        first = self.broden.row(self.rows[0])
+        self._sizes = (first.image_size, first.segmentation_size)
+        self._storage, self.cache_folder = self._load(cache_dir, progress)
+        self._specs = self._storage.specs
         self._set_arrays()
 
     # ------------------------------------------------------------------ layout, decoding and caching
 
-    def _scan(self) -> tuple[str, dict[str, ArraySpec]]:
-        """The cache key and the shapes of the probe's arrays, from the csv files and file stats alone.
-
-        The key is the fingerprint plus the size and modification time of every file the probe
-        decodes: the fingerprint hashes the csv files only (reading every image would cost as much as
-        decoding), the file stats make a replaced image or label map invalidate the cache too. The
-        numbers of label maps `M` and image-level labels `L` per image are the largest item counts
-        of the selected cells, so the arrays can be laid out before anything is decoded.
-        """
-        broden, rows = self.broden, self.rows
-        digest = hashlib.sha256(self.fingerprint.encode())
-        images = broden.root / "images"
-        first = broden.row(rows[0])
-        num_maps = num_image_labels = 1
-        for i in rows:
-            row = broden.row(i)
-            if (row.image_size, row.segmentation_size) != (first.image_size, first.segmentation_size):
-                raise BrodenError(
-                    f"{broden.root / 'index.csv'} row {i} (line {i + 2}): image/segmentation size "
-                    f"{row.image_size}/{row.segmentation_size} differs from row {rows[0]}'s "
-                    f"{first.image_size}/{first.segmentation_size}; a probe set needs one size. "
-                    "Select rows of one size (split=, size=)."
-                )
-            maps = [item for category in self.categories for item in row.cells[category] if isinstance(item, str)]
-            num_maps = max(num_maps, len(maps))
-            num_image_labels = max(num_image_labels, sum(len(row.cells[category]) for category in self.categories)
-                                   - len(maps))
-            for path in [row.image, *maps]:
-                try:
-                    info = os.stat(images / path)
-                    digest.update(f"{path}:{info.st_size}:{info.st_mtime_ns};".encode())
-                except OSError:
-                    digest.update(f"{path}:missing;".encode())  # decoding will name the file
-        n, (ih, iw), (sh, sw) = len(rows), first.image_size, first.segmentation_size
+    def _layout(self, num_maps: int, num_image_labels: int) -> dict[str, ArraySpec]:
+        """The dtypes and shapes of the probe's arrays, with `M` label maps and `L` image-level labels per image."""
+        n, (ih, iw), (sh, sw) = len(self.rows), *self._sizes
         num_categories = len(self.categories)
-        specs = {
+        return {
             "images": ArraySpec(torch.uint8, (n, 3, ih, iw)),
             "label_maps": ArraySpec(torch.int16 if len(self.label_names) <= 2**15 else torch.int32,
                                     (n, num_maps, sh, sw)),
@@ -466,18 +444,42 @@ class ProbeSet:
             "image_level_present": ArraySpec(torch.bool, (n, num_categories)),
             "label_area": ArraySpec(torch.long, (len(self.label_names),)),
         }
-        return digest.hexdigest(), specs
 
-    def _decode(self, sink: ArrayWriter | MemoryArrays, progress: bool) -> None:
+    def _scan(self) -> tuple[dict[str, ArraySpec], list[str]]:
+        """The layout of the probe's arrays and the files it decodes, from the csv files alone.
+
+        `M` and `L` are the largest numbers of label-map paths and image-level labels in the
+        selected cells, so the arrays can be laid out before anything is decoded.
+        """
+        broden, rows = self.broden, self.rows
+        files: list[str] = []
+        num_maps = num_image_labels = 1
+        for i in rows:
+            row = broden.row(i)
+            if (row.image_size, row.segmentation_size) != self._sizes:
+                raise BrodenError(
+                    f"{broden.root / 'index.csv'} row {i} (line {i + 2}): image/segmentation size "
+                    f"{row.image_size}/{row.segmentation_size} differs from row {rows[0]}'s "
+                    f"{self._sizes[0]}/{self._sizes[1]}; a probe set needs one size. "
+                    "Select rows of one size (split=, size=)."
+                )
+            items = [item for category in self.categories for item in row.cells[category]]
+            maps = [item for item in items if isinstance(item, str)]
+            num_maps = max(num_maps, len(maps))
+            num_image_labels = max(num_image_labels, len(items) - len(maps))
+            files += [row.image, *maps]
+        return self._layout(num_maps, num_image_labels), files
+
+    def _decode(self, sink: ArrayWriter | MemoryArrays, specs: dict[str, ArraySpec], progress: bool) -> None:
         """Decode the probe chunk by chunk into `sink`, in probe order; the label areas last."""
-        decoder = _ChunkDecoder(self.broden, self.categories, self.label_category, self._specs)
+        decoder = _ChunkDecoder(self.broden, self.categories, self.label_category, specs)
         chunks = [self.rows[start : start + _CHUNK_IMAGES] for start in range(0, len(self.rows), _CHUNK_IMAGES)]
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(self.rows), desc="decode probe", unit="image")
-        area = torch.zeros(self._specs["label_area"].shape, dtype=torch.long)
+        area = torch.zeros(specs["label_area"].shape, dtype=torch.long)
         try:
             # closing(): a failing sink stops the workers now, not when the traceback is freed.
             with contextlib.closing(_decoded_chunks(decoder, chunks, self.workers)) as decoded:
@@ -491,69 +493,95 @@ class ProbeSet:
                 bar.close()
         sink.append({"label_area": area.numpy()})
 
-    def _decode_to_files(self, folder: Path, progress: bool) -> None:
-        writer = ArrayWriter(folder, self._specs)
+    def _decode_to_files(self, folder: Path, specs: dict[str, ArraySpec], progress: bool) -> None:
+        writer = ArrayWriter(folder, specs)
         try:
-            self._decode(writer, progress)
+            self._decode(writer, specs, progress)
             writer.finish()
         finally:
             writer.close()
 
-    def _load(self, key: str, cache_dir: str | os.PathLike | bool | None, progress: bool
+    def _load(self, cache_dir: str | os.PathLike | bool | None, progress: bool
               ) -> tuple[MappedArrays | MemoryArrays, Path | None]:
         if cache_dir is False:
-            return self._uncached(progress), None
+            return self._uncached(self._scan()[0], progress), None
         root = cache_root() / "probes" if cache_dir is None or cache_dir is True else Path(cache_dir)
-        folder = root / f"probe-{key[:32]}"
+        folder = root / f"probe-{self.fingerprint[:32]}"
         try:
-            mapped = open_cache(folder, key, self._specs)
+            mapped = self._open_cached(folder)
             if mapped is not None:
                 return mapped, folder
         except CacheInvalid as problem:
             _warn_once(f"invalid:{folder}", f"probe cache {folder} is unreadable or incomplete ({problem}); "
                                             "decoding again")
         try:
-            return self._build_cache(root, folder, key, progress), folder
+            return self._build_cache(root, folder, progress), folder
         except CacheWriteError as error:
-            where = "memory" if self._nbytes() <= MEMORY_PROBE_BYTES else \
+            specs = self._scan()[0]
+            where = "memory" if _nbytes(specs) <= MEMORY_PROBE_BYTES else \
                 f"deleted files in a temporary folder in {tempfile.gettempdir()}"
             _warn_once(f"unwritable:{root}", f"probe cache at {root} cannot be written ({error}); the probe runs "
                                              f"from {where}")
-        return self._uncached(progress), None
+        return self._uncached(specs, progress), None
 
-    def _build_cache(self, root: Path, folder: Path, key: str, progress: bool) -> MappedArrays:
+    def _open_cached(self, folder: Path) -> MappedArrays | None:
+        """The cache in `folder` mapped; None when there is none or the dataset's files changed since.
+
+        Raises:
+            CacheInvalid: a folder that is not a complete cache of this probe.
+        """
+        manifest = read_manifest(folder)
+        if manifest is None:
+            return None
+        if manifest.fingerprint != self.fingerprint or not self._is_layout(manifest.specs):
+            raise CacheInvalid(f"{folder / 'manifest.json'} does not describe this probe's arrays")
+        if files_stats(self.broden.root / "images", manifest.files) != manifest.stats:
+            return None  # an image or label map was replaced: a cache miss, rebuilt in place
+        try:
+            return MappedArrays(folder, manifest.specs)
+        except OSError as error:
+            raise CacheInvalid(f"{folder} cannot be mapped ({error})") from None
+
+    def _is_layout(self, specs: dict[str, ArraySpec]) -> bool:
+        try:
+            num_maps, num_image_labels = specs["label_maps"].shape[1], specs["image_labels"].shape[1]
+        except (KeyError, IndexError):
+            return False
+        return num_maps >= 1 and num_image_labels >= 1 and specs == self._layout(num_maps, num_image_labels)
+
+    def _build_cache(self, root: Path, folder: Path, progress: bool) -> MappedArrays:
         with build_lock(root, folder.name):
             try:  # another process may have built it while this one waited for the lock
-                mapped = open_cache(folder, key, self._specs)
+                mapped = self._open_cached(folder)
                 if mapped is not None:
                     return mapped
             except CacheInvalid:
                 pass  # warned about already; replaced below
+            specs, files = self._scan()
+            manifest = Manifest(self.fingerprint, specs, files, files_stats(self.broden.root / "images", files))
             remove_stale_staging(root, folder.name)
-            require_free_space(root, self._nbytes())
+            require_free_space(root, _nbytes(specs))
             staging = staging_folder(root, folder.name)
             try:
-                self._decode_to_files(staging, progress)
-                write_manifest(staging, key, self.fingerprint, self._specs)
+                self._decode_to_files(staging, specs, progress)
+                write_manifest(staging, manifest)
                 publish(staging, folder)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)  # gone already when published
-            # The files from before the single-file cache format: replaced by this folder.
-            (root / f"{folder.name}.pt").unlink(missing_ok=True)
-        mapped = open_cache(folder, key, self._specs)
+        mapped = self._open_cached(folder)
         assert mapped is not None
         return mapped
 
-    def _uncached(self, progress: bool) -> MappedArrays | MemoryArrays:
+    def _uncached(self, specs: dict[str, ArraySpec], progress: bool) -> MappedArrays | MemoryArrays:
         """The probe without a cache: in memory when small, else in deleted temporary files."""
-        if self._nbytes() > MEMORY_PROBE_BYTES:
+        if _nbytes(specs) > MEMORY_PROBE_BYTES:
             temporary = Path(tempfile.gettempdir())
             try:
-                require_free_space(temporary, self._nbytes())
+                require_free_space(temporary, _nbytes(specs))
                 folder = staging_folder(temporary, "lightning_dissect-probe")
                 try:
-                    self._decode_to_files(folder, progress)
-                    mapped = MappedArrays(folder, self._specs)
+                    self._decode_to_files(folder, specs, progress)
+                    mapped = MappedArrays(folder, specs)
                 finally:
                     shutil.rmtree(folder, ignore_errors=True)  # POSIX: the mapping keeps the data
                 mapped.detach()
@@ -561,12 +589,9 @@ class ProbeSet:
             except CacheWriteError as error:
                 _warn_once(f"unwritable:{temporary}", f"the temporary folder {temporary} cannot hold the probe "
                                                       f"({error}); the probe runs from memory")
-        memory = MemoryArrays.empty(self._specs)
-        self._decode(memory, progress)
+        memory = MemoryArrays.empty(specs)
+        self._decode(memory, specs, progress)
         return memory
-
-    def _nbytes(self) -> int:
-        return sum(spec.nbytes for spec in self._specs.values())
 
     def _set_arrays(self) -> None:
         tensors = self._storage.tensors

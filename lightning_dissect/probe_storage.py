@@ -8,18 +8,19 @@ and a write to a mapped tensor never reaches the file) or, per batch, with `os.p
 the batch's (pinned) tensor, which keeps the process's resident memory at one batch however many
 batches are read.
 
-The cache of one probe is a folder `probe-<key>/` holding one raw file per array (C order, native
-byte order) and `manifest.json`: the format version, the probe's key, and each array's file, dtype,
-shape and byte size. The folder is built in a staging folder beside it (`.probe-<key>.*.partial`)
-and renamed into place after the data files are flushed to disk and the manifest is written (last,
-atomically, with `atomic_write`), so a folder under the final name is complete. On reading, the
-manifest must name this version and key and exactly the expected arrays, and every file must have
-exactly its recorded size; anything else is rebuilt, never trusted (a file changed in place at the
+The cache of one probe is a folder holding one raw file per array (C order, native byte order),
+`files` (the dataset files the arrays were decoded from) and `manifest.json`: the format version,
+the probe's fingerprint, each array's file, dtype, shape and byte size, and a hash of the sizes and
+modification times the dataset files had when they were decoded. The folder is built in a staging
+folder beside it (`.<name>.*.partial`) and renamed into place after the data files are flushed to disk
+and the manifest is written (last, atomically, with `atomic_write`), so a folder under the final name
+is complete. On reading, the manifest must name this version, and every file must have exactly its
+recorded size; anything else is `CacheInvalid`: rebuilt, never trusted (a file changed in place at the
 same size cannot be told apart without reading it all; the data is ours to write, not the user's).
 
-A build holds a lock file `probe-<key>.lock` (POSIX `flock`), so that processes asking for the same
-probe at once (the ranks of a job, two jobs) decode it once; the others wait and then map the result.
-A staging folder found by the lock holder was left by a killed build and is removed: an interrupted
+A build holds a lock file `<name>.lock` (POSIX `flock`), so that processes asking for the same probe
+at once (the ranks of a job, two jobs) decode it once; the others wait and then map the result. A
+staging folder found by the lock holder was left by a killed build and is removed: an interrupted
 build is never resumed, it starts over. The lock file is removed when the build ends.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -49,13 +51,14 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
-    "CACHE_VERSION", "ArraySpec", "CacheInvalid", "CacheWriteError", "ArrayWriter", "MappedArrays",
-    "MemoryArrays", "build_lock", "open_cache", "publish", "remove_stale_staging", "require_free_space",
-    "staging_folder", "write_manifest",
+    "CACHE_VERSION", "ArraySpec", "CacheInvalid", "CacheWriteError", "ArrayWriter", "Manifest", "MappedArrays",
+    "MemoryArrays", "build_lock", "files_stats", "publish", "read_manifest", "remove_stale_staging",
+    "require_free_space", "staging_folder", "write_manifest",
 ]
 
 CACHE_VERSION = 2
 MANIFEST = "manifest.json"
+FILES = "files"
 _DTYPES = {"uint8": torch.uint8, "bool": torch.bool, "int16": torch.int16, "int32": torch.int32,
            "int64": torch.int64}
 
@@ -150,12 +153,54 @@ class ArrayWriter:
         self.handles = {}
 
 
-def write_manifest(folder: Path, key: str, fingerprint: str, specs: Mapping[str, ArraySpec]) -> None:
-    """Write `manifest.json` into `folder`: the last file of a cache, the one that makes it valid."""
-    manifest = {"version": CACHE_VERSION, "key": key, "fingerprint": fingerprint, "byteorder": sys.byteorder,
-                "arrays": {name: spec.describe(_file_name(name)) for name, spec in specs.items()}}
+@dataclass(frozen=True)
+class Manifest:
+    """What a cache folder holds.
+
+    Attributes:
+        fingerprint: the probe's fingerprint (data and selection).
+        specs: name -> dtype and shape of each array.
+        files: the dataset files the arrays were decoded from, relative to the dataset's `images/`.
+        stats: `files_stats` of those files when they were decoded.
+    """
+
+    fingerprint: str
+    specs: dict[str, ArraySpec]
+    files: list[str]
+    stats: str
+
+
+def files_stats(folder: Path, files: Sequence[str]) -> str:
+    """sha256 over the size and modification time of each of `files` (in `folder`); a missing file counts too.
+
+    Reading the files would cost as much as decoding them; their stats tell a replaced file apart.
+    """
+    prefix = f"{folder}{os.sep}"  # plain strings: a Path per file triples the cost for 350,000 files
+    parts = []
+    for name in files:
+        try:
+            info = os.stat(prefix + name)
+            parts.append(f"{name}:{info.st_size}:{info.st_mtime_ns};")
+        except OSError:
+            parts.append(f"{name}:missing;")
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Write `files.txt`, then `manifest.json`: the last file of a cache, the one that makes it valid."""
+    listing = "\0".join(manifest.files).encode()  # the one character no path holds
+    with _writing(f"cannot write {folder / FILES}"):
+        with open(folder / FILES, "wb") as handle:
+            handle.write(listing)
+            handle.flush()
+            os.fsync(handle.fileno())
+    content = {
+        "version": CACHE_VERSION, "fingerprint": manifest.fingerprint, "byteorder": sys.byteorder,
+        "arrays": {name: spec.describe(_file_name(name)) for name, spec in manifest.specs.items()},
+        "files": {"file": FILES, "bytes": len(listing), "count": len(manifest.files), "stats": manifest.stats},
+    }
     with _writing(f"cannot write {folder / MANIFEST}"), atomic_write(folder / MANIFEST) as handle:
-        json.dump(manifest, handle, indent=1)
+        json.dump(content, handle, indent=1)
 
 
 def staging_folder(root: Path, name: str) -> Path:
@@ -235,38 +280,58 @@ def build_lock(root: Path, name: str) -> Iterator[None]:
 # ---------------------------------------------------------------------- reading
 
 
-def open_cache(folder: Path, key: str, specs: Mapping[str, ArraySpec]) -> MappedArrays | None:
-    """Map the cache in `folder`, or None when there is none.
+def _checked_size(path: Path, expected: object) -> None:
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise CacheInvalid(f"{path} is unreadable ({error})") from None
+    if size != expected:
+        raise CacheInvalid(f"{path} holds {size} bytes, its manifest says {expected}")
+
+
+def _spec(folder: Path, name: str, entry: Any) -> ArraySpec:
+    """The spec of one manifest entry, checked against itself and the size of its file."""
+    try:
+        spec = ArraySpec(_DTYPES[entry["dtype"]], tuple(int(n) for n in entry["shape"]))
+        valid = entry["file"] == _file_name(name) and entry["bytes"] == spec.nbytes and min(spec.shape) >= 0
+    except (KeyError, TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise CacheInvalid(f"{folder / MANIFEST}: the entry of {name!r} is malformed")
+    _checked_size(folder / _file_name(name), spec.nbytes)
+    return spec
+
+
+def read_manifest(folder: Path) -> Manifest | None:
+    """The manifest of the cache in `folder`, or None when there is none; the files are checked against it.
 
     Raises:
-        CacheInvalid: the folder exists but is not a complete cache of this key in this version.
+        CacheInvalid: the folder exists but is not a complete cache of this version: no manifest (an
+            interrupted build), an unreadable one, another version or byte order, a file missing or of
+            another size than recorded.
     """
     if not folder.exists():
         return None
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        content = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CacheInvalid(f"{folder} has no {MANIFEST}: an interrupted build") from None
     except (OSError, ValueError) as error:
         raise CacheInvalid(f"{folder / MANIFEST} is unreadable ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("version") != CACHE_VERSION:
-        found = manifest.get("version") if isinstance(manifest, dict) else None
-        raise CacheInvalid(f"{folder} is cache version {found!r}, this is version {CACHE_VERSION}")
-    expected = {name: spec.describe(_file_name(name)) for name, spec in specs.items()}
-    if manifest.get("key") != key or manifest.get("byteorder") != sys.byteorder or manifest.get("arrays") != expected:
-        raise CacheInvalid(f"{folder / MANIFEST} does not describe this probe's arrays")
-    for name, spec in specs.items():
-        path = folder / _file_name(name)
-        try:
-            size = path.stat().st_size
-        except OSError as error:
-            raise CacheInvalid(f"{path} is unreadable ({error})") from None
-        if size != spec.nbytes:
-            raise CacheInvalid(f"{path} holds {size} bytes, its manifest says {spec.nbytes}")
-    try:
-        return MappedArrays(folder, specs)
-    except OSError as error:
-        raise CacheInvalid(f"{folder} cannot be mapped ({error})") from None
+    version = content.get("version") if isinstance(content, dict) else None
+    if version != CACHE_VERSION:
+        raise CacheInvalid(f"{folder} is cache version {version!r}, this is version {CACHE_VERSION}")
+    arrays, files = content.get("arrays"), content.get("files")
+    if content.get("byteorder") != sys.byteorder or not isinstance(arrays, dict) or not isinstance(files, dict) \
+            or not isinstance(content.get("fingerprint"), str) or files.get("file") != FILES:
+        raise CacheInvalid(f"{folder / MANIFEST} is not a manifest of this version and byte order")
+    specs = {name: _spec(folder, name, entry) for name, entry in arrays.items()}
+    _checked_size(folder / FILES, files.get("bytes"))
+    listing = (folder / FILES).read_text(encoding="utf-8")
+    names = listing.split("\0") if listing else []
+    if len(names) != files.get("count") or not isinstance(files.get("stats"), str):
+        raise CacheInvalid(f"{folder / FILES} does not match its manifest")
+    return Manifest(content["fingerprint"], specs, names, files["stats"])
 
 
 def _runs(positions: Sequence[int]) -> Iterator[tuple[int, int, int]]:

@@ -147,10 +147,13 @@ def test_cache_key_changes_when_an_image_file_changes(tmp_path):
     first = ld.ProbeSet(root, cache_dir=tmp_path / "cache")
     from PIL import Image
     Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(root / "images" / "img2.png")
-    second = ld.ProbeSet(root, cache_dir=tmp_path / "cache")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a changed dataset file is a cache miss, not a damaged cache
+        second = ld.ProbeSet(root, cache_dir=tmp_path / "cache")
     assert first.fingerprint == second.fingerprint  # same csv files: same recorded identity
     assert not torch.equal(first.images, second.images)
     assert int(second.images[2].float().mean()) == 7
+    assert cache_entries(tmp_path / "cache") == [second.cache_folder.name]  # rebuilt in place
 
 
 # ---------------------------------------------------------------------- the mapped cache
@@ -184,6 +187,9 @@ def test_cache_manifest_is_written_last_and_describes_the_files(random_dataset, 
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["version"] == probe_storage.CACHE_VERSION and manifest["fingerprint"] == probe.fingerprint
     manifest_time = (folder / "manifest.json").stat().st_mtime_ns
+    files = (folder / "files").read_text().split("\0")
+    assert manifest["files"]["count"] == len(files) and files[0] == probe.broden.row(probe.rows[0]).image
+    assert (folder / "files").stat().st_mtime_ns <= manifest_time
     for name in ARRAYS:
         entry, array = manifest["arrays"][name], getattr(probe, name)
         assert entry["shape"] == list(array.shape) and entry["dtype"] == str(array.dtype).removeprefix("torch.")
@@ -300,10 +306,11 @@ def other_shape(folder: Path) -> None:
     lambda folder: (folder / "manifest.json").unlink(),
     lambda folder: (folder / "manifest.json").write_text("{not json"),
     lambda folder: set_manifest(folder, version=1),
-    lambda folder: set_manifest(folder, key="0" * 64),
+    lambda folder: set_manifest(folder, fingerprint="0" * 64),
     other_shape,
-], ids=["truncated file", "missing file", "no manifest", "garbled manifest", "other version", "other key",
-        "manifest not matching the files"])
+    lambda folder: (folder / "files").write_bytes((folder / "files").read_bytes()[:-3]),
+], ids=["truncated file", "missing file", "no manifest", "garbled manifest", "other version", "other probe",
+        "manifest not matching the files", "truncated file list"])
 def test_a_damaged_cache_is_rebuilt_not_trusted(random_dataset, tmp_path, damage):
     cache = tmp_path / "cache"
     folder = ld.ProbeSet(random_dataset, cache_dir=cache).cache_folder  # not read after the damage: a mapped

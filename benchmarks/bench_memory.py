@@ -184,7 +184,9 @@ def probe_sweep(sizes: list[int], cache_dir: str | None, library: str | None) ->
                 config = {"root": str(root), "probe_cache": str(probe_cache)}
                 command = [sys.executable, "-m", "benchmarks.bench_memory", "--probe-step", name, "--child",
                            json.dumps(config)]
-                output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
+                # cwd: `python -m` puts the working folder first on sys.path, before PYTHONPATH.
+                output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment,
+                                        cwd=library)
                 measured.update(json.loads(output.stdout.strip().splitlines()[-1]))
                 print(f"  {name}: done", file=sys.stderr, flush=True)
         finally:

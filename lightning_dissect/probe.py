@@ -59,6 +59,7 @@ from lightning_dissect.probe_storage import (
     MemoryArrays,
     build_lock,
     files_stats,
+    listed_files,
     publish,
     read_manifest,
     remove_stale_staging,
@@ -535,7 +536,7 @@ class ProbeSet:
             return None
         if manifest.fingerprint != self.fingerprint or not self._is_layout(manifest.specs):
             raise CacheInvalid(f"{folder / 'manifest.json'} does not describe this probe's arrays")
-        if files_stats(self.broden.root / "images", manifest.files) != manifest.stats:
+        if files_stats(self.broden.root / "images", listed_files(folder)) != manifest.stats:
             return None  # an image or label map was replaced: a cache miss, rebuilt in place
         try:
             return MappedArrays(folder, manifest.specs)
@@ -558,13 +559,13 @@ class ProbeSet:
             except CacheInvalid:
                 pass  # warned about already; replaced below
             specs, files = self._scan()
-            manifest = Manifest(self.fingerprint, specs, files, files_stats(self.broden.root / "images", files))
+            manifest = Manifest(self.fingerprint, specs, files_stats(self.broden.root / "images", files))
             remove_stale_staging(root, folder.name)
             require_free_space(root, _nbytes(specs))
             staging = staging_folder(root, folder.name)
             try:
                 self._decode_to_files(staging, specs, progress)
-                write_manifest(staging, manifest)
+                write_manifest(staging, manifest, files)
                 publish(staging, folder)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)  # gone already when published

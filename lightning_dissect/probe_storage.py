@@ -35,7 +35,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "CACHE_VERSION", "ArraySpec", "CacheInvalid", "CacheWriteError", "ArrayWriter", "Manifest", "MappedArrays",
-    "MemoryArrays", "build_lock", "files_stats", "publish", "read_manifest", "remove_stale_staging",
+    "MemoryArrays", "build_lock", "files_stats", "listed_files", "publish", "read_manifest", "remove_stale_staging",
     "require_free_space", "staging_folder", "write_manifest",
 ]
 
@@ -160,35 +160,51 @@ class Manifest:
     Attributes:
         fingerprint: the probe's fingerprint (data and selection).
         specs: name -> dtype and shape of each array.
-        files: the dataset files the arrays were decoded from, relative to the dataset's `images/`.
-        stats: `files_stats` of those files when they were decoded.
+        stats: `files_stats` of the dataset files the arrays were decoded from, when they were decoded
+            (the files are listed in the folder's `files`, read back by `listed_files`).
     """
 
     fingerprint: str
     specs: dict[str, ArraySpec]
-    files: list[str]
     stats: str
 
 
-def files_stats(folder: Path, files: Sequence[str]) -> str:
+def files_stats(folder: Path, files: Iterable[str]) -> str:
     """sha256 over the size and modification time of each of `files` (in `folder`); a missing file counts too.
 
-    Reading the files would cost as much as decoding them; their stats tell a replaced file apart.
+    Reading the files would cost as much as decoding them; their stats tell a replaced file apart. The
+    hash is updated every few thousand files, so memory stays flat for any number of them.
     """
     prefix = f"{folder}{os.sep}"  # plain strings: a Path per file triples the cost for 350,000 files
-    parts = []
+    digest = hashlib.sha256()
+    parts: list[str] = []
     for name in files:
         try:
             info = os.stat(prefix + name)
             parts.append(f"{name}:{info.st_size}:{info.st_mtime_ns};")
         except OSError:
             parts.append(f"{name}:missing;")
-    return hashlib.sha256("".join(parts).encode()).hexdigest()
+        if len(parts) == 4096:
+            digest.update("".join(parts).encode())
+            parts.clear()
+    digest.update("".join(parts).encode())
+    return digest.hexdigest()
 
 
-def write_manifest(folder: Path, manifest: Manifest) -> None:
-    """Write `files.txt`, then `manifest.json`: the last file of a cache, the one that makes it valid."""
-    listing = "\0".join(manifest.files).encode()  # the one character no path holds
+def listed_files(folder: Path) -> Iterator[str]:
+    """The dataset files listed in the cache in `folder`, read a block at a time."""
+    with open(folder / FILES, "rb") as handle:
+        rest = b""
+        while block := handle.read(2**20):
+            *names, rest = (rest + block).split(b"\0")
+            yield from (name.decode() for name in names)
+        if rest:
+            yield rest.decode()
+
+
+def write_manifest(folder: Path, manifest: Manifest, files: Sequence[str]) -> None:
+    """Write the list of `files`, then `manifest.json`: the last file of a cache, the one that makes it valid."""
+    listing = "\0".join(files).encode()  # the one character no path holds
     with _writing(f"cannot write {folder / FILES}"):
         with open(folder / FILES, "wb") as handle:
             handle.write(listing)
@@ -197,7 +213,7 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     content = {
         "version": CACHE_VERSION, "fingerprint": manifest.fingerprint, "byteorder": sys.byteorder,
         "arrays": {name: spec.describe(_file_name(name)) for name, spec in manifest.specs.items()},
-        "files": {"file": FILES, "bytes": len(listing), "count": len(manifest.files), "stats": manifest.stats},
+        "files": {"file": FILES, "bytes": len(listing), "count": len(files), "stats": manifest.stats},
     }
     with _writing(f"cannot write {folder / MANIFEST}"), atomic_write(folder / MANIFEST) as handle:
         json.dump(content, handle, indent=1)
@@ -327,11 +343,9 @@ def read_manifest(folder: Path) -> Manifest | None:
         raise CacheInvalid(f"{folder / MANIFEST} is not a manifest of this version and byte order")
     specs = {name: _spec(folder, name, entry) for name, entry in arrays.items()}
     _checked_size(folder / FILES, files.get("bytes"))
-    listing = (folder / FILES).read_text(encoding="utf-8")
-    names = listing.split("\0") if listing else []
-    if len(names) != files.get("count") or not isinstance(files.get("stats"), str):
-        raise CacheInvalid(f"{folder / FILES} does not match its manifest")
-    return Manifest(content["fingerprint"], specs, names, files["stats"])
+    if not isinstance(files.get("stats"), str):
+        raise CacheInvalid(f"{folder / MANIFEST} records no stats of the decoded files")
+    return Manifest(content["fingerprint"], specs, files["stats"])
 
 
 def _runs(positions: Sequence[int]) -> Iterator[tuple[int, int, int]]:

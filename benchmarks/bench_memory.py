@@ -1,4 +1,4 @@
-"""Target 3 of the performance issue: peak memory of `ld.dissect` for growing probe sets.
+"""Peak memory for growing probe sets: of `ld.dissect` (target 3), and of decoding and loading the probe.
 
 Each configuration runs in a fresh process; its peak resident memory during `ld.dissect`, above
 what the process held just before (probe set decoded, model built and run once), is read from
@@ -11,6 +11,16 @@ are the synthetic dataset at 64 x 64 (segmentation 32 x 32), so generating 8192 
 
     python -m benchmarks.bench_memory            # N = 512, 2048, 8192 (about 10 minutes the first time)
     python -m benchmarks.bench_memory --quick    # N = 512, 2048
+
+The probe sweep (`--probe`) measures the probe itself on the synthetic dataset at 224 x 224 (segmentation
+112 x 112, Broden's), N = 500, 3000, 10000 and 63305 (the released Broden's size): each step in a fresh
+process, its peak resident memory above what the process held before the step (Python, torch and the
+parsed csv files), and for decoding also the largest worker process's peak (`getrusage(RUSAGE_CHILDREN)`).
+Each step is one entry of `PROBE_STEPS`: a function measured in a child process and the columns it adds to
+the table, run in order for each N on the probe cache the first step writes.
+
+    python -m benchmarks.bench_memory --probe --sizes 500 3000 10000 63305   # about 1 hour the first time
+    python -m benchmarks.bench_memory --probe --library OLD_CHECKOUT         # the same for another version
 """
 
 from __future__ import annotations
@@ -19,19 +29,27 @@ import argparse
 import gc
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import lightning_dissect as ld
-from benchmarks.common import machine, print_table, synthetic_probe
+from benchmarks.common import machine, print_table, repository_root, synthetic_probe
 from lightning_dissect.engine.dissect import DEFAULT_ACTIVATION_CACHE_BYTES
 from lightning_dissect.engine.thresholds import top_count
+from lightning_dissect.synthetic import synthetic_broden_path
 
 IMAGE_SIZE = 64
+PROBE_IMAGE_SIZE = 224
 
 
 class StandIn(nn.Module):
@@ -56,6 +74,14 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _reset_peak() -> int:
+    """Make `VmHWM` the current resident size; returns that size."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return _status("VmRSS")
+
+
 def child(config: dict) -> dict:
     """Measure one configuration in this (fresh) process."""
     probe = synthetic_probe(config["images"], IMAGE_SIZE, cache_dir=config["cache_dir"])
@@ -64,10 +90,7 @@ def child(config: dict) -> dict:
         model(probe.model_input(range(64), "cpu"))
     probe_bytes = sum(t.numel() * t.element_size() for t in (probe.images, probe.label_maps, probe.image_labels,
                                                              probe.category_present, probe.image_level_present))
-    gc.collect()
-    before = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # reset VmHWM to the current resident size
+    before = _reset_peak()
     started = time.perf_counter()
     result = ld.dissect(model, probe, config["layers"], batch_size=64, activation_cache_bytes=config["budget"])
     seconds = time.perf_counter() - started
@@ -81,15 +104,117 @@ def child(config: dict) -> dict:
                 units=sum(shapes[name][0] for name in config["layers"]))
 
 
+# ---------------------------------------------------------------------- the probe sweep
+
+
+def measure_decode(config: dict) -> dict:
+    """Decode the probe into an empty cache folder: the first use of a probe."""
+    broden = ld.Broden(config["root"])
+    before = _reset_peak()
+    started = time.perf_counter()
+    probe = ld.ProbeSet(broden, cache_dir=config["probe_cache"], progress=False)
+    seconds = time.perf_counter() - started
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    cached = sum(path.stat().st_size for path in Path(config["probe_cache"]).rglob("*") if path.is_file())
+    return {"decode_extra": _status("VmHWM") - before, "decode_start": before, "decode_worker": workers,
+            "decode_seconds": seconds, "images": len(probe), "cache_bytes": cached,
+            "probe_bytes": sum(t.numel() * t.element_size() for t in (probe.images, probe.label_maps,
+                                                                       probe.image_labels))}
+
+
+def measure_load(config: dict) -> dict:
+    """Open the cached probe in a new process: every later use of the probe."""
+    started = time.perf_counter()
+    broden = ld.Broden(config["root"])
+    csv_seconds = time.perf_counter() - started
+    before = _reset_peak()
+    started = time.perf_counter()
+    ld.ProbeSet(broden, cache_dir=config["probe_cache"])
+    seconds = time.perf_counter() - started
+    return {"load_extra": _status("VmHWM") - before, "load_start": before, "load_csv_seconds": csv_seconds,
+            "load_seconds": seconds}
+
+
+@dataclass(frozen=True)
+class ProbeStep:
+    """One measurement of the probe sweep: run in a fresh process per N; `columns` read its result."""
+
+    measure: Callable[[dict], dict]
+    columns: dict[str, Callable[[dict], str]]
+
+
+def _mib(value: float) -> str:
+    return f"{value / 2**20:.0f}"
+
+
+PROBE_STEPS: dict[str, ProbeStep] = {
+    "decode": ProbeStep(measure_decode, {
+        "probe GiB": lambda m: f"{m['probe_bytes'] / 2**30:.2f}",
+        "decode s": lambda m: f"{m['decode_seconds']:.0f}",
+        "images / s": lambda m: f"{m['images'] / m['decode_seconds']:.0f}",
+        "decode peak extra MiB": lambda m: _mib(m["decode_extra"]),
+        # A forked worker starts with its parent's pages: its peak above the parent's start is its own.
+        "largest worker peak extra MiB": lambda m: _mib(m["decode_worker"] - m["decode_start"])
+        if m["decode_worker"] else "-",
+    }),
+    "load": ProbeStep(measure_load, {
+        "csv s": lambda m: f"{m['load_csv_seconds']:.2f}",
+        "load s": lambda m: f"{m['load_seconds']:.3f}",
+        "load peak extra MiB": lambda m: _mib(m["load_extra"]),
+    }),
+}
+
+
+def probe_sweep(sizes: list[int], cache_dir: str | None, library: str | None) -> None:
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [path for path in (library, str(repository_root()), os.environ.get("PYTHONPATH")) if path]))
+    print(f"machine: {machine()}")
+    if library:
+        print(f"library measured: {library}")
+    rows = []
+    for n in sizes:
+        started = time.perf_counter()
+        root = synthetic_broden_path(num_images=n, image_size=PROBE_IMAGE_SIZE, cache_dir=cache_dir,
+                                     workers=os.cpu_count() or 1)
+        print(f"dataset of {n} images ready in {time.perf_counter() - started:.0f} s", flush=True)
+        probe_cache = Path(tempfile.mkdtemp(prefix="bench-probe-", dir=root.parent))
+        measured: dict = {}
+        try:
+            for name in PROBE_STEPS:
+                config = {"root": str(root), "probe_cache": str(probe_cache)}
+                command = [sys.executable, "-m", "benchmarks.bench_memory", "--probe-step", name, "--child",
+                           json.dumps(config)]
+                # cwd: `python -m` puts the working folder first on sys.path, before PYTHONPATH.
+                output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment,
+                                        cwd=library)
+                measured.update(json.loads(output.stdout.strip().splitlines()[-1]))
+                print(f"  {name}: done", file=sys.stderr, flush=True)
+        finally:
+            shutil.rmtree(probe_cache, ignore_errors=True)
+        rows.append([n] + [show(measured) for step in PROBE_STEPS.values() for show in step.columns.values()])
+    print(f"\n### Probe memory: decoding and loading (synthetic at {PROBE_IMAGE_SIZE} x {PROBE_IMAGE_SIZE}, "
+          f"segmentation {PROBE_IMAGE_SIZE // 2} x {PROBE_IMAGE_SIZE // 2}, each step in a fresh process)\n")
+    print_table(["N"] + [header for step in PROBE_STEPS.values() for header in step.columns], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N = 512, 2048")
     parser.add_argument("--sizes", type=int, nargs="*", default=None)
     parser.add_argument("--cache-dir", default=None, help="where the synthetic datasets are generated and cached")
+    parser.add_argument("--probe", action="store_true", help="the probe sweep (decoding and loading) instead")
+    parser.add_argument("--library", default=None, help="with --probe: measure the lightning_dissect package in "
+                                                          "this folder (e.g. an older checkout)")
+    parser.add_argument("--probe-step", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        config = json.loads(args.child)
+        measure = PROBE_STEPS[args.probe_step].measure if args.probe_step else child
+        print(json.dumps(measure(config)))
+        return
+    if args.probe:
+        probe_sweep(args.sizes or [500, 3000, 10000, 63305], args.cache_dir, args.library)
         return
     sizes = args.sizes or ([512, 2048] if args.quick else [512, 2048, 8192])
     print(f"machine: {machine()}")

@@ -1,36 +1,87 @@
-"""ProbeSet: a fixed, seeded subset of a Broden dataset, decoded once into compact tensors.
+"""ProbeSet: a fixed, seeded subset of a Broden dataset, decoded once into arrays that live on disk.
 
-Decoding JPEGs and PNG label maps is the slow part of a dissection, and the
-labels never change, so a probe set decodes its images once, writes the
-tensors to a cache file keyed by the dataset's fingerprint and the selection,
-and keeps them in memory (and on the device between dissections). The
-model-independent quantities of SEMANTICS §3 and §4 (canonical labels, label
-areas `G(c)`, category presence) are computed here, once.
+Decoding JPEGs and PNG label maps is the slow part of a dissection, and the labels never change, so a
+probe set decodes its images once (in worker processes, chunk by chunk) and writes the arrays to a
+cache folder named by its fingerprint (the dataset's csv files and the selection), valid while every
+file it decoded keeps its size and modification time. The cache is a folder of fixed-size files that
+is mapped, not loaded (`probe_storage`), so opening a cached probe takes constant memory and, besides
+one `stat` per decoded file, constant time; a dissection reads one batch at a time (`model_input`,
+`labels`, `stream`). The model-independent quantities of SEMANTICS §3 and §4 (canonical labels, label
+areas `G(c)`, category presence) are computed here, once, chunk by chunk.
+
+Where the probe lives:
+- In the cache (`cache_dir`, default `cache_root() / "probes"`), mapped.
+- Without a cache (`cache_dir=False`, or a cache folder that cannot be written: read-only, full; a
+  warning says so once): in memory when its arrays take at most `MEMORY_PROBE_BYTES` (1 GiB, about
+  4,000 images at 224 px), else in files in a temporary folder that are deleted as soon as they are
+  mapped (the mapping keeps them until the probe is gone; nothing is left behind, even after a crash).
+- On the device: a probe whose per-image arrays take at most `device_budget_bytes` (default 1 GiB)
+  is copied whole to the device at its first batch and kept there between dissections (until
+  `release()`); a larger one is read from the cache batch by batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
+import multiprocessing
+import operator
 import os
+import queue
+import shutil
+import signal
+import sys
+import tempfile
+import threading
 import warnings
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lightning_dissect.broden import Broden, BrodenError
 from lightning_dissect.engine.labels import canonical_labels, category_presence, label_area
-from lightning_dissect.io import atomic_write
+from lightning_dissect.probe_storage import (
+    ArraySpec,
+    ArrayWriter,
+    CacheInvalid,
+    CacheWriteError,
+    Manifest,
+    MappedArrays,
+    MemoryArrays,
+    build_lock,
+    files_stats,
+    listed_files,
+    publish,
+    read_manifest,
+    remove_stale_staging,
+    require_free_space,
+    staging_folder,
+    write_manifest,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CACHE_ENV = "LIGHTNING_DISSECT_CACHE"
-_CACHE_FORMAT = 1
-_CHUNK_IMAGES = 256
+DEVICE_BUDGET_BYTES = 2**30
+MEMORY_PROBE_BYTES = 2**30
+# Part of the fingerprint that results record: it names the selection rule, not the cache format
+# (probe_storage.CACHE_VERSION), so a new cache format keeps the fingerprints of old results.
+_FINGERPRINT_FORMAT = 1
+_CHUNK_IMAGES = 64
+_PER_IMAGE = ("images", "label_maps", "image_labels", "category_present", "image_level_present")
+_LABELS = ("label_maps", "image_labels", "category_present", "image_level_present")
+_warned: set[str] = set()
+
+T = TypeVar("T")
 
 
 def cache_root() -> Path:
@@ -75,8 +126,213 @@ def _image_size(value: int | Sequence[int] | None) -> tuple[int, int] | None:
     return size  # type: ignore[return-value]
 
 
+class ProbeLabels(NamedTuple):
+    """The label tensors of a batch of probe images, in the order the tally takes them (SEMANTICS §3)."""
+
+    label_maps: torch.Tensor
+    image_labels: torch.Tensor
+    present: torch.Tensor
+    image_level_present: torch.Tensor
+
+
+class ProbeBatch(NamedTuple):
+    """One batch of `ProbeSet.stream`: the probe positions, the model input and the labels (None when not asked)."""
+
+    positions: list[int]
+    inputs: torch.Tensor | None
+    labels: ProbeLabels | None
+
+
+def _nbytes(specs: dict[str, ArraySpec]) -> int:
+    return sum(spec.nbytes for spec in specs.values())
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=4)
+
+
+# ---------------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True, eq=False)
+class _ChunkDecoder:
+    """Decodes rows of the dataset into the probe's arrays: canonical labels, label areas, presence."""
+
+    broden: Broden
+    categories: list[str]
+    label_category: torch.Tensor
+    specs: dict[str, ArraySpec]
+
+    def __call__(self, rows: Sequence[int]) -> dict[str, np.ndarray]:
+        n, specs = len(rows), self.specs
+        images = torch.empty((n, *specs["images"].shape[1:]), dtype=torch.uint8)
+        label_maps = torch.zeros((n, *specs["label_maps"].shape[1:]), dtype=specs["label_maps"].dtype)
+        image_labels = torch.zeros((n, specs["image_labels"].shape[1]), dtype=torch.long)
+        for position, i in enumerate(rows):
+            images[position] = self.broden.read_image(i)
+            maps, labels = self.broden.read_segmentation(i, self.categories)
+            for slot, label_map in enumerate(maps):
+                label_maps[position, slot] = label_map
+            image_labels[position, : len(labels)] = torch.tensor(labels, dtype=torch.long)
+        label_maps, image_labels = canonical_labels(label_maps, image_labels, self.label_category)
+        num_categories = specs["category_present"].shape[1]
+        present, image_level = category_presence(label_maps, image_labels, self.label_category, num_categories)
+        area = label_area(label_maps, image_labels, specs["label_area"].shape[0])
+        return {"images": images.numpy(), "label_maps": label_maps.numpy(), "image_labels": image_labels.numpy(),
+                "category_present": present.numpy(), "image_level_present": image_level.numpy(),
+                "label_area": area.numpy()}
+
+
+_worker_decoder: _ChunkDecoder | None = None  # set in each decoding process by _start_worker
+
+
+def _start_worker(decoder: _ChunkDecoder, parent: int) -> None:
+    global _worker_decoder
+    _worker_decoder = decoder
+    torch.set_num_threads(1)  # one process per core already
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which stops the workers
+    # A parent killed outright (SIGKILL, the OOM killer) cannot stop its workers, and a worker blocked
+    # writing its result would wait forever: Linux ends it with the parent (prctl PR_SET_PDEATHSIG).
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+def _decode_in_worker(rows: Sequence[int]) -> dict[str, np.ndarray]:
+    assert _worker_decoder is not None
+    return _worker_decoder(rows)
+
+
+def _can_fork() -> bool:
+    # fork starts a worker in milliseconds and needs no `if __name__ == "__main__":` guard in the
+    # user's script; spawn would re-import it. Elsewhere (Windows, macOS) threads decode.
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
+def _decoded_chunks(decoder: _ChunkDecoder, chunks: Sequence[Sequence[int]], workers: int
+                    ) -> Generator[dict[str, np.ndarray], None, None]:
+    """The decoded chunks, in order, with at most `2 * workers` decoded or in flight at once."""
+    if workers <= 1 or len(chunks) <= 1:
+        yield from map(decoder, chunks)
+        return
+    pool: Executor
+    if _can_fork():
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_start_worker, initargs=(decoder, os.getpid()))
+        task: Callable[[Sequence[int]], dict[str, np.ndarray]] = _decode_in_worker
+    else:
+        pool, task = ThreadPoolExecutor(workers), decoder
+    pending: deque = deque()
+    try:
+        for number, rows in enumerate(chunks):
+            if number == 0:
+                # The pool forks every worker at the first submit. Python 3.12 warns about forking a
+                # threaded process; the workers only decode files (PIL, NumPy, one torch thread), as
+                # DataLoader's forked workers do, and touch no lock another thread may hold.
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks",
+                                            category=DeprecationWarning)
+                    pending.append(pool.submit(task, rows))
+            else:
+                pending.append(pool.submit(task, rows))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------- streaming
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_DONE = object()
+
+
+def prefetched(produce: Callable[[T], Any], items: Iterable[T], depth: int = 2) -> Iterator[Any]:
+    """`produce(item)` for each item, computed by a background thread up to `depth` items ahead.
+
+    An exception of `produce` is raised by the iterator, at the item that raised it. When the consumer
+    stops early (break, an exception, the iterator garbage-collected) the thread stops after the item
+    it is producing.
+    """
+    results: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set() or not put(produce(item)):
+                    return
+        except BaseException as error:  # handed to the consumer, raised there
+            put(_Failure(error))
+            return
+        put(_DONE)
+
+    thread = threading.Thread(target=work, name="probe-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            result = results.get()
+            if result is _DONE:
+                return
+            if isinstance(result, _Failure):
+                raise result.error
+            yield result
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _DeviceCopier:
+    """Moves CPU batches to the device. On CUDA the copies run on their own stream, from pinned memory,
+    issued by the prefetch thread, so the next batch travels while the current one is computed on."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def send(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
+        """In the producing thread: start the copies; returns the device tensors and their ready event."""
+        if self.stream is None:
+            return tensors, None
+        with torch.cuda.stream(self.stream):
+            moved = {name: value.to(self.device, non_blocking=True) for name, value in tensors.items()}
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        return moved, ready
+
+    def receive(self, tensors: dict[str, torch.Tensor], ready: Any) -> dict[str, torch.Tensor]:
+        """In the consuming thread: the tensors on the device, usable on its current stream."""
+        if ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            for value in tensors.values():
+                value.record_stream(current)  # freed memory is not reused while `current` still reads it
+            return tensors
+        return {name: value.to(self.device) for name, value in tensors.items()}
+
+
 class ProbeSet:
-    """A fixed subset of a Broden dataset, decoded into tensors, in probe order.
+    """A fixed subset of a Broden dataset, decoded into arrays on disk, in probe order.
 
     Args:
         broden: a `Broden`, or the path of a Broden directory.
@@ -86,10 +342,16 @@ class ProbeSet:
         categories: dissect only these categories (SEMANTICS §1); None for all.
         image_size: resize images to this size for the model; segmentations keep theirs.
         cache_dir: where decoded probe sets are cached; default `cache_root() / "probes"`.
-            Pass False to disable the cache.
+            Pass False to disable the cache (the probe then lives in memory up to
+            `MEMORY_PROBE_BYTES`, beyond that in deleted temporary files).
         transform: float images in [0, 1] -> model input; default ImageNet mean/std
             (and the `image_size` resize).
-        progress: show a progress bar while decoding.
+        progress: show a progress bar (images/s) while decoding.
+        workers: processes decoding (threads where processes cannot be forked); default
+            `min(8, os.cpu_count())`; 1 decodes in this process.
+        device_budget_bytes: a probe whose per-image arrays take at most this many bytes is kept
+            whole on the device between dissections; a larger one is read batch by batch. Default
+            `DEVICE_BUDGET_BYTES` (1 GiB: about 4,000 images at 224 px with Broden's label maps).
 
     Attributes:
         rows: 0-based `index.csv` rows, in probe order (ascending).
@@ -100,6 +362,10 @@ class ProbeSet:
         label_area: long `(C,)`, `G(c)`.
         category_present, image_level_present: bool `(N, n_categories)`.
         fingerprint: identifies the data and the selection; results record it.
+        cache_folder: the cache folder the arrays are mapped from; None when the probe is not cached.
+
+        The arrays are mapped from the cache: reading a slice reads those bytes only, and writing to
+        them changes this process's copy, never the cache.
 
     Raises:
         ValueError: an argument out of range (names it).
@@ -109,17 +375,23 @@ class ProbeSet:
         >>> probe = ProbeSet("data/broden1_224", size=2000, seed=0)   # doctest: +SKIP
         >>> probe.images.shape                                          # doctest: +SKIP
         torch.Size([2000, 3, 224, 224])
+        >>> batch = probe.model_input(range(64), "cuda")                # doctest: +SKIP
     """
 
     def __init__(self, broden: Broden | str | os.PathLike, size: int | None = None, seed: int = 0,
                  split: str | None = None, categories: Sequence[str] | None = None,
                  image_size: int | Sequence[int] | None = None, cache_dir: str | os.PathLike | bool | None = None,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = False) -> None:
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = False,
+                 workers: int | None = None, device_budget_bytes: int = DEVICE_BUDGET_BYTES) -> None:
         self.broden = broden if isinstance(broden, Broden) else Broden(broden)
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
             raise ValueError(f"size={size!r} must be a positive integer or None (all images)")
         if not isinstance(seed, int):
             raise ValueError(f"seed={seed!r} must be an integer")
+        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+            raise ValueError(f"workers={workers!r} must be a positive integer or None (one per core, up to 8)")
+        if not isinstance(device_budget_bytes, int) or isinstance(device_budget_bytes, bool) or device_budget_bytes < 0:
+            raise ValueError(f"device_budget_bytes={device_budget_bytes!r} must be a non-negative integer")
         self.image_size = _image_size(image_size)
         self.transform = transform if transform is not None else ImageTransform(size=self.image_size)
         primary = self.broden.primary_categories(categories)  # validates the names
@@ -141,122 +413,206 @@ class ProbeSet:
         if size is not None and size < len(candidates):
             order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:size]
             candidates = sorted(candidates[i] for i in order.tolist())
+        if not candidates:
+            raise ValueError(f"the probe set of {self.broden.root} is empty")
         self.rows = candidates
         self.seed, self.split = seed, split
         self.fingerprint = hashlib.sha256(json.dumps({
-            "format": _CACHE_FORMAT, "dataset": self.broden.fingerprint(), "rows": self.rows,
+            "format": _FINGERPRINT_FORMAT, "dataset": self.broden.fingerprint(), "rows": self.rows,
             "categories": self.categories,
         }).encode()).hexdigest()
+        self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+        self.device_budget_bytes = device_budget_bytes
         self._device_tensors: dict[str, Any] = {}
-        self._load(cache_dir, progress)
+        first = self.broden.row(self.rows[0])
+        self._sizes = (first.image_size, first.segmentation_size)
+        self._storage, self.cache_folder = self._load(cache_dir, progress)
+        self._specs = self._storage.specs
+        self._set_arrays()
 
-    # ------------------------------------------------------------------ decoding and caching
+    # ------------------------------------------------------------------ layout, decoding and caching
 
-    def _cache_path(self, cache_dir: str | os.PathLike | bool | None) -> Path | None:
-        if cache_dir is False:
-            return None
-        root = Path(cache_dir) if cache_dir not in (None, True) else cache_root() / "probes"
-        return root / f"probe-{self._cache_key()[:32]}.pt"
+    def _layout(self, num_maps: int, num_image_labels: int) -> dict[str, ArraySpec]:
+        """The dtypes and shapes of the probe's arrays, with `M` label maps and `L` image-level labels per image."""
+        n, (ih, iw), (sh, sw) = len(self.rows), *self._sizes
+        num_categories = len(self.categories)
+        return {
+            "images": ArraySpec(torch.uint8, (n, 3, ih, iw)),
+            "label_maps": ArraySpec(torch.int16 if len(self.label_names) <= 2**15 else torch.int32,
+                                    (n, num_maps, sh, sw)),
+            "image_labels": ArraySpec(torch.long, (n, num_image_labels)),
+            "category_present": ArraySpec(torch.bool, (n, num_categories)),
+            "image_level_present": ArraySpec(torch.bool, (n, num_categories)),
+            "label_area": ArraySpec(torch.long, (len(self.label_names),)),
+        }
 
-    def _cache_key(self) -> str:
-        """The fingerprint plus the size and modification time of every file the probe decodes.
+    def _scan(self) -> tuple[dict[str, ArraySpec], list[str]]:
+        """The layout of the probe's arrays and the files it decodes, from the csv files alone.
 
-        The fingerprint hashes the csv files only (reading every image would cost as much as
-        decoding); the file stats make a replaced image or label map invalidate the cache too.
+        `M` and `L` are the largest numbers of label-map paths and image-level labels in the
+        selected cells, so the arrays can be laid out before anything is decoded.
         """
-        digest = hashlib.sha256(self.fingerprint.encode())
-        images = self.broden.root / "images"
-        for i in self.rows:
-            row = self.broden.row(i)
-            paths = [row.image] + [item for category in self.categories for item in row.cells[category]
-                                   if isinstance(item, str)]
-            for path in paths:
-                try:
-                    info = os.stat(images / path)
-                    digest.update(f"{path}:{info.st_size}:{info.st_mtime_ns};".encode())
-                except OSError:
-                    digest.update(f"{path}:missing;".encode())  # decoding will name the file
-        return digest.hexdigest()
-
-    def _load(self, cache_dir: str | os.PathLike | bool | None, progress: bool) -> None:
-        path = self._cache_path(cache_dir)
-        if path is not None and path.exists():
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                if state.get("fingerprint") == self.fingerprint:
-                    self._set(state)
-                    return
-            except Exception as error:  # a corrupt cache is rebuilt, never trusted
-                warnings.warn(f"probe cache {path} is unreadable ({error}); decoding again", stacklevel=3)
-        state = self._decode(progress)
-        self._set(state)
-        if path is not None:
-            with atomic_write(path, "wb") as handle:
-                torch.save(state, handle)
-
-    def _decode(self, progress: bool) -> dict[str, Any]:
         broden, rows = self.broden, self.rows
-        if not rows:
-            raise ValueError(f"the probe set of {broden.root} is empty")
-        first = broden.row(rows[0])
+        files: list[str] = []
+        num_maps = num_image_labels = 1
         for i in rows:
             row = broden.row(i)
-            if (row.image_size, row.segmentation_size) != (first.image_size, first.segmentation_size):
+            if (row.image_size, row.segmentation_size) != self._sizes:
                 raise BrodenError(
                     f"{broden.where(i)}: image/segmentation size "
                     f"{row.image_size}/{row.segmentation_size} differs from row {rows[0]}'s "
-                    f"{first.image_size}/{first.segmentation_size}; a probe set needs one size. "
+                    f"{self._sizes[0]}/{self._sizes[1]}; a probe set needs one size. "
                     "Select rows of one size (split=, size=)."
                 )
+            items = [item for category in self.categories for item in row.cells[category]]
+            maps = [item for item in items if isinstance(item, str)]
+            num_maps = max(num_maps, len(maps))
+            num_image_labels = max(num_image_labels, len(items) - len(maps))
+            files += [row.image, *maps]
+        return self._layout(num_maps, num_image_labels), files
 
-        def read(i: int) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
-            maps, image_labels = broden.read_segmentation(i, self.categories)
-            return broden.read_image(i), maps, image_labels
+    def _decode(self, sink: ArrayWriter | MemoryArrays, specs: dict[str, ArraySpec], progress: bool) -> None:
+        """Decode the probe chunk by chunk into `sink`, in probe order; the label areas last."""
+        decoder = _ChunkDecoder(self.broden, self.categories, self.label_category, specs)
+        chunks = [self.rows[start : start + _CHUNK_IMAGES] for start in range(0, len(self.rows), _CHUNK_IMAGES)]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            decoded = pool.map(read, rows)
-            if progress:
-                from tqdm.auto import tqdm
+            bar = tqdm(total=len(self.rows), desc="decode probe", unit="image")
+        area = torch.zeros(specs["label_area"].shape, dtype=torch.long)
+        try:
+            # closing(): a failing sink stops the workers now, not when the traceback is freed.
+            with contextlib.closing(_decoded_chunks(decoder, chunks, self.workers)) as decoded:
+                for rows, chunk in zip(chunks, decoded):
+                    area += torch.from_numpy(chunk.pop("label_area"))
+                    sink.append(chunk)
+                    if bar is not None:
+                        bar.update(len(rows))
+        finally:
+            if bar is not None:
+                bar.close()
+        sink.append({"label_area": area.numpy()})
 
-                decoded = tqdm(decoded, total=len(rows), desc="decode probe", unit="image")
-            decoded = list(decoded)
-        n = len(rows)
-        sh, sw = first.segmentation_size
-        num_maps = max(1, max(len(maps) for _, maps, _ in decoded))
-        num_image_labels = max(1, max(len(labels) for _, _, labels in decoded))
-        dtype = torch.int16 if len(self.label_names) <= 2**15 else torch.int32
-        images = torch.stack([image for image, _, _ in decoded])
-        label_maps = torch.zeros(n, num_maps, sh, sw, dtype=dtype)
-        image_labels = torch.zeros(n, num_image_labels, dtype=torch.long)
-        for position, (_, maps, labels) in enumerate(decoded):
-            for slot, label_map in enumerate(maps):
-                label_maps[position, slot] = label_map
-            image_labels[position, : len(labels)] = torch.tensor(labels, dtype=torch.long)
-        del decoded
-        num_categories = len(self.categories)
-        areas = torch.zeros(len(self.label_names), dtype=torch.long)
-        present = torch.zeros(n, num_categories, dtype=torch.bool)
-        image_level = torch.zeros(n, num_categories, dtype=torch.bool)
-        for start in range(0, n, _CHUNK_IMAGES):
-            part = slice(start, start + _CHUNK_IMAGES)
-            label_maps[part], image_labels[part] = canonical_labels(label_maps[part], image_labels[part],
-                                                                    self.label_category)
-            areas += label_area(label_maps[part], image_labels[part], len(self.label_names))
-            present[part], image_level[part] = category_presence(label_maps[part], image_labels[part],
-                                                                 self.label_category, num_categories)
-        return {
-            "fingerprint": self.fingerprint, "images": images, "label_maps": label_maps,
-            "image_labels": image_labels, "label_area": areas, "category_present": present,
-            "image_level_present": image_level,
-        }
+    def _decode_to_files(self, folder: Path, specs: dict[str, ArraySpec], progress: bool) -> None:
+        writer = ArrayWriter(folder, specs)
+        try:
+            self._decode(writer, specs, progress)
+            writer.finish()
+        finally:
+            writer.close()
 
-    def _set(self, state: dict[str, Any]) -> None:
-        self.images: torch.Tensor = state["images"]
-        self.label_maps: torch.Tensor = state["label_maps"]
-        self.image_labels: torch.Tensor = state["image_labels"]
-        self.label_area: torch.Tensor = state["label_area"]
-        self.category_present: torch.Tensor = state["category_present"]
-        self.image_level_present: torch.Tensor = state["image_level_present"]
+    def _load(self, cache_dir: str | os.PathLike | bool | None, progress: bool
+              ) -> tuple[MappedArrays | MemoryArrays, Path | None]:
+        if cache_dir is False:
+            return self._uncached(self._scan()[0], progress), None
+        root = cache_root() / "probes" if cache_dir is None or cache_dir is True else Path(cache_dir)
+        folder = root / f"probe-{self.fingerprint[:32]}"
+        try:
+            mapped = self._open_cached(folder)
+            if mapped is not None:
+                return mapped, folder
+        except CacheInvalid as problem:
+            _warn_once(f"invalid:{folder}", f"probe cache {folder} is unreadable or incomplete ({problem}); "
+                                            "decoding again")
+        try:
+            return self._build_cache(root, folder, progress), folder
+        except CacheWriteError as error:
+            specs = self._scan()[0]
+            where = "memory" if _nbytes(specs) <= MEMORY_PROBE_BYTES else \
+                f"deleted files in a temporary folder in {tempfile.gettempdir()}"
+            _warn_once(f"unwritable:{root}", f"probe cache at {root} cannot be written ({error}); the probe runs "
+                                             f"from {where}")
+        return self._uncached(specs, progress), None
+
+    def _open_cached(self, folder: Path) -> MappedArrays | None:
+        """The cache in `folder` mapped; None when there is none or the dataset's files changed since.
+
+        Raises:
+            CacheInvalid: a folder that is not a complete cache of this probe.
+        """
+        manifest = read_manifest(folder)
+        if manifest is None:
+            return None
+        if manifest.fingerprint != self.fingerprint or not self._is_layout(manifest.specs):
+            raise CacheInvalid(f"{folder / 'manifest.json'} does not describe this probe's arrays")
+        if files_stats(self.broden.root / "images", listed_files(folder)) != manifest.stats:
+            return None  # an image or label map was replaced: a cache miss, rebuilt in place
+        try:
+            return MappedArrays(folder, manifest.specs)
+        except OSError as error:
+            raise CacheInvalid(f"{folder} cannot be mapped ({error})") from None
+
+    def _is_layout(self, specs: dict[str, ArraySpec]) -> bool:
+        try:
+            num_maps, num_image_labels = specs["label_maps"].shape[1], specs["image_labels"].shape[1]
+        except (KeyError, IndexError):
+            return False
+        return num_maps >= 1 and num_image_labels >= 1 and specs == self._layout(num_maps, num_image_labels)
+
+    def _build_cache(self, root: Path, folder: Path, progress: bool) -> MappedArrays:
+        with build_lock(root, folder.name):
+            try:  # another process may have built it while this one waited for the lock
+                mapped = self._open_cached(folder)
+                if mapped is not None:
+                    return mapped
+            except CacheInvalid:
+                pass  # warned about already; replaced below
+            specs, files = self._scan()
+            manifest = Manifest(self.fingerprint, specs, files_stats(self.broden.root / "images", files))
+            remove_stale_staging(root, folder.name)
+            require_free_space(root, _nbytes(specs))
+            staging = staging_folder(root, folder.name)
+            try:
+                self._decode_to_files(staging, specs, progress)
+                write_manifest(staging, manifest, files)
+                publish(staging, folder)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)  # gone already when published
+        mapped = self._open_cached(folder)
+        assert mapped is not None
+        return mapped
+
+    def _uncached(self, specs: dict[str, ArraySpec], progress: bool) -> MappedArrays | MemoryArrays:
+        """The probe without a cache: in memory when small, else in deleted temporary files."""
+        if _nbytes(specs) > MEMORY_PROBE_BYTES:
+            temporary = Path(tempfile.gettempdir())
+            try:
+                require_free_space(temporary, _nbytes(specs))
+                folder = staging_folder(temporary, "lightning_dissect-probe")
+                try:
+                    self._decode_to_files(folder, specs, progress)
+                    mapped = MappedArrays(folder, specs)
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)  # POSIX: the mapping keeps the data
+                mapped.detach()
+                return mapped
+            except CacheWriteError as error:
+                _warn_once(f"unwritable:{temporary}", f"the temporary folder {temporary} cannot hold the probe "
+                                                      f"({error}); the probe runs from memory")
+        memory = MemoryArrays.empty(specs)
+        self._decode(memory, specs, progress)
+        return memory
+
+    def _set_arrays(self) -> None:
+        tensors = self._storage.tensors
+        self.images: torch.Tensor = tensors["images"]
+        self.label_maps: torch.Tensor = tensors["label_maps"]
+        self.image_labels: torch.Tensor = tensors["image_labels"]
+        self.label_area: torch.Tensor = tensors["label_area"]
+        self.category_present: torch.Tensor = tensors["category_present"]
+        self.image_level_present: torch.Tensor = tensors["image_level_present"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled (ddp_spawn): the storage pickles as a reference to the cache folder when there is
+        # one; the device copies stay behind.
+        state = {name: value for name, value in self.__dict__.items() if name not in (*_PER_IMAGE, "label_area")}
+        state["_device_tensors"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._set_arrays()
 
     # ------------------------------------------------------------------ use
 
@@ -271,8 +627,23 @@ class ProbeSet:
     def segmentation_size(self) -> tuple[int, int]:
         return int(self.label_maps.shape[-2]), int(self.label_maps.shape[-1])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the per-image arrays (what `device_budget_bytes` is compared with)."""
+        return sum(self._specs[name].nbytes for name in _PER_IMAGE)
+
+    @property
+    def fits_device(self) -> bool:
+        """Whether the probe is kept whole on the device (`nbytes <= device_budget_bytes`)."""
+        return self.nbytes <= self.device_budget_bytes
+
     def tensors(self, device: torch.device | str) -> dict[str, torch.Tensor]:
-        """The probe's tensors on `device`, copied there once and kept for later dissections."""
+        """The whole probe on `device`, copied there once and kept for later dissections.
+
+        On the CPU these are the mapped arrays themselves (nothing is copied or read). On another
+        device this copies every array whatever its size: for a probe beyond `device_budget_bytes`
+        use `model_input`, `labels` or `stream`, which move one batch at a time.
+        """
         device = torch.device(device)
         if self._device_tensors.get("device") != device:
             self._device_tensors = {
@@ -283,12 +654,98 @@ class ProbeSet:
             }
         return self._device_tensors
 
+    def _positions(self, positions: Sequence[int] | torch.Tensor) -> list[int]:
+        listed = positions.tolist() if isinstance(positions, torch.Tensor) else [operator.index(p) for p in positions]
+        for position in listed:
+            if not 0 <= position < len(self):
+                raise IndexError(f"probe position {position} is out of range: the probe has positions 0 to "
+                                 f"{len(self) - 1}")
+        return listed
+
+    def _read(self, names: Sequence[str], positions: list[int], device: torch.device, pin: bool = False
+              ) -> dict[str, torch.Tensor]:
+        """Rows `positions` of arrays `names`: on `device` when the probe is kept there, else on the CPU."""
+        if self.fits_device:
+            data = self.tensors(device)
+            index = torch.tensor(positions, dtype=torch.long, device=device)
+            return {name: data["present" if name == "category_present" else name][index] for name in names}
+        return {name: self._storage.gather(name, positions, pin=pin) for name in names}
+
+    def _batch(self, positions: list[int], arrays: dict[str, torch.Tensor]) -> ProbeBatch:
+        inputs = self.transform(arrays["images"].float().div_(255)) if "images" in arrays else None
+        labels = ProbeLabels(*(arrays[name] for name in _LABELS)) if "label_maps" in arrays else None
+        return ProbeBatch(positions, inputs, labels)
+
     def model_input(self, positions: Sequence[int] | torch.Tensor, device: torch.device | str) -> torch.Tensor:
-        """The transformed images at probe `positions`, float32 on `device`."""
-        images = self.tensors(device)["images"]
-        index = torch.as_tensor(positions, device=images.device, dtype=torch.long)
-        return self.transform(images[index].float().div_(255))
+        """The transformed images at probe `positions`, float32 on `device`.
+
+        Raises:
+            IndexError: a position outside `range(len(probe))`.
+        """
+        device = torch.device(device)
+        listed = self._positions(positions)
+        images = self._read(["images"], listed, device, pin=device.type == "cuda")["images"]
+        inputs = self._batch(listed, {"images": images.to(device, non_blocking=True)}).inputs
+        assert inputs is not None
+        return inputs
+
+    def labels(self, positions: Sequence[int] | torch.Tensor, device: torch.device | str) -> ProbeLabels:
+        """The canonical label tensors of the images at probe `positions`, on `device` (SEMANTICS §3).
+
+        Raises:
+            IndexError: a position outside `range(len(probe))`.
+        """
+        device = torch.device(device)
+        arrays = self._read(_LABELS, self._positions(positions), device, pin=device.type == "cuda")
+        return ProbeLabels(*(arrays[name].to(device, non_blocking=True) for name in _LABELS))
+
+    def stream(self, batches: Iterable[Sequence[int]], device: torch.device | str, images: bool = True,
+               labels: bool = True, prefetch: int = 2) -> Iterator[ProbeBatch]:
+        """The batches' model input and labels on `device`, the next batches read ahead in the background.
+
+        A probe kept on the device (see `fits_device`) is indexed there. Otherwise a thread reads the
+        next `prefetch` batches from the cache (into pinned memory and onto the device on a copy
+        stream, on CUDA) while the caller works on the current one. The tensors equal those of
+        `model_input` and `labels`, bit for bit.
+
+        Args:
+            batches: probe positions of each batch.
+            device: where the tensors go.
+            images, labels: what to read: `ProbeBatch.inputs` and `ProbeBatch.labels` are None when not.
+            prefetch: batches read ahead (at least 1).
+
+        Yields:
+            `ProbeBatch(positions, inputs, labels)` per batch, in order.
+
+        Raises:
+            ValueError: neither images nor labels asked for, or `prefetch < 1`.
+            IndexError: a position outside `range(len(probe))` (before anything is read).
+
+        Example:
+            >>> for batch in probe.stream([[0, 1], [2, 3]], "cpu"):   # doctest: +SKIP
+            ...     outputs = model(batch.inputs)
+        """
+        if not (images or labels):
+            raise ValueError("stream(images=False, labels=False) reads nothing; ask for images, labels or both")
+        if not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch={prefetch!r} must be a positive integer")
+        device = torch.device(device)
+        listed = [self._positions(batch) for batch in batches]
+        names = (["images"] if images else []) + (list(_LABELS) if labels else [])
+        if self.fits_device:
+            return (self._batch(positions, self._read(names, positions, device)) for positions in listed)
+        return self._streamed(listed, names, device, prefetch)
+
+    def _streamed(self, batches: list[list[int]], names: list[str], device: torch.device, prefetch: int
+                  ) -> Iterator[ProbeBatch]:
+        copier = _DeviceCopier(device)
+
+        def read(positions: list[int]) -> tuple[list[int], dict[str, torch.Tensor], Any]:
+            return (positions, *copier.send(self._read(names, positions, device, pin=copier.cuda)))
+
+        for positions, arrays, ready in prefetched(read, batches, depth=prefetch):
+            yield self._batch(positions, copier.receive(arrays, ready))
 
     def release(self) -> None:
-        """Drop the device copies (the CPU tensors stay)."""
+        """Drop the device copies (the arrays on disk or in memory stay)."""
         self._device_tensors = {}

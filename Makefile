@@ -23,9 +23,8 @@ demo: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check lightning_dissect tests examples benchmarks
 
-# The engine is type-clean; the package's edges are to follow (then: mypy lightning_dissect).
 typecheck: $(VENV)/.installed
-	$(VENV)/bin/mypy lightning_dissect/engine
+	$(VENV)/bin/mypy lightning_dissect
 
 test: lint typecheck
 	$(PY) -m pytest -q tests

@@ -50,7 +50,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from lightning_dissect.io import atomic_write
@@ -748,6 +748,10 @@ class Broden:
                         image.load()  # decode now, so a truncated file fails here and not later
                         rgb = image if image.mode == "RGB" else image.convert("RGB")
                         return np.array(rgb, dtype=np.uint8)  # a copy: torch wants writable memory
+            except UnidentifiedImageError:
+                # PIL's own message names the open file object, which says nothing here.
+                raise BrodenError(f"{self._index.where(i)}: {column} file {path} cannot be decoded (not an image "
+                                  f"PIL can identify); {_FIX_IMAGES}") from None
             except (OSError, ValueError, Image.DecompressionBombError) as error:
                 raise BrodenError(
                     f"{self._index.where(i)}: {column} file {path} cannot be decoded ({error}); {_FIX_IMAGES}"

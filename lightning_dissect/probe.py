@@ -123,7 +123,7 @@ def _image_size(value: int | Sequence[int] | None) -> tuple[int, int] | None:
     size = (value, value) if isinstance(value, int) else tuple(value)
     if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
         raise ValueError(f"image_size={value!r} must be a positive int or (height, width)")
-    return size  # type: ignore[return-value]
+    return size
 
 
 class ProbeLabels(NamedTuple):

@@ -86,10 +86,32 @@ class Table:
 
 @dataclass
 class Image:
-    """An image to show: uint8 RGB `(height, width, 3)`."""
+    """An image to show: uint8 RGB `(height, width, 3)`.
+
+    Attributes:
+        photo: a photograph (a unit strip): encoded as JPEG, which is a few times smaller and about
+            twenty times faster to encode than PNG for photographs; figures (text and lines) are PNG.
+    """
 
     tag: str
     image: np.ndarray
+    photo: bool = False
+
+    @property
+    def suffix(self) -> str:
+        return ".jpg" if self.photo else ".png"
+
+    def encoded(self) -> bytes:
+        """The image as JPEG (quality 90, full-resolution colour) or PNG bytes."""
+        from PIL import Image as PILImage
+
+        buffer = io.BytesIO()
+        picture = PILImage.fromarray(np.ascontiguousarray(self.image))
+        if self.photo:
+            picture.save(buffer, format="JPEG", quality=90, subsampling=0)
+        else:
+            picture.save(buffer, format="PNG")
+        return buffer.getvalue()
 
 
 Media = Table | Image
@@ -146,7 +168,9 @@ def unit_figures(report: DissectionReport) -> Iterable[Media]:
     (detectors per concept) and `dissect/<layer>/iou_histogram` (`lightning_dissect.report`)."""
     from lightning_dissect.report.media import bar_graph_media
 
-    for tag, image in {**report.strips, **bar_graph_media(report.dissection)}.items():
+    for tag, image in report.strips.items():
+        yield Image(tag, image, photo=True)
+    for tag, image in bar_graph_media(report.dissection).items():
         yield Image(tag, image)
 
 

@@ -5,10 +5,12 @@ Each adapter only knows how its logger writes a scalar, a table and an image; wh
 
 | logger | scalars | tables | images |
 | --- | --- | --- | --- |
-| TensorBoard (`TensorBoardLogger`, a `SummaryWriter`) | `log_metrics` | markdown text | `add_image` |
+| TensorBoard (`TensorBoardLogger`, a `SummaryWriter`) | `log_metrics` | markdown text | image summaries |
 | Weights & Biases (`WandbLogger`, a `wandb` run) | `log_metrics` (one call, one row) | `wandb.Table` | `wandb.Image` |
-| MLflow (`MLFlowLogger`) | `log_metrics` | CSV artifacts | PNG artifacts |
-| CSV (`CSVLogger`) | `log_metrics` | CSV files beside `metrics.csv` | PNG files |
+| MLflow (`MLFlowLogger`) | `log_metrics` | CSV artifacts | PNG / JPEG artifacts |
+| CSV (`CSVLogger`) | `log_metrics` | CSV files beside `metrics.csv` | PNG / JPEG files |
+
+Figures are PNG; unit strips (photographs) are JPEG.
 | anything else with `log_metrics` | `log_metrics` | - | - (warns once) |
 
 Loggers are recognised by class name, so the `lightning.pytorch`,
@@ -95,7 +97,14 @@ class TensorBoardAdapter(LoggerAdapter):
         self.writer.add_text(table.tag, table.to_markdown(), step)
 
     def log_image(self, image: Image, step: int) -> None:
-        self.writer.add_image(image.tag, image.image, step, dataformats="HWC")
+        # The summary is written as `add_image` writes it, with the image encoded here: `add_image` always
+        # resamples (Lanczos, even at the same size) and PNG-encodes, which costs 20 times a strip's JPEG.
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        height, width = image.image.shape[:2]
+        encoded = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=image.encoded())
+        summary = Summary(value=[Summary.Value(tag=image.tag, image=encoded)])
+        self.writer._get_file_writer().add_summary(summary, step)
 
 
 class WandbAdapter(LoggerAdapter):
@@ -130,7 +139,7 @@ class WandbAdapter(LoggerAdapter):
         import wandb
 
         return {item.tag: wandb.Table(columns=list[Any](item.columns), data=item.rows) if isinstance(item, Table)
-                else wandb.Image(item.image) for item in media}
+                else wandb.Image(item.image, file_type="jpg" if item.photo else "png") for item in media}
 
 
 class MLflowAdapter(LoggerAdapter):
@@ -153,7 +162,8 @@ class MLflowAdapter(LoggerAdapter):
         self.logger.experiment.log_text(self.logger.run_id, table.to_csv(), f"{table.tag}/step={step}.csv")
 
     def log_image(self, image: Image, step: int) -> None:
-        self.logger.experiment.log_image(self.logger.run_id, image.image, artifact_file=f"{image.tag}/step={step}.png")
+        self.logger.experiment.log_image(self.logger.run_id, image.image,
+                                         artifact_file=f"{image.tag}/step={step}{image.suffix}")
 
 
 class CSVAdapter(LoggerAdapter):
@@ -167,10 +177,8 @@ class CSVAdapter(LoggerAdapter):
             handle.write(table.to_csv())
 
     def log_image(self, image: Image, step: int) -> None:
-        from PIL import Image as PILImage
-
-        with atomic_write(self._path(image.tag, step, ".png"), "wb") as handle:
-            PILImage.fromarray(image.image).save(handle, format="PNG")
+        with atomic_write(self._path(image.tag, step, image.suffix), "wb") as handle:
+            handle.write(image.encoded())
 
 
 class ScalarsOnlyAdapter(LoggerAdapter):

@@ -102,16 +102,10 @@ class Image:
         return ".jpg" if self.photo else ".png"
 
     def encoded(self) -> bytes:
-        """The image as JPEG (quality 90, full-resolution colour) or PNG bytes."""
-        from PIL import Image as PILImage
+        """The image as JPEG (a photograph) or PNG bytes (`report.media.encode_image`)."""
+        from lightning_dissect.report.media import encode_image  # PIL, imported when an image is shown
 
-        buffer = io.BytesIO()
-        picture = PILImage.fromarray(np.ascontiguousarray(self.image))
-        if self.photo:
-            picture.save(buffer, format="JPEG", quality=90, subsampling=0)
-        else:
-            picture.save(buffer, format="PNG")
-        return buffer.getvalue()
+        return encode_image(self.image, self.photo)
 
 
 Media = Table | Image

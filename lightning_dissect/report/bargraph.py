@@ -136,11 +136,11 @@ def iou_histogram_figure(layer_result: LayerNumbers, bins: int = 40) -> Figure:
     return figure
 
 
-def bar_graph(layer_result: LayerNumbers) -> np.ndarray:
-    """The bar graph of detectors per concept, uint8 RGB `(H, W, 3)`."""
-    return figure_to_array(bar_graph_figure(layer_result))
+def bar_graph(layer_result: LayerNumbers, trim: bool = True) -> np.ndarray:
+    """The bar graph of detectors per concept, uint8 RGB `(H, W, 3)` (`trim`: to its content)."""
+    return figure_to_array(bar_graph_figure(layer_result), trim=trim)
 
 
-def iou_histogram(layer_result: LayerNumbers) -> np.ndarray:
-    """The IoU histogram of a layer, uint8 RGB `(H, W, 3)`."""
-    return figure_to_array(iou_histogram_figure(layer_result))
+def iou_histogram(layer_result: LayerNumbers, trim: bool = True) -> np.ndarray:
+    """The IoU histogram of a layer, uint8 RGB `(H, W, 3)` (`trim`: to its content)."""
+    return figure_to_array(iou_histogram_figure(layer_result), trim=trim)

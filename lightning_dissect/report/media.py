@@ -18,6 +18,7 @@ from the run directory, without the model, shows strips (`report.html`).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -153,19 +154,30 @@ def bar_graph_media(dissection: DissectionNumbers) -> dict[str, np.ndarray]:
     """
     media = {}
     for name, layer_result in dissection.items():
-        media[f"dissect/{name}/bar_graph"] = bar_graph(layer_result)
-        media[f"dissect/{name}/iou_histogram"] = iou_histogram(layer_result)
+        # Untrimmed: a dashboard shows the margins, and trimming lays every label out a second time.
+        media[f"dissect/{name}/bar_graph"] = bar_graph(layer_result, trim=False)
+        media[f"dissect/{name}/iou_histogram"] = iou_histogram(layer_result, trim=False)
     return media
 
 
+def encode_image(image: np.ndarray, photo: bool) -> bytes:
+    """A uint8 RGB array as JPEG bytes (a photograph, such as a strip: quality 90) or PNG bytes (a figure)."""
+    buffer = io.BytesIO()
+    picture = Image.fromarray(np.ascontiguousarray(image))
+    if photo:
+        picture.save(buffer, format="JPEG", quality=90)
+    else:
+        picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def save_image(image: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write a uint8 RGB array as a PNG, or a JPEG (quality 90, full-resolution colour) for a `.jpg` path, through a
-    temporary file, so a crash leaves no half image."""
+    """Write a uint8 RGB array as a PNG, or a JPEG for a `.jpg` path (`encode_image`), through a temporary file,
+    so a crash leaves no half image."""
     path = Path(path)
-    jpeg = path.suffix.lower() in (".jpg", ".jpeg")
-    options: dict[str, Any] = {"quality": 90, "subsampling": 0} if jpeg else {}
+    data = encode_image(image, photo=path.suffix.lower() in (".jpg", ".jpeg"))
     with atomic_write(path, "wb") as handle:
-        Image.fromarray(np.ascontiguousarray(image)).save(handle, format="JPEG" if jpeg else "PNG", **options)
+        handle.write(data)
     return path
 
 

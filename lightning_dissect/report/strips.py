@@ -140,29 +140,33 @@ def draw_mask(image: np.ndarray, mask: np.ndarray, dim: float = DIM, border: int
     dilation), so every mask pixel keeps its original value.
 
     Args:
-        image: uint8 `(H, W, 3)`.
-        mask: bool `(H, W)`.
+        image: uint8 `(..., H, W, 3)`: one image, or a stack of them.
+        mask: bool `(..., H, W)`.
 
     Returns:
-        uint8 `(H, W, 3)`.
+        uint8 `(..., H, W, 3)`.
     """
     dimmed = np.rint(np.arange(256) * dim).astype(np.uint8)
-    tile = np.where(mask[..., None], image, dimmed[image])
-    if border > 0 and mask.any():
-        tile[_dilate(mask, border) & ~mask] = border_color
+    tile = np.take(dimmed, image)
+    # Masks are small (a unit's top 0.5%): copy the pixels inside and colour the outline by index.
+    pixels, original = tile.reshape(-1, 3), np.ascontiguousarray(image).reshape(-1, 3)
+    inside = np.flatnonzero(mask)
+    pixels[inside] = original[inside]
+    if border > 0 and inside.size:
+        pixels[np.flatnonzero(_dilate(mask, border) & ~mask)] = border_color
     return tile
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary dilation by a `(2 radius + 1)` square, as two separable passes of shifted ORs."""
-    height, width = mask.shape
-    padded = np.pad(mask, radius)
-    rows = np.zeros((height + 2 * radius, width), dtype=bool)
+    """Binary dilation of the last two axes by a `(2 radius + 1)` square, as two separable passes of shifted ORs."""
+    height, width = mask.shape[-2:]
+    padded = np.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(radius, radius), (radius, radius)])
+    rows = np.zeros(mask.shape[:-2] + (height + 2 * radius, width), dtype=bool)
     for shift in range(2 * radius + 1):
-        rows |= padded[:, shift : shift + width]
-    dilated = np.zeros((height, width), dtype=bool)
+        rows |= padded[..., :, shift : shift + width]
+    dilated = np.zeros(mask.shape, dtype=bool)
     for shift in range(2 * radius + 1):
-        dilated |= rows[shift : shift + height]
+        dilated |= rows[..., shift : shift + height, :]
     return dilated
 
 
@@ -174,6 +178,11 @@ def tile_scale(image_size: tuple[int, int], min_tile: int = MIN_TILE) -> int:
 def enlarge(pixels: np.ndarray, scale: int) -> np.ndarray:
     """Repeat each pixel `scale` times along the first two axes (`(H, W, ...)` -> `(scale H, scale W, ...)`)."""
     return pixels if scale == 1 else pixels.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def enlarge_stack(pixels: np.ndarray, scale: int) -> np.ndarray:
+    """`enlarge` every item of a stack (`(k, H, W, ...)` -> `(k, scale H, scale W, ...)`)."""
+    return pixels if scale == 1 else pixels.repeat(scale, axis=1).repeat(scale, axis=2)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -274,8 +283,7 @@ def strips_from_maps(
             counted = upsample_masks(raw, threshold, probe.segmentation_size).reshape(-1, *probe.segmentation_size)
             masks = _nearest(counted.numpy(), image_size)
             pixels = images[positions].permute(0, 2, 3, 1).numpy()
-            tiles = np.stack([draw_mask(enlarge(pixels[i], scale), enlarge(masks[i], scale), dim, border)
-                              for i in range(len(positions))])
+            tiles = draw_mask(enlarge_stack(pixels, scale), enlarge_stack(masks, scale), dim, border)
         else:
             masks = np.zeros((0, *image_size), dtype=bool)
             tiles = np.zeros((0, scale * image_size[0], scale * image_size[1], 3), dtype=np.uint8)

@@ -161,11 +161,12 @@ def bar_graph_media(dissection: DissectionNumbers) -> dict[str, np.ndarray]:
 
 
 def encode_image(image: np.ndarray, photo: bool) -> bytes:
-    """A uint8 RGB array as JPEG bytes (a photograph, such as a strip: quality 90) or PNG bytes (a figure)."""
+    """A uint8 RGB array as JPEG bytes (a photograph, such as a strip: quality 90, full-resolution colour) or PNG
+    bytes (a figure)."""
     buffer = io.BytesIO()
     picture = Image.fromarray(np.ascontiguousarray(image))
     if photo:
-        picture.save(buffer, format="JPEG", quality=90)
+        picture.save(buffer, format="JPEG", quality=90, subsampling=0)  # full-resolution colour: thin outlines stay sharp
     else:
         picture.save(buffer, format="PNG")
     return buffer.getvalue()

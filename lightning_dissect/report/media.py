@@ -166,7 +166,7 @@ def encode_image(image: np.ndarray, photo: bool) -> bytes:
     buffer = io.BytesIO()
     picture = Image.fromarray(np.ascontiguousarray(image))
     if photo:
-        picture.save(buffer, format="JPEG", quality=90, subsampling=0)  # full-resolution colour: thin outlines stay sharp
+        picture.save(buffer, format="JPEG", quality=90, subsampling=0)  # full-resolution colour: sharp outlines
     else:
         picture.save(buffer, format="PNG")
     return buffer.getvalue()

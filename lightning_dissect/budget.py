@@ -70,6 +70,10 @@ def validate_max_seconds(max_seconds: float | None) -> None:
         raise ValueError(f"max_seconds={max_seconds!r} must be a positive number of seconds or None")
 
 
+# Training steps after which the measured rate, not the plan's estimate, projects the fit's length.
+MEASURED_AFTER_STEPS = 20
+
+
 class OverheadBudget:
     """The callback's own time (dissections, figures, files) within `max_overhead` of the fit's wall time.
 
@@ -102,6 +106,7 @@ class OverheadBudget:
         self.own_seconds = 0.0  # everything the callback did
         self.dissections = 0
         self.dissection_seconds = 0.0  # of those, whole dissections (engine, files, figures)
+        self.step_seconds: float | None = None  # the plan's estimate of a training step, until steps are measured
 
     def start(self) -> None:
         """Start the fit's clock (at the first training batch)."""
@@ -139,6 +144,7 @@ class OverheadBudget:
             `largest` without a budget or with an unknown length of the run; else the size at which
             `dissections` dissections take `max_overhead` of the fit, within `[min(smallest, largest), largest]`.
         """
+        self.step_seconds = step_seconds
         if self.max_overhead is None or not math.isfinite(total_steps) or seconds_per_image <= 0:
             return largest
         training = step_seconds * total_steps
@@ -160,7 +166,12 @@ class OverheadBudget:
         elapsed = self.clock() - self.started
         training = max(elapsed - self.own_seconds, 0.0)
         if math.isfinite(total_steps) and total_steps > steps_done:
-            training *= total_steps / steps_done  # the whole fit at the rate measured so far
+            if steps_done < MEASURED_AFTER_STEPS and self.step_seconds is not None:
+                # The first steps are slow (data loaders starting, caches warming): their rate would promise
+                # a long fit and spend the budget on the earliest dissections. Until then, the plan's estimate.
+                training = self.step_seconds * total_steps
+            else:
+                training *= total_steps / steps_done  # the whole fit at the rate measured so far
         own = self.max_overhead / (1 - self.max_overhead) * training
         per_dissection = self.dissection_seconds / self.dissections
         affordable = math.floor((own - self.own_seconds) / per_dissection)  # this one, the later ones, the last

@@ -61,6 +61,29 @@ def test_budget_skips_the_earliest_scheduled_dissections_and_keeps_the_latest():
     assert budget.own_seconds == 4.0 and budget.share == pytest.approx(4.0 / (81 + 4.0))
 
 
+def test_slow_first_steps_do_not_spend_the_budget_on_the_earliest_dissections():
+    """The first training step takes 5 s (loaders starting), the others 0.27 s. Projected from the first
+    step the fit would last 1500 s and every early dissection would fit; the plan's estimate of a step
+    (0.27 s) projects until step 20, so the earliest are skipped as with a steady rate."""
+    now = [0.0]
+    budget = OverheadBudget(0.05, clock=lambda: now[0])
+    budget.plan_probe_size(0.0025, 0.27, 300, dissections=10, largest=200, smallest=200)
+    budget.start()
+    planned = log_spaced().planned_steps(300)
+    kept = []
+    for step in range(301):
+        if step > 0:
+            now[0] += 5.0 if step == 1 else 0.27
+        final = step == 300
+        if step in planned or final:
+            later = sum(1 for other in planned if other > step) + (0 if final else 1)
+            if step == 0 or final or budget.keep(step, 300, later):
+                kept.append(step)
+                now[0] += 0.5
+                budget.spent(0.5)
+    assert kept == [0, 4, 9, 20, 44, 97, 213, 300]
+
+
 # ---------------------------------------------------------------------- real runs
 
 

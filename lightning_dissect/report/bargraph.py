@@ -65,13 +65,16 @@ def bar_graph_figure(layer_result: LayerNumbers) -> Figure:
     """NetDissect's bar graph of detectors per concept, as a matplotlib `Figure`."""
     groups = detectors_per_concept(layer_result)
     bars = sum(len(concepts) for _, concepts in groups)
-    figure = new_figure(min(60.0, max(4.0, 1.0 + 0.24 * bars)), 3.2)
-    axes = figure.add_axes((0.08 if bars > 8 else 0.15, 0.42, 0.9 if bars > 8 else 0.8, 0.4))
     summary = layer_result.summary()
-    figure.suptitle(f"{plain(layer_result.layer)}: {int(summary['unique_concepts'])} unique concepts, "
-                    f"{int(summary['detectors'])} detectors of {layer_result.num_units} units "
-                    f"(IoU > {layer_result.iou_threshold:g})\n{int(summary['unique_top_concepts'])} unique top "
-                    "concepts (labels of detectors), one bar each", fontsize=9, y=0.98, va="top")
+    title = (f"{plain(layer_result.layer)}: {int(summary['unique_concepts'])} unique concepts, "
+             f"{int(summary['detectors'])} detectors of {layer_result.num_units} units "
+             f"(IoU > {layer_result.iou_threshold:g})\n{int(summary['unique_top_concepts'])} unique top "
+             "concepts (labels of detectors), one bar each")
+    # Wide enough for the bars and for the title (about 0.07 inch a character at 9 points), untrimmed too.
+    width = max(4.0, 1.0 + 0.24 * bars, 0.07 * max(len(line) for line in title.splitlines()))
+    figure = new_figure(min(60.0, width), 3.2)
+    axes = figure.add_axes((0.08 if bars > 8 else 0.15, 0.42, 0.9 if bars > 8 else 0.8, 0.4))
+    figure.suptitle(title, fontsize=9, y=0.98, va="top")
     axes.set_ylabel("detectors", fontsize=8)
     axes.spines[["top", "right"]].set_visible(False)
     if not bars:

@@ -8,6 +8,8 @@ The engine (`dissect`, `dissect_activations`) is plain PyTorch and works on any
 from typing import TYPE_CHECKING
 
 from lightning_dissect.broden import Broden, BrodenError, BrodenRow, download_broden
+from lightning_dissect.broden_writer import write_broden
+from lightning_dissect.concept_source import ConceptDataset, DatasetError
 from lightning_dissect.dissector import Dissector, RunContext
 from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.engine.rotation import Rotation, fractional_power, random_rotation, rotate_units
@@ -26,6 +28,8 @@ __all__ = [
     "Broden",
     "BrodenError",
     "BrodenRow",
+    "ConceptDataset",
+    "DatasetError",
     "Dissection",
     "DissectionCallback",
     "DissectionError",
@@ -49,6 +53,7 @@ __all__ = [
     "make_synthetic_broden",
     "random_rotation",
     "rotate_units",
+    "write_broden",
 ]
 
 

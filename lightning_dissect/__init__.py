@@ -7,6 +7,7 @@ The engine (`dissect`, `dissect_activations`) is plain PyTorch and works on any
 
 from typing import TYPE_CHECKING
 
+from lightning_dissect import datasets
 from lightning_dissect.broden import Broden, BrodenError, BrodenRow, download_broden
 from lightning_dissect.broden_writer import write_broden
 from lightning_dissect.concept_source import ConceptDataset, DatasetError
@@ -43,6 +44,7 @@ __all__ = [
     "RunContext",
     "at_steps",
     "concept_changes",
+    "datasets",
     "dissect",
     "dissect_activations",
     "download_broden",

@@ -7,7 +7,10 @@ The engine (`dissect`, `dissect_activations`) is plain PyTorch and works on any
 
 from typing import TYPE_CHECKING
 
+from lightning_dissect import datasets
 from lightning_dissect.broden import Broden, BrodenError, BrodenRow, download_broden
+from lightning_dissect.broden_writer import write_broden
+from lightning_dissect.concept_source import ConceptDataset, DatasetError
 from lightning_dissect.dissector import Dissector, RunContext
 from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.engine.rotation import Rotation, fractional_power, random_rotation, rotate_units
@@ -26,6 +29,8 @@ __all__ = [
     "Broden",
     "BrodenError",
     "BrodenRow",
+    "ConceptDataset",
+    "DatasetError",
     "Dissection",
     "DissectionCallback",
     "DissectionError",
@@ -39,6 +44,7 @@ __all__ = [
     "RunContext",
     "at_steps",
     "concept_changes",
+    "datasets",
     "dissect",
     "dissect_activations",
     "download_broden",
@@ -49,6 +55,7 @@ __all__ = [
     "make_synthetic_broden",
     "random_rotation",
     "rotate_units",
+    "write_broden",
 ]
 
 

@@ -53,6 +53,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from lightning_dissect.concept_source import ItemLayout
 from lightning_dissect.io import atomic_write
 from lightning_dissect.progress import show_progress
 
@@ -622,6 +623,29 @@ class Broden:
             segmentation_size=(sh, sw),
             cells={name: _split_cell(cells[column]) for name, column in self._category_columns.items()},
         )
+
+    def describe(self) -> str:
+        """The dataset as messages name it: its directory."""
+        return str(self.root)
+
+    @property
+    def files_root(self) -> Path:
+        """The folder the paths of ``index.csv`` are relative to: ``images/``."""
+        return self.root / "images"
+
+    def item_layout(self, i: int, categories: Sequence[str]) -> ItemLayout:
+        """Row ``i``'s sizes, its numbers of label maps and image-level labels in ``categories``, and its files.
+
+        From ``index.csv`` alone: nothing is decoded.
+        """
+        row = self.row(i)
+        items = [item for category in categories for item in row.cells[category]]
+        maps = [item for item in items if isinstance(item, str)]
+        return ItemLayout(row.image_size, row.segmentation_size, len(maps), len(items) - len(maps), [row.image, *maps])
+
+    def read_item(self, i: int, categories: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+        """``read_image(i)`` and ``read_segmentation(i, categories)`` at once (the probe's decoding reads this)."""
+        return (self.read_image(i), *self.read_segmentation(i, categories))
 
     def read_image(self, i: int) -> torch.Tensor:
         """The image of row ``i`` as RGB, ``torch.uint8`` of shape ``(3, ih, iw)``.

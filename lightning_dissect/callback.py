@@ -40,6 +40,7 @@ import torch
 # Imported at run time, not under TYPE_CHECKING: LightningCLI (jsonargparse) resolves the annotations
 # of __init__ to parse configs.
 from lightning_dissect.broden import Broden
+from lightning_dissect.concept_source import ConceptDataset
 from lightning_dissect.dashboard import DissectionReport
 from lightning_dissect.dissector import Dissector, OnError, RunContext, preserved_random_state
 from lightning_dissect.distributed import StrategySynchronizer, check_strategy, local_zero_first
@@ -85,7 +86,8 @@ class DissectionHooks:
     `Dissector`). Only global rank zero writes files and logs media.
 
     Args:
-        probe: a `ProbeSet`, a `Broden`, a Broden directory, `"synthetic"`, or None.
+        probe: a `ProbeSet`, a `ConceptDataset` (any segmentation dataset: `lightning_dissect.datasets`),
+            a `Broden`, a Broden directory, `"synthetic"`, or None.
         layers: module names of the `LightningModule` (e.g. `"backbone.layer4"`); None: automatic.
         schedule: a `Schedule` (`log_spaced()` by default, `every_n_steps(n)`, ...),
             or pass `every_n_steps=` / `every_n_epochs=`.
@@ -116,7 +118,7 @@ class DissectionHooks:
 
     def __init__(
         self,
-        probe: ProbeSet | Broden | str | None = None,
+        probe: ProbeSet | ConceptDataset | Broden | str | None = None,
         layers: str | list[str] | None = None,
         schedule: Schedule | None = None,
         *,

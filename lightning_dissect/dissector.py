@@ -39,6 +39,7 @@ from torch import nn
 from lightning_dissect import schedule as schedules
 from lightning_dissect.broden import Broden
 from lightning_dissect.budget import FigureBudget, OverheadBudget, validate_max_seconds
+from lightning_dissect.concept_source import ConceptDataset
 from lightning_dissect.dashboard import DissectionReport
 from lightning_dissect.engine.capture import check_layers, choose_layers, frozen, model_device
 from lightning_dissect.engine.dissect import validate_options
@@ -136,8 +137,9 @@ class Dissector:
             train_step(model, next(batches))
 
     Args:
-        probe: a `ProbeSet`, a `Broden`, a Broden directory, `"synthetic"`, or None for
-            the Broden dataset of `$LIGHTNING_DISSECT_BRODEN` or the cache (downloaded on first use).
+        probe: a `ProbeSet`, a `ConceptDataset` (`ProbeSet.from_dataset`), a `Broden`, a Broden
+            directory, `"synthetic"`, or None for the Broden dataset of `$LIGHTNING_DISSECT_BRODEN` or the
+            cache (downloaded on first use).
         layers: module names (`model.named_modules()`); None chooses the deepest
             modules with spatial output (`choose_layers`) on the first run.
         schedule: when to dissect; default `log_spaced()`. Or pass `every_n_steps=`
@@ -200,8 +202,9 @@ class Dissector:
         strips_per_layer: int = 4,
     ) -> None:
         validate_options(quantile, iou_threshold, denominator, batch_size, top_k)
-        if not (probe is None or isinstance(probe, (ProbeSet, Broden, str, os.PathLike))):
-            raise ValueError(f"probe={probe!r} must be a ProbeSet, a Broden, a path, 'synthetic' or None")
+        if not (probe is None or isinstance(probe, (ProbeSet, ConceptDataset, Broden, str, os.PathLike))):
+            raise ValueError(f"probe={probe!r} must be a ProbeSet, a ConceptDataset, a Broden, a path, 'synthetic' "
+                             f"or None")
         self.requested_layers = _checked_layers(layers)
         self.schedule = _one_schedule(schedule, every_n_steps, every_n_epochs)
         for name, value in (("probe_size", probe_size), ("image_size", image_size)):

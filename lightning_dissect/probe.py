@@ -23,22 +23,16 @@ Where the probe lives:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
-import multiprocessing
 import operator
 import os
 import queue
 import shutil
-import signal
-import sys
 import tempfile
 import threading
 import warnings
-from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -48,6 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_dissect.broden import Broden, BrodenError
+from lightning_dissect.concept_source import ConceptDataset, ConceptSource, DatasetError
+from lightning_dissect.dataset_source import DatasetSource
 from lightning_dissect.engine.labels import canonical_labels, category_presence, label_area
 from lightning_dissect.probe_storage import (
     ArraySpec,
@@ -67,6 +63,7 @@ from lightning_dissect.probe_storage import (
     staging_folder,
     write_manifest,
 )
+from lightning_dissect.workers import default_workers, ordered_chunks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -160,7 +157,7 @@ def _warn_once(key: str, message: str) -> None:
 class _ChunkDecoder:
     """Decodes rows of the dataset into the probe's arrays: canonical labels, label areas, presence."""
 
-    broden: Broden
+    source: ConceptSource
     categories: list[str]
     label_category: torch.Tensor
     specs: dict[str, ArraySpec]
@@ -171,8 +168,16 @@ class _ChunkDecoder:
         label_maps = torch.zeros((n, *specs["label_maps"].shape[1:]), dtype=specs["label_maps"].dtype)
         image_labels = torch.zeros((n, specs["image_labels"].shape[1]), dtype=torch.long)
         for position, i in enumerate(rows):
-            images[position] = self.broden.read_image(i)
-            maps, labels = self.broden.read_segmentation(i, self.categories)
+            image, maps, labels = self.source.read_item(i, self.categories)
+            if image.shape != images.shape[1:]:  # a dataset's items tell their size when decoded
+                raise DatasetError(
+                    f"{self.source.where(i)}: its image is {image.shape[1]}x{image.shape[2]} (h x w), the probe's "
+                    f"images are {images.shape[2]}x{images.shape[3]} (the first row's); a probe set needs one size: "
+                    f"resize the images (the adapters of lightning_dissect.datasets take image_size=)")
+            if len(maps) > label_maps.shape[1] or len(labels) > image_labels.shape[1]:
+                raise DatasetError(f"{self.source.where(i)} has more labels than when it was indexed: the dataset "
+                                   f"changed while it was read")
+            images[position] = image
             for slot, label_map in enumerate(maps):
                 label_maps[position, slot] = label_map
             image_labels[position, : len(labels)] = torch.tensor(labels, dtype=torch.long)
@@ -183,67 +188,6 @@ class _ChunkDecoder:
         return {"images": images.numpy(), "label_maps": label_maps.numpy(), "image_labels": image_labels.numpy(),
                 "category_present": present.numpy(), "image_level_present": image_level.numpy(),
                 "label_area": area.numpy()}
-
-
-_worker_decoder: _ChunkDecoder | None = None  # set in each decoding process by _start_worker
-
-
-def _start_worker(decoder: _ChunkDecoder, parent: int) -> None:
-    global _worker_decoder
-    _worker_decoder = decoder
-    torch.set_num_threads(1)  # one process per core already
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which stops the workers
-    # A parent killed outright (SIGKILL, the OOM killer) cannot stop its workers, and a worker blocked
-    # writing its result would wait forever: Linux ends it with the parent (prctl PR_SET_PDEATHSIG).
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the line above
-        os._exit(1)
-
-
-def _decode_in_worker(rows: Sequence[int]) -> dict[str, np.ndarray]:
-    assert _worker_decoder is not None
-    return _worker_decoder(rows)
-
-
-def _can_fork() -> bool:
-    # fork starts a worker in milliseconds and needs no `if __name__ == "__main__":` guard in the
-    # user's script; spawn would re-import it. Elsewhere (Windows, macOS) threads decode.
-    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
-
-
-def _decoded_chunks(decoder: _ChunkDecoder, chunks: Sequence[Sequence[int]], workers: int
-                    ) -> Generator[dict[str, np.ndarray], None, None]:
-    """The decoded chunks, in order, with at most `2 * workers` decoded or in flight at once."""
-    if workers <= 1 or len(chunks) <= 1:
-        yield from map(decoder, chunks)
-        return
-    pool: Executor
-    if _can_fork():
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_start_worker, initargs=(decoder, os.getpid()))
-        task: Callable[[Sequence[int]], dict[str, np.ndarray]] = _decode_in_worker
-    else:
-        pool, task = ThreadPoolExecutor(workers), decoder
-    pending: deque = deque()
-    try:
-        for number, rows in enumerate(chunks):
-            if number == 0:
-                # The pool forks every worker at the first submit. Python 3.12 warns about forking a
-                # threaded process; the workers only decode files (PIL, NumPy, one torch thread), as
-                # DataLoader's forked workers do, and touch no lock another thread may hold.
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks",
-                                            category=DeprecationWarning)
-                    pending.append(pool.submit(task, rows))
-            else:
-                pending.append(pool.submit(task, rows))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------- streaming
@@ -332,10 +276,10 @@ class _DeviceCopier:
 
 
 class ProbeSet:
-    """A fixed subset of a Broden dataset, decoded into arrays on disk, in probe order.
+    """A fixed subset of a Broden dataset (or of any segmentation dataset), decoded into arrays on disk, in probe order.
 
     Args:
-        broden: a `Broden`, or the path of a Broden directory.
+        source: a `Broden`, the path of a Broden directory, or a `DatasetSource` (see `from_dataset`).
         size: number of images; None for all (of the split).
         seed: seed of the subset draw; the same seed gives the same rows.
         split: keep only rows of this `split` value (e.g. "val"); None for all.
@@ -354,7 +298,8 @@ class ProbeSet:
             `DEVICE_BUDGET_BYTES` (1 GiB: about 4,000 images at 224 px with Broden's label maps).
 
     Attributes:
-        rows: 0-based `index.csv` rows, in probe order (ascending).
+        source: what the probe was drawn from (`broden`: the same when it is a `Broden`, else None).
+        rows: 0-based `index.csv` rows (dataset items), in probe order (ascending).
         images: uint8 `(N, 3, ih, iw)`.
         label_maps: canonical pixel labels `(N, M, sh, sw)` (int16, or int32 for large label sets).
         image_labels: canonical image-level labels, long `(N, L)`, 0-padded.
@@ -369,7 +314,7 @@ class ProbeSet:
 
     Raises:
         ValueError: an argument out of range (names it).
-        BrodenError: the dataset is broken (names the file and row).
+        BrodenError: the dataset is broken (names the file and row); `DatasetError` for a dataset's item.
 
     Example:
         >>> probe = ProbeSet("data/broden1_224", size=2000, seed=0)   # doctest: +SKIP
@@ -378,12 +323,12 @@ class ProbeSet:
         >>> batch = probe.model_input(range(64), "cuda")                # doctest: +SKIP
     """
 
-    def __init__(self, broden: Broden | str | os.PathLike, size: int | None = None, seed: int = 0,
+    def __init__(self, source: ConceptSource | str | os.PathLike, size: int | None = None, seed: int = 0,
                  split: str | None = None, categories: Sequence[str] | None = None,
                  image_size: int | Sequence[int] | None = None, cache_dir: str | os.PathLike | bool | None = None,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = False,
                  workers: int | None = None, device_budget_bytes: int = DEVICE_BUDGET_BYTES) -> None:
-        self.broden = broden if isinstance(broden, Broden) else Broden(broden)
+        self.source: ConceptSource = Broden(source) if isinstance(source, (str, os.PathLike)) else source
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
             raise ValueError(f"size={size!r} must be a positive integer or None (all images)")
         if not isinstance(seed, int):
@@ -394,41 +339,112 @@ class ProbeSet:
             raise ValueError(f"device_budget_bytes={device_budget_bytes!r} must be a non-negative integer")
         self.image_size = _image_size(image_size)
         self.transform = transform if transform is not None else ImageTransform(size=self.image_size)
-        primary = self.broden.primary_categories(categories)  # validates the names
-        selected = set(categories) if categories is not None else set(self.broden.categories)
-        self.categories = [name for name in self.broden.categories if name in selected]
-        self.label_names = list(self.broden.label_names)
+        data = self.source
+        primary = data.primary_categories(categories)  # validates the names
+        selected = set(categories) if categories is not None else set(data.categories)
+        self.categories = [name for name in data.categories if name in selected]
+        self.label_names = list(data.label_names)
         self.label_category = torch.tensor(
             [self.categories.index(name) if name is not None else -1 for name in primary], dtype=torch.long
         )
-        candidates = list(range(len(self.broden)))
+        candidates = list(range(len(data)))
         if split is not None:
-            splits = sorted(set(self.broden.splits))
+            splits = sorted(set(data.splits))
             if split not in splits:
-                raise ValueError(f"split={split!r} is not a split of {self.broden.root}; splits: {splits}")
-            candidates = [i for i in candidates if self.broden.splits[i] == split]
+                raise ValueError(f"split={split!r} is not a split of {data.describe()}; splits: {splits}")
+            candidates = [i for i in candidates if data.splits[i] == split]
         if size is not None and size > len(candidates):
             where = f"split {split!r} of " if split is not None else ""
-            raise ValueError(f"size={size} but {where}{self.broden.root} has only {len(candidates)} images")
+            raise ValueError(f"size={size} but {where}{data.describe()} has only {len(candidates)} images")
         if size is not None and size < len(candidates):
             order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:size]
             candidates = sorted(candidates[i] for i in order.tolist())
         if not candidates:
-            raise ValueError(f"the probe set of {self.broden.root} is empty")
+            raise ValueError(f"the probe set of {data.describe()} is empty")
         self.rows = candidates
         self.seed, self.split = seed, split
         self.fingerprint = hashlib.sha256(json.dumps({
-            "format": _FINGERPRINT_FORMAT, "dataset": self.broden.fingerprint(), "rows": self.rows,
+            "format": _FINGERPRINT_FORMAT, "dataset": data.fingerprint(), "rows": self.rows,
             "categories": self.categories,
         }).encode()).hexdigest()
-        self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+        self.workers = workers if workers is not None else default_workers()
         self.device_budget_bytes = device_budget_bytes
         self._device_tensors: dict[str, Any] = {}
-        first = self.broden.row(self.rows[0])
-        self._sizes = (first.image_size, first.segmentation_size)
+        first = data.item_layout(self.rows[0], self.categories)
+        image_size_of_first = first.image_size
+        if image_size_of_first is None:  # known once decoded (a dataset's item)
+            image = data.read_item(self.rows[0], [])[0]
+            image_size_of_first = (int(image.shape[1]), int(image.shape[2]))
+        self._sizes = (image_size_of_first, first.segmentation_size)
         self._storage, self.cache_folder = self._load(cache_dir, progress)
         self._specs = self._storage.specs
         self._set_arrays()
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, label_names: Sequence[str] | None = None,
+                     categories: Sequence[str] | None = None, *, fingerprint: str | None = None,
+                     size: int | None = None, seed: int = 0, split: str | None = None,
+                     image_size: int | Sequence[int] | None = None,
+                     cache_dir: str | os.PathLike | bool | None = None,
+                     transform: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = False,
+                     workers: int | None = None, device_budget_bytes: int = DEVICE_BUDGET_BYTES) -> ProbeSet:
+        """A probe set of any segmentation dataset: the same arrays, cache and numbers as its Broden copy.
+
+        The dataset is indexed first (`dataset_source.DatasetSource`: one pass over every item's labels,
+        kept in the cache while its files are unchanged) for the label statistics that decide the primary
+        categories (SEMANTICS §1) exactly as `write_broden` writes them, so
+        `ProbeSet.from_dataset(dataset, ...)` and `ProbeSet(write_broden(dataset, root, image_format="png"),
+        ...)` hold the same arrays and give the same dissection.
+
+        Args:
+            dataset: a `ConceptDataset` (an adapter of `lightning_dissect.datasets`), or any indexable dataset
+                whose items are `(image, labels)` (see `concept_source`), with `label_names` and `categories`.
+            label_names: for a plain dataset: the name of each label number, `[0] == "-"` (no label).
+            categories: for a plain dataset: its category names, in order.
+            fingerprint: for a plain dataset: a string you change whenever the data changes; None hashes
+                every item's content each time the probe is built (the index pass then reads the images too).
+            size, seed, split, image_size, cache_dir, transform, progress, workers, device_budget_bytes:
+                as for `ProbeSet` (`workers` also index the dataset; `cache_dir=False` keeps no index).
+
+        Raises:
+            DatasetError: a bad label list, category list or item (names the item).
+            ValueError: an argument out of range (names it).
+
+        Example:
+            >>> items = [(torch.rand(3, 8, 8), {"object": torch.randint(0, 3, (4, 4))}) for _ in range(4)]
+            >>> probe = ProbeSet.from_dataset(items, ["-", "cat", "dog"], ["object"], cache_dir=False)
+            >>> probe.label_maps.shape, probe.categories
+            (torch.Size([4, 1, 4, 4]), ['object'])
+        """
+        if isinstance(dataset, ConceptDataset):
+            given = [name for name, value in (("label_names", label_names), ("categories", categories),
+                                              ("fingerprint", fingerprint)) if value is not None]
+            if given:
+                raise DatasetError(f"{', '.join(given)} given for {dataset!r}, which has its own; pass them only "
+                                   f"with a plain dataset")
+        else:
+            if label_names is None or categories is None:
+                raise DatasetError("a plain dataset needs label_names=[\"-\", ...] and categories=[...] (a "
+                                   "ConceptDataset carries its own)")
+            dataset = ConceptDataset.wrap(dataset, label_names, categories, fingerprint=fingerprint)
+        source = DatasetSource(dataset, cache_dir=cache_dir, workers=workers, progress=progress)
+        return cls(source, size=size, seed=seed, split=split, image_size=image_size, cache_dir=cache_dir,
+                   transform=transform, progress=progress, workers=workers, device_budget_bytes=device_budget_bytes)
+
+    @property
+    def broden(self) -> Broden | None:
+        """The Broden dataset the probe was drawn from, or None for a probe of another dataset (`source`)."""
+        return self.source if isinstance(self.source, Broden) else None
+
+    def resized(self, size: int, image_size: Sequence[int] | None = None,
+                transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ProbeSet:
+        """The same selection of the same data with `size` images (same seed, split, categories, transform).
+
+        For a smaller size the images are a subset of this probe's (the draw is one seeded permutation,
+        cut). Works alike for a Broden probe and a dataset probe: the source is kept, not read again.
+        """
+        return ProbeSet(self.source, size=size, seed=self.seed, split=self.split, categories=self.categories,
+                        image_size=image_size or self.image_size, transform=transform or self.transform)
 
     # ------------------------------------------------------------------ layout, decoding and caching
 
@@ -447,51 +463,40 @@ class ProbeSet:
         }
 
     def _scan(self) -> tuple[dict[str, ArraySpec], list[str]]:
-        """The layout of the probe's arrays and the files it decodes, from the csv files alone.
+        """The layout of the probe's arrays and the files it decodes, before decoding anything.
 
-        `M` and `L` are the largest numbers of label-map paths and image-level labels in the
-        selected cells, so the arrays can be laid out before anything is decoded.
+        `M` and `L` are the largest numbers of label maps and image-level labels of a probe item in the
+        selected categories (from the csv files of a Broden, from the index of a dataset).
         """
-        broden, rows = self.broden, self.rows
+        data, rows = self.source, self.rows
         files: list[str] = []
         num_maps = num_image_labels = 1
         for i in rows:
-            row = broden.row(i)
-            if (row.image_size, row.segmentation_size) != self._sizes:
-                raise BrodenError(
-                    f"{broden.where(i)}: image/segmentation size "
-                    f"{row.image_size}/{row.segmentation_size} differs from row {rows[0]}'s "
-                    f"{self._sizes[0]}/{self._sizes[1]}; a probe set needs one size. "
+            layout = data.item_layout(i, self.categories)
+            sizes = (layout.image_size or self._sizes[0], layout.segmentation_size)
+            if sizes != self._sizes:
+                error = BrodenError if isinstance(data, Broden) else DatasetError
+                raise error(
+                    f"{data.where(i)}: image/segmentation size {sizes[0]}/{sizes[1]} differs from "
+                    f"{data.where(rows[0])}'s {self._sizes[0]}/{self._sizes[1]}; a probe set needs one size. "
                     "Select rows of one size (split=, size=)."
                 )
-            items = [item for category in self.categories for item in row.cells[category]]
-            maps = [item for item in items if isinstance(item, str)]
-            num_maps = max(num_maps, len(maps))
-            num_image_labels = max(num_image_labels, len(items) - len(maps))
-            files += [row.image, *maps]
+            num_maps = max(num_maps, layout.num_maps)
+            num_image_labels = max(num_image_labels, layout.num_image_labels)
+            files += layout.files
         return self._layout(num_maps, num_image_labels), files
 
     def _decode(self, sink: ArrayWriter | MemoryArrays, specs: dict[str, ArraySpec], progress: bool) -> None:
         """Decode the probe chunk by chunk into `sink`, in probe order; the label areas last."""
-        decoder = _ChunkDecoder(self.broden, self.categories, self.label_category, specs)
+        decoder = _ChunkDecoder(self.source, self.categories, self.label_category, specs)
         chunks = [self.rows[start : start + _CHUNK_IMAGES] for start in range(0, len(self.rows), _CHUNK_IMAGES)]
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(self.rows), desc="decode probe", unit="image")
         area = torch.zeros(specs["label_area"].shape, dtype=torch.long)
-        try:
-            # closing(): a failing sink stops the workers now, not when the traceback is freed.
-            with contextlib.closing(_decoded_chunks(decoder, chunks, self.workers)) as decoded:
-                for rows, chunk in zip(chunks, decoded):
-                    area += torch.from_numpy(chunk.pop("label_area"))
-                    sink.append(chunk)
-                    if bar is not None:
-                        bar.update(len(rows))
-        finally:
-            if bar is not None:
-                bar.close()
+        # closing(): a failing sink stops the workers now, not when the traceback is freed.
+        decoded = ordered_chunks(decoder, chunks, self.workers, "decode probe" if progress else None, "image")
+        with contextlib.closing(decoded):
+            for chunk in decoded:
+                area += torch.from_numpy(chunk.pop("label_area"))
+                sink.append(chunk)
         sink.append({"label_area": area.numpy()})
 
     def _decode_to_files(self, folder: Path, specs: dict[str, ArraySpec], progress: bool) -> None:
@@ -536,7 +541,7 @@ class ProbeSet:
             return None
         if manifest.fingerprint != self.fingerprint or not self._is_layout(manifest.specs):
             raise CacheInvalid(f"{folder / 'manifest.json'} does not describe this probe's arrays")
-        if files_stats(self.broden.root / "images", listed_files(folder)) != manifest.stats:
+        if files_stats(self.source.files_root, listed_files(folder)) != manifest.stats:
             return None  # an image or label map was replaced: a cache miss, rebuilt in place
         try:
             return MappedArrays(folder, manifest.specs)
@@ -559,7 +564,7 @@ class ProbeSet:
             except CacheInvalid:
                 pass  # warned about already; replaced below
             specs, files = self._scan()
-            manifest = Manifest(self.fingerprint, specs, files_stats(self.broden.root / "images", files))
+            manifest = Manifest(self.fingerprint, specs, files_stats(self.source.files_root, files))
             remove_stale_staging(root, folder.name)
             require_free_space(root, _nbytes(specs))
             staging = staging_folder(root, folder.name)
@@ -620,7 +625,7 @@ class ProbeSet:
         return len(self.rows)
 
     def __repr__(self) -> str:
-        return (f"ProbeSet({len(self)} images of {self.broden.root}, categories={self.categories}, "
+        return (f"ProbeSet({len(self)} images of {self.source.describe()}, categories={self.categories}, "
                 f"segmentation {self.segmentation_size}, fingerprint {self.fingerprint[:12]})")
 
     @property

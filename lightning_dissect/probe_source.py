@@ -1,6 +1,7 @@
 """What a user passes as `probe=`, turned into a `ProbeSet`.
 
-The callback and the `Dissector` accept a `ProbeSet` (used as is), a `Broden`, the path of a
+The callback and the `Dissector` accept a `ProbeSet` (used as is), a `ConceptDataset` (any
+segmentation dataset, e.g. an adapter of `datasets.py`), a `Broden`, the path of a
 Broden directory, `"synthetic"` (the procedural dataset, generated once into the cache) or None:
 zero configuration, the Broden dataset of `$LIGHTNING_DISSECT_BRODEN` or of the cache, downloaded
 there on first use. The first minutes of a new user go through here, so each way it can go wrong
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lightning_dissect.broden import Broden, BrodenError, download_broden
+from lightning_dissect.concept_source import ConceptDataset
 from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.probe import ImageTransform, ProbeSet, cache_root
 from lightning_dissect.progress import show_progress
@@ -30,7 +32,7 @@ SYNTHETIC = "synthetic"
 DEFAULT_PROBE_SIZE = 1000
 SYNTHETIC_IMAGES = 500
 
-ProbeSource = ProbeSet | Broden | str | os.PathLike[str] | None
+ProbeSource = ProbeSet | ConceptDataset | Broden | str | os.PathLike[str] | None
 """What `probe=` accepts."""
 
 log = logging.getLogger("lightning_dissect")
@@ -127,8 +129,9 @@ def load_probe(probe: ProbeSource, probe_size: int | None = None,
     """Build the probe set from what the user gave.
 
     Args:
-        probe: a `ProbeSet` (used as is, or cut to `probe_size`), or what `dataset_of` takes: a
-            `Broden`, the path of a Broden directory, `"synthetic"`, or None.
+        probe: a `ProbeSet` (used as is, or cut to `probe_size`), a `ConceptDataset`
+            (`ProbeSet.from_dataset`), or what `dataset_of` takes: a `Broden`, the path of a Broden
+            directory, `"synthetic"`, or None.
         probe_size: images in the probe; default all of a `ProbeSet`, else
             `DEFAULT_PROBE_SIZE` (or all images of a smaller dataset).
         probe_seed: seed of the image draw.
@@ -139,10 +142,14 @@ def load_probe(probe: ProbeSource, probe_size: int | None = None,
     Raises:
         DissectionError: no Broden found and none could be downloaded.
         BrodenError: the dataset does not load (names the file and row), or a misspelt `"synthetic"`.
+        DatasetError: a `ConceptDataset` whose items do not load (names the item).
         ValueError: `probe_size` larger than the dataset.
     """
     if isinstance(probe, ProbeSet):
         return probe if probe_size is None or probe_size == len(probe) else resized_probe(probe, probe_size)
+    if isinstance(probe, ConceptDataset):
+        size = probe_size if probe_size is not None else min(DEFAULT_PROBE_SIZE, len(probe))
+        return ProbeSet.from_dataset(probe, size=size, seed=probe_seed, image_size=image_size)
     dataset = dataset_of(probe, image_size, info)
     broden = dataset if isinstance(dataset, Broden) else Broden(dataset)
     size = probe_size if probe_size is not None else min(DEFAULT_PROBE_SIZE, len(broden))
@@ -176,7 +183,6 @@ def resized_probe(probe: ProbeSet, size: int, image_size: tuple[int, int] | None
     """The same selection of the same dataset with `size` images (same seed, split, categories, transform).
 
     For a smaller size the images are a subset of the larger probe's (the draw
-    is one seeded permutation, cut).
+    is one seeded permutation, cut). `ProbeSet.resized`: a Broden probe or a dataset probe alike.
     """
-    return ProbeSet(probe.broden, size=size, seed=probe.seed, split=probe.split, categories=probe.categories,
-                    image_size=image_size or probe.image_size, transform=transform or probe.transform)
+    return probe.resized(size, image_size, transform)

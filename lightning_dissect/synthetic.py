@@ -55,14 +55,17 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from lightning_dissect.broden import Broden
+from lightning_dissect.broden_writer import write_broden
+from lightning_dissect.concept_source import ConceptDataset
 
 __all__ = [
     "SYNTHETIC_TASKS",
@@ -503,14 +506,11 @@ def _color_names(rgb: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Example:
-    """One rendered image with its labels (global numbers) and task targets."""
+    """One rendered image with its labels (global numbers)."""
 
     image: np.ndarray  # uint8 (S, S, 3)
     maps: dict[str, list[np.ndarray]]  # pixel-level category -> int32 (S/2, S/2) maps
     image_labels: dict[str, list[int]]  # image-level category -> label numbers
-    background: str
-    objects: list[str] = field(default_factory=list)
-    materials: list[str] = field(default_factory=list)
 
 
 def _render_example(seed: int, index: int, size: int) -> _Example:
@@ -558,155 +558,63 @@ def _render_example(seed: int, index: int, size: int) -> _Example:
     image_labels: dict[str, list[int]] = {"scene": [], "texture": []}
     category = "texture" if background.kind in TEXTURES else "scene"
     image_labels[category] = [_NUMBER[category, background.kind]]
-    visible_objects = set(np.unique(objects).tolist())
-    visible_materials = set(np.unique(material).tolist())
-    return _Example(
-        image=pixels,
-        maps=maps,
-        image_labels=image_labels,
-        background=background.kind,
-        objects=[s for s in SHAPES if _NUMBER["object", s] in visible_objects],
-        materials=[m for m in MATERIALS if _NUMBER["material", m] in visible_materials],
-    )
+    return _Example(image=pixels, maps=maps, image_labels=image_labels)
 
 
 # --------------------------------------------------------------------------------------------
-# Writing.
+# Writing: the rendered images are a ConceptDataset, written by write_broden.
 
 
-def _label_png(labels: np.ndarray) -> Image.Image:
-    """Broden's label-map encoding: label = R + 256 * G (SEMANTICS §1)."""
-    rgb = np.zeros(labels.shape + (3,), dtype=np.uint8)
-    rgb[..., 0] = labels % 256
-    rgb[..., 1] = labels // 256
-    return Image.fromarray(rgb, mode="RGB")
+class _SyntheticDataset(ConceptDataset):
+    """The rendered images of one seed as a concept dataset: item ``i`` is rendered when read."""
+
+    label_names = _LABEL_NAMES
+    categories = list(CATEGORIES)
+
+    def __init__(self, num_images: int, size: int, seed: int) -> None:
+        self.num_images, self.size, self.seed = num_images, size, seed
+        self.digits = max(5, len(str(num_images)))
+        # An exact 70/30 split, drawn from its own stream so that it does not depend on the images.
+        order = np.random.default_rng([seed, num_images, 7030]).permutation(num_images)
+        self.splits = ["train"] * num_images
+        for index in order[: round(_VAL_FRACTION * num_images)]:
+            self.splits[index] = "val"
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, dict[str, list]]:
+        example = _render_example(self.seed, i, self.size)
+        return Image.fromarray(example.image, mode="RGB"), {**example.maps, **example.image_labels}
+
+    def split(self, i: int) -> str:
+        return self.splits[i]
+
+    def name(self, i: int) -> str:
+        return f"synthetic/synthetic_{i + 1:0{self.digits}d}"
 
 
-@dataclass
-class _Row:
-    """What the writer of the csv files needs to know about one written image."""
+def _write_tasks(directory: Path) -> None:
+    """Write tasks.csv: each image's background, visible shapes and materials, read back from its labels."""
+    broden = Broden(directory)
+    number = {name: index for index, name in enumerate(_LABEL_NAMES)}
 
-    cells: dict[str, str]
-    # (category, label number) -> fraction of the segmentation it covers in that category
-    coverage: dict[tuple[str, int], float]
-    background: str
-    objects: list[str]
-    materials: list[str]
+    def visible(i: int, category: str) -> set[int]:
+        if category not in broden.categories:  # no label of it in the whole (tiny) dataset
+            return set()
+        return set().union(*(set(m.unique().tolist()) for m in broden.read_segmentation(i, [category])[0]))
 
-
-def _write_examples(
-    images_dir: str, seed: int, size: int, quality: int, indices: Sequence[int], digits: int
-) -> list[_Row]:
-    """Render and write images ``indices``; top-level so that worker processes can run it."""
     rows = []
-    area = float((size // 2) ** 2)
-    for index in indices:
-        example = _render_example(seed, index, size)
-        stem = f"synthetic/synthetic_{index + 1:0{digits}d}"
-        # Full-resolution chroma (no 4:2:0 subsampling) keeps the colour labels true at 64 pixels.
-        Image.fromarray(example.image, mode="RGB").save(
-            os.path.join(images_dir, stem + ".jpg"), quality=quality, subsampling=0
-        )
-        cells = {"image": stem + ".jpg"}
-        coverage: dict[tuple[str, int], float] = {}
-        for category in PIXEL_CATEGORIES:
-            paths = []
-            maps = example.maps.get(category, [])
-            for k, labels in enumerate(maps):
-                suffix = f"{category}_{k + 1}" if category == "part" else category
-                path = f"{stem}_{suffix}.png"
-                _label_png(labels).save(os.path.join(images_dir, path))
-                paths.append(path)
-            cells[category] = ";".join(paths)
-            if maps:
-                # The union over the category's maps (SEMANTICS §3); the part hierarchies hold
-                # distinct labels, so counts add up.
-                counts = np.sum([np.bincount(m.ravel(), minlength=len(_LABEL_NAMES)) for m in maps], axis=0)
-                for found in np.flatnonzero(counts[1:]) + 1:
-                    coverage[category, int(found)] = float(counts[found]) / area
-        for category, numbers in example.image_labels.items():
-            cells[category] = ";".join(str(n) for n in numbers)
-            for number in numbers:
-                coverage[category, number] = 1.0
-        rows.append(_Row(cells, coverage, example.background, example.objects, example.materials))
-    return rows
-
-
-def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-    with open(path, "w", newline="") as handle:
+    for i in range(len(broden)):
+        row = broden.row(i)
+        background = _LABEL_NAMES[int([*row.cells.get("scene", []), *row.cells.get("texture", [])][0])]
+        objects, materials = visible(i, "object"), visible(i, "material")
+        rows.append([row.image, background, ";".join(s for s in SHAPES if number[s] in objects),
+                     ";".join(m for m in MATERIALS if number[m] in materials)])
+    with open(directory / "tasks.csv", "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(header)
+        writer.writerow(("image", "background", "objects", "materials"))
         writer.writerows(rows)
-
-
-def _write_metadata(directory: Path, rows: list[_Row], splits: list[str], size: int) -> None:
-    """Write index.csv, label.csv, category.csv, the c_ files and tasks.csv."""
-    half = size // 2
-    _write_csv(
-        directory / "index.csv",
-        ("image", "split", "ih", "iw", "sh", "sw") + CATEGORIES,
-        (
-            [row.cells["image"], split, size, size, half, half] + [row.cells[c] for c in CATEGORIES]
-            for row, split in zip(rows, splits)
-        ),
-    )
-    frequency: dict[tuple[str, int], int] = {}
-    coverage_sum: dict[tuple[str, int], float] = {}
-    for row in rows:
-        for key, value in row.coverage.items():
-            frequency[key] = frequency.get(key, 0) + 1
-            coverage_sum[key] = coverage_sum.get(key, 0.0) + value
-
-    def coverage(key: tuple[str, int]) -> float:
-        return coverage_sum[key] / frequency[key]
-
-    label_rows = []
-    for number, name in enumerate(_LABEL_NAMES[1:], start=1):
-        keys = sorted((k for k in frequency if k[1] == number), key=lambda k: (-frequency[k], k[0]))
-        total = sum(frequency[k] for k in keys)
-        mean = sum(coverage_sum[k] for k in keys) / total if total else 0.0
-        label_rows.append(
-            [
-                number,
-                name,
-                ";".join(f"{k[0]}({frequency[k]})" for k in keys),
-                total,
-                f"{mean:.6f}",
-                SYNONYMS.get(name, ""),
-            ]
-        )
-    _write_csv(
-        directory / "label.csv", ("number", "name", "category", "frequency", "coverage", "syns"), label_rows
-    )
-
-    category_rows = []
-    for category in CATEGORIES:
-        keys = [k for k in frequency if k[0] == category]
-        numbers = [k[1] for k in keys]
-        if not numbers:
-            continue
-        category_rows.append(
-            [category, min(numbers), max(numbers), len(numbers), sum(frequency[k] for k in keys)]
-        )
-        # Dense codes by decreasing frequency, as NetDissect's joinseg.py numbers them.
-        keys.sort(key=lambda k: (-frequency[k], -coverage(k), k[1]))
-        _write_csv(
-            directory / f"c_{category}.csv",
-            ("code", "number", "name", "frequency", "coverage"),
-            (
-                [code, k[1], _LABEL_NAMES[k[1]], frequency[k], f"{coverage(k):.6f}"]
-                for code, k in enumerate(keys, start=1)
-            ),
-        )
-    _write_csv(directory / "category.csv", ("name", "first", "last", "count", "frequency"), category_rows)
-    _write_csv(
-        directory / "tasks.csv",
-        ("image", "background", "objects", "materials"),
-        (
-            [row.cells["image"], row.background, ";".join(row.objects), ";".join(row.materials)]
-            for row in rows
-        ),
-    )
 
 
 def _parameters(num_images: int, image_size: int, seed: int, jpeg_quality: int) -> dict[str, object]:
@@ -804,27 +712,10 @@ def make_synthetic_broden(
 
 
 def _generate(directory: Path, num_images: int, size: int, seed: int, quality: int, workers: int) -> None:
-    images_dir = directory / "images"
-    (images_dir / "synthetic").mkdir(parents=True)
-    digits = max(5, len(str(num_images)))
-    indices = list(range(num_images))
-    if workers == 1:
-        rows = _write_examples(str(images_dir), seed, size, quality, indices, digits)
-    else:
-        chunks = [indices[k::workers] for k in range(workers)]
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [
-                pool.submit(_write_examples, str(images_dir), seed, size, quality, chunk, digits)
-                for chunk in chunks
-            ]
-            by_index = {i: row for chunk, f in zip(chunks, futures) for i, row in zip(chunk, f.result())}
-        rows = [by_index[i] for i in indices]
-    # An exact 70/30 split, drawn from its own stream so that it does not depend on the images.
-    order = np.random.default_rng([seed, num_images, 7030]).permutation(num_images)
-    splits = ["train"] * num_images
-    for index in order[: round(_VAL_FRACTION * num_images)]:
-        splits[index] = "val"
-    _write_metadata(directory, rows, splits, size)
+    dataset = _SyntheticDataset(num_images, size, seed)
+    synonyms = {name: names.split(";") for name, names in SYNONYMS.items()}
+    write_broden(dataset, directory, image_format="jpeg", jpeg_quality=quality, synonyms=synonyms, workers=workers)
+    _write_tasks(directory)
 
 
 def _move_into_place(staging: Path, root: Path, parameters: dict[str, object]) -> None:

@@ -21,7 +21,20 @@ EXPECTED = {
                                    probe_size=200),
     "dissect_emergence.yaml": dict(probe_source=None, requested_layers=["layer3", "layer4"],
                                    schedule=repr(LogSpaced(1, 2.2)), probe_size=2000, max_seconds=60),
+    "dissect_folder.yaml": dict(requested_layers=None, schedule=repr(LogSpaced()), probe_size=500),
 }
+
+
+def write_concept_folder(root: Path) -> None:
+    """The folder the folder config names, under the working directory: two images, a mask, a label list."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(root / "images" / f"{name}.jpg")
+    Image.new("L", (8, 8), 1).save(root / "masks" / "a.png")
+    (root / "labels.txt").write_text("background\nroad\n")
 
 
 def test_every_config_in_callbacks_is_tested():
@@ -33,6 +46,8 @@ def test_callback_config_parses_with_lightning_cli(name):
     from lightning.pytorch.cli import LightningCLI
 
     module = type(shared.tiny_cnn())
+    if name == "dissect_folder.yaml":
+        write_concept_folder(Path("data/concepts"))  # in the test's working directory
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cli = LightningCLI(module, run=False, save_config_callback=None,
@@ -43,6 +58,10 @@ def test_callback_config_parses_with_lightning_cli(name):
     for attribute, value in EXPECTED[name].items():
         found = getattr(dissector, attribute)
         assert (repr(found) if attribute == "schedule" else found) == value, attribute
+    if name == "dissect_folder.yaml":
+        folder = dissector.probe_source
+        assert isinstance(folder, ld.datasets.ImageMaskFolder) and folder.label_names == ["-", "road"]
+        assert folder.images_folder == Path("data/concepts/images").absolute() and len(folder) == 2
 
 
 def test_emergence_example_trains_and_logs_dissections_to_tensorboard(tmp_path):

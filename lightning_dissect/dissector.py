@@ -48,7 +48,7 @@ from lightning_dissect.engine.sync import Synchronizer, default_synchronizer, gu
 from lightning_dissect.history import HistoryEntry
 from lightning_dissect.loggers import LoggerGroup
 from lightning_dissect.probe import ProbeSet
-from lightning_dissect.probe_source import ProbeSource, load_probe, probe_at_input_size, resized_probe
+from lightning_dissect.probe_source import ProbeSource, load_probe, probe_at_input_size
 from lightning_dissect.result import Dissection, dissect
 from lightning_dissect.run_folder import RunFolder
 from lightning_dissect.schedule import Schedule
@@ -305,7 +305,7 @@ class Dissector:
         if planned is None and (self.budget.max_overhead is not None or self.max_seconds is not None):
             planned = self._afford(model, context, probe, total_steps, step_seconds, scheduled)
         if planned is not None and planned < len(probe):
-            probe = resized_probe(probe, planned)
+            probe = probe.subset(planned)
         self.probe, self._planned_size = probe, len(probe)
         where = ("the size of the training images" if size is not None and self.image_size is None
                  else "image_size" if self.image_size is not None else "the probe's own size")
@@ -323,7 +323,7 @@ class Dissector:
                 step_seconds: float | None, scheduled: int | None) -> int:
         """The probe size the budget affords, from a calibration dissection of one probe batch."""
         assert self.layers is not None
-        calibration = resized_probe(probe, min(len(probe), self.options["batch_size"]))
+        calibration = probe.subset(min(len(probe), self.options["batch_size"]))
         started = time.perf_counter()
         with guard(context.synchronizer or default_synchronizer()):
             self._dissect(model, calibration, self.layers, context)

@@ -23,6 +23,7 @@ Where the probe lives:
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import operator
@@ -121,6 +122,15 @@ def _image_size(value: int | Sequence[int] | None) -> tuple[int, int] | None:
     if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
         raise ValueError(f"image_size={value!r} must be a positive int or (height, width)")
     return size
+
+
+def _draw(candidates: Sequence[int], size: int | None, seed: int) -> list[int]:
+    """`size` of the candidate rows drawn with `seed`, ascending (all of them for None or more): the first
+    `size` of one seeded permutation, so a smaller draw is a subset of a larger one."""
+    if size is None or size >= len(candidates):
+        return list(candidates)
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:size]
+    return sorted(candidates[i] for i in order.tolist())
 
 
 class ProbeLabels(NamedTuple):
@@ -356,17 +366,12 @@ class ProbeSet:
         if size is not None and size > len(candidates):
             where = f"split {split!r} of " if split is not None else ""
             raise ValueError(f"size={size} but {where}{data.describe()} has only {len(candidates)} images")
-        if size is not None and size < len(candidates):
-            order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:size]
-            candidates = sorted(candidates[i] for i in order.tolist())
         if not candidates:
             raise ValueError(f"the probe set of {data.describe()} is empty")
-        self.rows = candidates
+        self._candidates = candidates
+        self.rows = _draw(candidates, size, seed)
         self.seed, self.split = seed, split
-        self.fingerprint = hashlib.sha256(json.dumps({
-            "format": _FINGERPRINT_FORMAT, "dataset": data.fingerprint(), "rows": self.rows,
-            "categories": self.categories,
-        }).encode()).hexdigest()
+        self.fingerprint = self._fingerprint()
         self.workers = workers if workers is not None else default_workers()
         self.device_budget_bytes = device_budget_bytes
         self._device_tensors: dict[str, Any] = {}
@@ -430,6 +435,42 @@ class ProbeSet:
         source = DatasetSource(dataset, cache_dir=cache_dir, workers=workers, progress=progress)
         return cls(source, size=size, seed=seed, split=split, image_size=image_size, cache_dir=cache_dir,
                    transform=transform, progress=progress, workers=workers, device_budget_bytes=device_budget_bytes)
+
+    def _fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps({
+            "format": _FINGERPRINT_FORMAT, "dataset": self.source.fingerprint(), "rows": self.rows,
+            "categories": self.categories,
+        }).encode()).hexdigest()
+
+    def subset(self, size: int) -> ProbeSet:
+        """The probe of `size` images of the same seeded draw, without decoding anything.
+
+        The same as `resized(size)` (a smaller draw is a subset of a larger one: one seeded
+        permutation, cut), taken from this probe's arrays: a probe held in memory when its arrays
+        fit `device_budget_bytes`, else `resized(size)` (decoded, and cached, on its own).
+
+        Raises:
+            ValueError: `size` not a positive integer.
+        """
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"size={size!r} must be a positive integer")
+        if size >= len(self):
+            return self
+        rows = _draw(self._candidates, size, self.seed)
+        where = {row: position for position, row in enumerate(self.rows)}
+        positions = [where[row] for row in rows]
+        if self.nbytes * size > self.device_budget_bytes * len(self):
+            return self.resized(size)
+        arrays = {name: self._storage.gather(name, positions) for name in _PER_IMAGE}
+        arrays["label_area"] = label_area(arrays["label_maps"], arrays["image_labels"], len(self.label_names))
+        view = copy.copy(self)
+        view.rows = rows
+        view.fingerprint = view._fingerprint()
+        view._storage, view.cache_folder = MemoryArrays(arrays), None
+        view._specs = view._storage.specs
+        view._device_tensors = {}
+        view._set_arrays()
+        return view
 
     @property
     def broden(self) -> Broden | None:

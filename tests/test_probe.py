@@ -548,3 +548,17 @@ def test_stream_needs_something_to_read(random_dataset):
         probe.stream([[0]], "cpu", images=False, labels=False)
     with pytest.raises(ValueError, match="prefetch=0"):
         probe.stream([[0]], "cpu", prefetch=0)
+
+
+def test_a_subset_is_the_smaller_draw_without_decoding_again(random_dataset, tmp_path, monkeypatch):
+    whole = ld.ProbeSet(random_dataset, seed=3, cache_dir=tmp_path / "cache")
+    decoded = ld.ProbeSet(random_dataset, size=10, seed=3, cache_dir=False)
+    monkeypatch.setattr(ld.Broden, "read_image", lambda *args: pytest.fail("a subset decoded an image"))
+    subset = whole.subset(10)
+    assert subset.rows == decoded.rows and subset.fingerprint == decoded.fingerprint
+    for name in ["images", "label_maps", "image_labels", "label_area", "category_present", "image_level_present"]:
+        assert torch.equal(getattr(subset, name), getattr(decoded, name)), name
+    acts = torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ld.dissect_activations({"l": acts}, subset, quantile=0.1)["l"].iou,
+                       ld.dissect_activations({"l": acts}, decoded, quantile=0.1)["l"].iou)
+    assert whole.subset(len(whole)) is whole and len(whole) == 24

@@ -41,8 +41,9 @@ from lightning_dissect.broden import Broden
 from lightning_dissect.budget import FigureBudget, OverheadBudget, validate_max_seconds
 from lightning_dissect.concept_source import ConceptDataset
 from lightning_dissect.dashboard import DissectionReport
-from lightning_dissect.engine.capture import check_layers, choose_layers, frozen, model_device
+from lightning_dissect.engine.capture import check_layers, frozen, model_device
 from lightning_dissect.engine.dissect import validate_options
+from lightning_dissect.engine.layer_choice import choose_layers
 from lightning_dissect.engine.rotation import Rotation, as_rotation
 from lightning_dissect.engine.sync import Synchronizer, default_synchronizer, guard, slowest
 from lightning_dissect.history import HistoryEntry

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_dissect as ld
-from lightning_dissect.engine.capture import choose_layers
+from lightning_dissect.engine.layer_choice import choose_layers
 from tests import test_callback as shared
 from tests.test_callback import loader
 

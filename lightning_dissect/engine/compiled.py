@@ -14,7 +14,7 @@ them changes) and `plain_name` names layers as the original model does.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import nn
@@ -22,7 +22,7 @@ from torch import nn
 ORIG_MOD = "_orig_mod"
 
 
-def _optimized_module_type() -> type | None:
+def _optimized_module_type() -> type[nn.Module] | None:
     try:
         from torch._dynamo.eval_frame import OptimizedModule
     except ImportError:  # a torch without Dynamo
@@ -36,11 +36,18 @@ def plain_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != ORIG_MOD)
 
 
+def plain_names(layers: str | Sequence[str]) -> list[str]:
+    """`plain_name` of each layer name (a single name: a list of one)."""
+    return [plain_name(name) for name in ([layers] if isinstance(layers, str) else layers)]
+
+
 def original(model: nn.Module) -> nn.Module:
     """`model` itself, or the module `torch.compile(model)` wrapped (through nested wrappers)."""
     optimized = _optimized_module_type()
     while optimized is not None and isinstance(model, optimized):
-        model = model._orig_mod
+        inner = model._orig_mod
+        assert isinstance(inner, nn.Module)
+        model = inner
     return model
 
 
@@ -75,7 +82,7 @@ def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
         changed = True
         while changed:  # replacing a wrapper shows its original's submodules: look again until none is left
             changed = False
-            for module in root.modules():
+            for module in list(root.modules()):
                 children = module._modules
                 for key, child in list(children.items()):
                     if optimized is not None and isinstance(child, optimized):

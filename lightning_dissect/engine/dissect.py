@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lightning_dissect.engine.capture import LayerCapture, as_unit_maps, frozen, model_device, resolve_layers
+from lightning_dissect.engine.compiled import plain_names, uncompiled
 from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.engine.rotation import Rotation, as_rotation, rotate_units
 from lightning_dissect.engine.scores import category_best, iou, summarize, unit_labels
@@ -374,7 +375,9 @@ def dissect(
     Args:
         model: any `nn.Module` taking a batch of images `(B, 3, H, W)`.
         probe: the `ProbeSet` of images and labels.
-        layers: module names from `model.named_modules()`, nested names included.
+        layers: module names from `model.named_modules()`, nested names included. For a compiled
+            model or submodule (`torch.compile`), with or without the wrapper's `_orig_mod.`; the
+            dissection runs the original modules and names the layers without it.
         quantile: `q`, the fraction of each unit's activations above its threshold.
         iou_threshold: a unit with a score above it is a detector.
         denominator: `"paper"` (default), `"lite"` (NetDissect-Lite's) or `"global"` (SEMANTICS §4).
@@ -406,24 +409,25 @@ def dissect(
         >>> result["layer4"].summary()["unique_concepts"]        # doctest: +SKIP
     """
     options = Options(quantile, iou_threshold, denominator, batch_size, as_rotation(rotation), prefix_tokens, top_k)
-    modules = resolve_layers(model, layers)
-    names = list(modules)
-    run_on = torch.device(device) if device is not None else model_device(model)
-    context = forward_context or contextlib.nullcontext
-
-    capture = LayerCapture(modules)  # one for all batches: it remembers whether outputs need copies
-
-    def layer_activations(batch: list[int]) -> dict[str, torch.Tensor]:
-        inputs = probe.model_input(batch, run_on)
-        with capture, context():
-            outputs = capture.run(model, inputs)
-        return {name: as_unit_maps(outputs[name], name, prefix_tokens) for name in names}
-
     synchronizer = synchronizer or default_synchronizer()
-    # Several processes dissect one model: rank zero's buffers on every rank (engine.sync), restored after.
-    with frozen(model), rank_zero_buffers(model, synchronizer):
-        return _run(layer_activations, probe, options, device=run_on, synchronizer=synchronizer,
-                    activation_cache_bytes=activation_cache_bytes, progress=progress)
+    context = forward_context or contextlib.nullcontext
+    # A compiled model (or submodule) runs as its original: its compiled code, cache and guards are untouched.
+    with uncompiled(model) as plain:
+        modules = resolve_layers(plain, plain_names(layers))
+        names = list(modules)
+        run_on = torch.device(device) if device is not None else model_device(plain)
+        capture = LayerCapture(modules)  # one for all batches: it remembers whether outputs need copies
+
+        def layer_activations(batch: list[int]) -> dict[str, torch.Tensor]:
+            inputs = probe.model_input(batch, run_on)
+            with capture, context():
+                outputs = capture.run(plain, inputs)
+            return {name: as_unit_maps(outputs[name], name, prefix_tokens) for name in names}
+
+        # Several processes dissect one model: rank zero's buffers on every rank (engine.sync), restored after.
+        with frozen(plain), rank_zero_buffers(plain, synchronizer):
+            return _run(layer_activations, probe, options, device=run_on, synchronizer=synchronizer,
+                        activation_cache_bytes=activation_cache_bytes, progress=progress)
 
 
 def dissect_activations(

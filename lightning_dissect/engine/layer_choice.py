@@ -252,7 +252,8 @@ def choose_layers(model: nn.Module, inputs: torch.Tensor, count: int = 2) -> lis
         if all(call.shape != other.shape for other in chosen):
             chosen.append(call)
     deepest = chosen[0]
-    blocks = [child for child in deepest.children if feature(child) and child.shape == deepest.shape]
+    blocks = [child for child in deepest.children
+              if child.children and feature(child) and child.shape == deepest.shape]
     if len(chosen) < count and len(blocks) > 1:
         # Stages of one shape (a transformer's blocks): the last blocks of the deepest stage.
         chosen = chosen[1:] + blocks[-(count - len(chosen) + 1):]

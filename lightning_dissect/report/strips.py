@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from lightning_dissect.engine.capture import LayerCapture, as_unit_maps, frozen, model_device, resolve_layers
+from lightning_dissect.engine.compiled import plain_name, uncompiled
 from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.engine.masks import upsample_masks
 from lightning_dissect.engine.rotation import Rotation, as_rotation, rotate_units
@@ -112,17 +113,18 @@ def activation_maps(
     Returns:
         float32 `(len(positions), K, h, w)` on the CPU.
     """
-    modules = resolve_layers(model, [layer])
-    device = torch.device(device) if device is not None else model_device(model)
+    layer = plain_name(layer)
     rotation = as_rotation(rotation)
     context = forward_context or contextlib.nullcontext
     positions = [int(p) for p in positions]
     parts = []
-    with frozen(model):
+    with uncompiled(model) as plain, frozen(plain):
+        modules = resolve_layers(plain, [layer])
+        device = torch.device(device) if device is not None else model_device(plain)
         for start in range(0, len(positions), batch_size):
             batch = positions[start : start + batch_size]
             with LayerCapture(modules) as capture, context():
-                output = capture.run(model, probe.model_input(batch, device))[layer]
+                output = capture.run(plain, probe.model_input(batch, device))[layer]
             maps = as_unit_maps(output, layer, prefix_tokens)
             if rotation is not None:
                 maps = rotate_units(maps, rotation.resolve(maps.shape[1]))

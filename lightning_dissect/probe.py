@@ -442,29 +442,38 @@ class ProbeSet:
             "categories": self.categories,
         }).encode()).hexdigest()
 
-    def subset(self, size: int) -> ProbeSet:
+    def subset(self, size: int, seed: int | None = None) -> ProbeSet:
         """The probe of `size` images of the same seeded draw, without decoding anything.
 
         The same as `resized(size)` (a smaller draw is a subset of a larger one: one seeded
         permutation, cut), taken from this probe's arrays: a probe held in memory when its arrays
         fit `device_budget_bytes`, else `resized(size)` (decoded, and cached, on its own).
 
+        Args:
+            size: the number of images.
+            seed: draw with another seed (the same as `ProbeSet(source, size, seed)`); only from a
+                probe that holds every candidate row (`size=None`). None keeps this probe's seed.
+
         Raises:
-            ValueError: `size` not a positive integer.
+            ValueError: `size` not a positive integer; another `seed` from a probe that is a draw.
         """
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"size={size!r} must be a positive integer")
-        if size >= len(self):
+        seed = self.seed if seed is None else seed
+        if seed != self.seed and len(self) < len(self._candidates):
+            raise ValueError(f"subset(seed={seed}) draws from every candidate row, but this probe holds a draw of "
+                             f"{len(self)} of {len(self._candidates)}: build it with size=None")
+        if size >= len(self) and seed == self.seed:
             return self
-        rows = _draw(self._candidates, size, self.seed)
+        rows = _draw(self._candidates, size, seed)
         where = {row: position for position, row in enumerate(self.rows)}
         positions = [where[row] for row in rows]
         if self.nbytes * size > self.device_budget_bytes * len(self):
-            return self.resized(size)
+            return self.resized(size, seed=seed)
         arrays = {name: self._storage.gather(name, positions) for name in _PER_IMAGE}
         arrays["label_area"] = label_area(arrays["label_maps"], arrays["image_labels"], len(self.label_names))
         view = copy.copy(self)
-        view.rows = rows
+        view.rows, view.seed = rows, seed
         view.fingerprint = view._fingerprint()
         view._storage, view.cache_folder = MemoryArrays(arrays), None
         view._specs = view._storage.specs
@@ -478,14 +487,21 @@ class ProbeSet:
         return self.source if isinstance(self.source, Broden) else None
 
     def resized(self, size: int, image_size: Sequence[int] | None = None,
-                transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ProbeSet:
+                transform: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int | None = None) -> ProbeSet:
         """The same selection of the same data with `size` images (same seed, split, categories, transform).
 
         For a smaller size the images are a subset of this probe's (the draw is one seeded permutation,
         cut). Works alike for a Broden probe and a dataset probe: the source is kept, not read again.
+        `seed` draws with another seed instead. A new `image_size` with this probe's default
+        `ImageTransform` resizes to it (same mean and std); another transform is kept as it is.
         """
-        return ProbeSet(self.source, size=size, seed=self.seed, split=self.split, categories=self.categories,
-                        image_size=image_size or self.image_size, transform=transform or self.transform)
+        if transform is None:
+            transform = self.transform
+            if image_size is not None and isinstance(transform, ImageTransform):
+                transform = ImageTransform(transform.mean, transform.std, _image_size(image_size))
+        return ProbeSet(self.source, size=size, seed=self.seed if seed is None else seed, split=self.split,
+                        categories=self.categories,
+                        image_size=image_size or self.image_size, transform=transform)
 
     # ------------------------------------------------------------------ layout, decoding and caching
 

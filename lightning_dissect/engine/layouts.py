@@ -269,18 +269,24 @@ def _pair(value: Any) -> Grid | None:
 def model_grids(model: nn.Module, input_size: Grid | None) -> list[Grid]:
     """The patch grids the model states for an input of `input_size` `(H, W)`, found by attribute.
 
-    timm's patch embeddings (`patch_size` and `grid_size`; with `dynamic_img_size` the grid follows
-    the input: `H // p`, rounded up under `dynamic_img_pad`) and torchvision's `VisionTransformer`
-    (`patch_size`, `image_size` and `conv_proj`: `H // p`).
+    timm's patch embeddings (`patch_size` and `grid_size`): `grid_size`, or the grid of the input
+    (`H // p`, rounded up under `dynamic_img_pad`) when the embedding follows the input size (its
+    `strict_img_size` is False, or the model that holds it as `patch_embed` has `dynamic_img_size`);
+    torchvision's `VisionTransformer` (`patch_size`, `image_size` and `conv_proj`): `H // p`.
     """
+    dynamic = {id(module.patch_embed) for module in model.modules()
+               if getattr(module, "dynamic_img_size", False) is True
+               and isinstance(getattr(module, "patch_embed", None), nn.Module)}
     grids: list[Grid] = []
     for module in model.modules():
         patch = _pair(getattr(module, "patch_size", None))
-        if patch is None:
+        if patch is None or patch[0] <= 0 or patch[1] <= 0:
             continue
         grid: Grid | None = None
         if hasattr(module, "grid_size"):  # timm
-            if getattr(module, "dynamic_img_size", False) and input_size is not None:
+            follows_input = (id(module) in dynamic or getattr(module, "strict_img_size", True) is False
+                             or getattr(module, "dynamic_img_size", False) is True)
+            if follows_input and input_size is not None:
                 if getattr(module, "dynamic_img_pad", False):
                     grid = (math.ceil(input_size[0] / patch[0]), math.ceil(input_size[1] / patch[1]))
                 else:

@@ -478,6 +478,17 @@ def test_a_reused_top_level_module_is_refused_with_a_way_out(probe):
         ld.dissect(Shared(), probe, ["shared"])
 
 
+def test_an_output_whose_first_axis_is_not_the_batch_is_refused(probe):
+    class Windows(nn.Module):
+        def forward(self, x):  # (N, K, h, w) -> (4 N, K, h / 2, w / 2): windows along the batch axis
+            n, k, h, w = x.shape
+            return x.reshape(n, k, 2, h // 2, 2, w // 2).permute(0, 2, 4, 1, 3, 5).reshape(4 * n, k, h // 2, w // 2)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Windows())
+    with pytest.raises(ld.DissectionError, match=r"'1' returns shape \(8, 4, 8, 8\) for a batch of 2 images"):
+        ld.dissect(model, probe, ["1"])
+
+
 def test_a_layer_that_does_not_run_is_refused(probe):
     model = TinyResNet()
     model.unused = nn.Conv2d(3, 3, 1)

@@ -312,7 +312,11 @@ def check_layers(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str],
     handles = []
     try:
         for name, module in model.named_modules():
-            handles.append(module.register_forward_hook(hook(name)))
+            try:
+                handles.append(module.register_forward_hook(hook(name)))
+            except (RuntimeError, AttributeError):  # a module that takes no hooks (TorchScript)
+                if name in modules:
+                    raise
         model(inputs)
     finally:
         for handle in handles:
@@ -337,6 +341,11 @@ def check_layers(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str],
             raise DissectionError(
                 f"layer {name!r} returned {returned[name]}, not a tensor; dissect a module whose output is a "
                 "(N, K, h, w) feature map or (N, T, K) tokens")
+        if len(shape) >= 1 and inputs.ndim >= 1 and shape[0] != inputs.shape[0]:
+            raise DissectionError(
+                f"layer {name!r} returns shape {shape} for a batch of {inputs.shape[0]} images: its first axis is "
+                "not the batch (attention windows or heads, a reshaped output). Dissect a module whose output "
+                "has one row per image, e.g. the block around it")
         decided[name] = decide_output_layout(
             name, shape, module=module, stated=stated.get(name), grid=stated_grid(grid, name),
             prefix_tokens=prefix_tokens, model_grid=grids, input_size=input_size, events=events)

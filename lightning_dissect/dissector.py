@@ -41,8 +41,9 @@ from lightning_dissect.broden import Broden
 from lightning_dissect.budget import FigureBudget, OverheadBudget, validate_max_seconds
 from lightning_dissect.concept_source import ConceptDataset
 from lightning_dissect.dashboard import DissectionReport
-from lightning_dissect.engine.capture import check_layers, choose_layers, frozen, model_device
+from lightning_dissect.engine.capture import cast_to_model, check_layers, choose_layers, frozen, model_device
 from lightning_dissect.engine.dissect import validate_options
+from lightning_dissect.engine.layouts import Grid, validate_grid, validate_layouts, validate_prefix_tokens
 from lightning_dissect.engine.rotation import Rotation, as_rotation
 from lightning_dissect.engine.sync import Synchronizer, default_synchronizer, guard, slowest
 from lightning_dissect.history import HistoryEntry
@@ -146,6 +147,10 @@ class Dissector:
             or `every_n_epochs=` instead.
         quantile, iou_threshold, denominator, batch_size, rotation, prefix_tokens, top_k:
             the engine's options (`lightning_dissect.dissect`).
+        layouts: layer -> `"NCHW"` or `"NHWC"`, for layers whose output layout the model does not
+            tell (`lightning_dissect.dissect`; refused otherwise, before training, with the way to state it).
+        grid: the patch grid `(h, w)` of token layers, or layer -> `(h, w)`, where the model does not
+            state it (`lightning_dissect.dissect`).
         probe_size: images in the probe (a cost budget): default all of a `ProbeSet`,
             else 1000 (or all images of a smaller dataset).
         probe_seed: seed of the image draw when the probe is built here.
@@ -187,6 +192,8 @@ class Dissector:
         batch_size: int = 64,
         rotation: Rotation | Mapping[str, Any] | torch.Tensor | None = None,
         prefix_tokens: int | None = None,
+        layouts: Mapping[str, str] | None = None,
+        grid: Grid | Mapping[str, Grid] | None = None,
         top_k: int = 10,
         probe_size: int | None = None,
         probe_seed: int = 0,
@@ -213,8 +220,9 @@ class Dissector:
         validate_max_seconds(max_seconds)
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r} must be one of {list(ON_ERROR)}")
-        if prefix_tokens is not None and (not isinstance(prefix_tokens, int) or prefix_tokens < 0):
-            raise ValueError(f"prefix_tokens={prefix_tokens!r} must be a non-negative integer or None")
+        validate_prefix_tokens(prefix_tokens)
+        layouts = validate_layouts(layouts) or None
+        grid = validate_grid(grid)
         if not isinstance(at_end, bool):
             raise ValueError(f"at_end={at_end!r} must be True or False")
         self.figure_budget = FigureBudget(figure_budget)
@@ -222,7 +230,7 @@ class Dissector:
         self.probe_source = probe
         self.options: dict[str, Any] = dict(quantile=quantile, iou_threshold=iou_threshold, denominator=denominator,
                             batch_size=batch_size, rotation=as_rotation(rotation), prefix_tokens=prefix_tokens,
-                            top_k=top_k)
+                            top_k=top_k, layouts=layouts, grid=grid)
         self.probe_size, self.probe_seed, self.image_size = probe_size, probe_seed, image_size
         self.max_seconds = max_seconds
         self.at_end = at_end
@@ -352,8 +360,9 @@ class Dissector:
         are unchanged.
 
         Raises:
-            DissectionError: an unknown layer (with close matches), a layer that does not run once, a
-                layer without spatial output.
+            DissectionError: an unknown layer (with close matches), a layer that does not run once
+                per forward pass, a layer without two spatial axes or with one position, a layout or
+                token grid the model does not tell and no option states.
         """
         context = context or self.context
         probe = probe or self.probe or self.load_probe()
@@ -362,12 +371,13 @@ class Dissector:
         forward_context = context.forward_context or contextlib.nullcontext
         with (preserved_random_state(device), _converted_inputs(probe, context.convert_input), frozen(model),
               forward_context()):
-            inputs = probe.model_input(list(range(min(2, len(probe)))), device)
+            inputs = cast_to_model(probe.model_input(list(range(min(2, len(probe)))), device), model)
             if layers is None:
                 layers = choose_layers(model, inputs)
                 context.info(f"DissectionCallback: dissecting {layers} (the deepest modules with spatial output; "
                              "pass layers=[...] to choose)")
-            check_layers(model, inputs, layers, self.options["prefix_tokens"])
+            check_layers(model, inputs, layers, self.options["prefix_tokens"], layouts=self.options["layouts"],
+                         grid=self.options["grid"])
         self.layers = list(layers)
         return self.layers
 

@@ -27,8 +27,26 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import nn
 
-from lightning_dissect.engine.capture import LayerCapture, as_unit_maps, frozen, model_device, resolve_layers
+from lightning_dissect.engine.capture import (
+    LayerCapture,
+    as_unit_maps,
+    cast_to_model,
+    check_layers,
+    frozen,
+    model_device,
+    resolve_layers,
+)
 from lightning_dissect.engine.errors import DissectionError
+from lightning_dissect.engine.layouts import (
+    Grid,
+    Layout,
+    OutputLayout,
+    decide_output_layout,
+    stated_grid,
+    validate_grid,
+    validate_layouts,
+    validate_prefix_tokens,
+)
 from lightning_dissect.engine.rotation import Rotation, as_rotation, rotate_units
 from lightning_dissect.engine.scores import category_best, iou, summarize, unit_labels
 from lightning_dissect.engine.sync import Synchronizer, default_synchronizer, rank_zero_buffers, sync_states
@@ -85,15 +103,28 @@ class Options:
     rotation: Rotation | None = None
     prefix_tokens: int | None = None
     top_k: int = 10
+    layouts: Mapping[str, Layout] | None = None
+    grid: Grid | Mapping[str, Grid] | None = None
 
     def __post_init__(self) -> None:
         validate_options(self.quantile, self.iou_threshold, self.denominator, self.batch_size, self.top_k)
+        validate_prefix_tokens(self.prefix_tokens)
+        object.__setattr__(self, "layouts", validate_layouts(self.layouts) or None)
+        object.__setattr__(self, "grid", validate_grid(self.grid))
 
-    def settings(self, probe: Probe, layers: Sequence[str]) -> dict[str, Any]:
-        """The options and the probe as recorded with the numbers (`Dissection.settings`)."""
+    def settings(self, probe: Probe, layers: Sequence[str],
+                 layer_outputs: Mapping[str, OutputLayout] | None = None) -> dict[str, Any]:
+        """The options and the probe as recorded with the numbers (`Dissection.settings`); `layer_outputs`
+        records how each layer's output was read (layout, token grid and leading tokens), so that strips
+        and reports read it again the same way."""
+        grid = self.grid
         return {
             "quantile": self.quantile, "iou_threshold": self.iou_threshold, "denominator": self.denominator,
             "batch_size": self.batch_size, "prefix_tokens": self.prefix_tokens, "layers": list(layers),
+            "layouts": dict(self.layouts) if self.layouts else None,
+            "grid": ({name: list(value) for name, value in grid.items()} if isinstance(grid, Mapping)
+                     else list(grid) if grid is not None else None),
+            "layer_outputs": {name: layout.describe() for name, layout in (layer_outputs or {}).items()},
             "rotation": self.rotation.describe() if self.rotation is not None else None,
             "probe_fingerprint": probe.fingerprint, "probe_size": len(probe), "categories": list(probe.categories),
         }
@@ -284,7 +315,7 @@ class LayerState:
 
 def _run(activations: Callable[[list[int]], dict[str, torch.Tensor]], probe: Probe, options: Options, *,
          device: torch.device, synchronizer: Synchronizer, activation_cache_bytes: int,
-         progress: bool) -> DissectionNumbers:
+         progress: bool, layer_outputs: Mapping[str, OutputLayout]) -> DissectionNumbers:
     """The two passes over this process's shard of the probe set; `activations(positions)` gives
     every layer's raw `(B, K, h, w)` for a batch."""
     started = time.perf_counter()
@@ -327,7 +358,7 @@ def _run(activations: Callable[[list[int]], dict[str, torch.Tensor]], probe: Pro
     bar.close()
 
     numbers = {name: layer.numbers(synchronizer, probe, data) for name, layer in layers.items()}
-    settings = dict(options.settings(probe, list(layers)), seconds=time.perf_counter() - started,
+    settings = dict(options.settings(probe, list(layers), layer_outputs), seconds=time.perf_counter() - started,
                     activations_cached=len(cache) == len(batches))
     return DissectionNumbers(numbers, settings)
 
@@ -360,6 +391,8 @@ def dissect(
     rotation: Rotation | Mapping[str, Any] | torch.Tensor | None = None,
     *,
     prefix_tokens: int | None = None,
+    layouts: Mapping[str, str] | None = None,
+    grid: Grid | Mapping[str, Grid] | None = None,
     top_k: int = 10,
     activation_cache_bytes: int = DEFAULT_ACTIVATION_CACHE_BYTES,
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -369,7 +402,17 @@ def dissect(
     """Dissect layers of `model` over a probe set (SEMANTICS §2 to §6).
 
     The model is run in eval mode without gradients; every submodule's train
-    flag is restored afterwards and no parameter or buffer changes.
+    flag is restored afterwards and no parameter or buffer changes. The probe
+    input is cast to the model's floating dtype (a bf16 or fp16 model gets
+    bf16 or fp16 input); unit maps are float32 for the engine.
+
+    Before the passes, one check pass (a full forward of the first probe
+    images, `engine.capture.check_layers`) decides how each layer's output is
+    read, once for the whole dissection (SEMANTICS §2): a layer must run once
+    per forward pass and have more than one spatial position; a channels-last
+    output is known from the model or stated in `layouts`; a token output's
+    grid comes from `grid`, the model, or (square inputs only) the fewest
+    leading tokens that leave a square. `settings["layer_outputs"]` records it.
 
     Args:
         model: any `nn.Module` taking a batch of images `(B, 3, H, W)`.
@@ -382,7 +425,12 @@ def dissect(
         device: where to run; default the model's device.
         rotation: a basis change (SEMANTICS §6): `Rotation(seed, alpha)`,
             `dict(seed=0, alpha=0.5)` or an explicit `K x K` tensor.
-        prefix_tokens: class/register tokens to drop from `(N, T, K)` outputs.
+        prefix_tokens: class/register tokens before the grid in `(N, T, K)` outputs; None: the
+            rest once the grid is known (`T - h * w`). When given, it must equal that rest.
+        layouts: layer -> `"NCHW"` (`(N, K, h, w)`) or `"NHWC"` (channels-last `(N, h, w, K)`)
+            (or `"NLC"`, tokens), for outputs whose layout the model does not tell.
+        grid: the patch grid `(h, w)` of token outputs, or layer -> `(h, w)`; default: the model's
+            (timm `patch_embed.grid_size`, torchvision `patch_size` and the input size).
         top_k: how many top-activating images to keep per unit.
         activation_cache_bytes: keep activations between the passes up to this
             size (the first batches); the model runs again only for the batches
@@ -398,32 +446,43 @@ def dissect(
         `Dissection` (one `LayerDissection` per layer, with their files).
 
     Raises:
-        DissectionError: unknown layer, an output without spatial axes, non-finite activations.
+        DissectionError: unknown layer, a layer that runs more than once per forward pass, an output
+            without two spatial axes or with one position, a layout or token grid the model does not
+            tell and no option states, non-finite activations.
         ValueError: an option out of range.
 
     Example:
         >>> result = ld.dissect(model, probe, ["layer4"])        # doctest: +SKIP
         >>> result["layer4"].summary()["unique_concepts"]        # doctest: +SKIP
     """
-    options = Options(quantile, iou_threshold, denominator, batch_size, as_rotation(rotation), prefix_tokens, top_k)
+    options = Options(quantile, iou_threshold, denominator, batch_size, as_rotation(rotation),
+                      prefix_tokens=prefix_tokens, top_k=top_k, layouts=validate_layouts(layouts) or None,
+                      grid=grid)
     modules = resolve_layers(model, layers)
     names = list(modules)
     run_on = torch.device(device) if device is not None else model_device(model)
     context = forward_context or contextlib.nullcontext
 
     capture = LayerCapture(modules)  # one for all batches: it remembers whether outputs need copies
+    outputs_read: dict[str, OutputLayout] = {}
 
     def layer_activations(batch: list[int]) -> dict[str, torch.Tensor]:
-        inputs = probe.model_input(batch, run_on)
+        inputs = cast_to_model(probe.model_input(batch, run_on), model)
         with capture, context():
             outputs = capture.run(model, inputs)
-        return {name: as_unit_maps(outputs[name], name, prefix_tokens) for name in names}
+        return {name: as_unit_maps(outputs[name], name, outputs_read[name]) for name in names}
 
     synchronizer = synchronizer or default_synchronizer()
     # Several processes dissect one model: rank zero's buffers on every rank (engine.sync), restored after.
     with frozen(model), rank_zero_buffers(model, synchronizer):
+        if len(probe):
+            # The check pass: how each layer's output is read, decided once (the same on every rank).
+            first = cast_to_model(probe.model_input(list(range(min(2, len(probe)))), run_on), model)
+            with context():
+                outputs_read.update(check_layers(model, first, names, options.prefix_tokens,
+                                                 layouts=options.layouts, grid=options.grid))
         return _run(layer_activations, probe, options, device=run_on, synchronizer=synchronizer,
-                    activation_cache_bytes=activation_cache_bytes, progress=progress)
+                    activation_cache_bytes=activation_cache_bytes, progress=progress, layer_outputs=outputs_read)
 
 
 def dissect_activations(
@@ -437,18 +496,24 @@ def dissect_activations(
     rotation: Rotation | Mapping[str, Any] | torch.Tensor | None = None,
     *,
     prefix_tokens: int | None = None,
+    layouts: Mapping[str, str] | None = None,
+    grid: Grid | Mapping[str, Grid] | None = None,
     top_k: int = 10,
     progress: bool = False,
     synchronizer: Synchronizer | None = None,
 ) -> DissectionNumbers:
     """Dissect precomputed activations, `{name: (N, K, h, w) or (N, T, K)}` in probe order.
 
-    Same options and results as :func:`dissect`.
+    Same options and results as :func:`dissect`. Without a model to tell, a 4-D tensor is
+    `(N, K, h, w)` unless `layouts` says `"NHWC"`; a token tensor's grid is `grid`, or, for a probe
+    of square images only, the fewest leading tokens that leave a square.
 
     Raises:
-        DissectionError: a tensor whose first axis is not the probe size.
+        DissectionError: a tensor whose first axis is not the probe size, or that no layout or grid reads.
     """
-    options = Options(quantile, iou_threshold, denominator, batch_size, as_rotation(rotation), prefix_tokens, top_k)
+    options = Options(quantile, iou_threshold, denominator, batch_size, as_rotation(rotation),
+                      prefix_tokens=prefix_tokens, top_k=top_k, layouts=validate_layouts(layouts) or None,
+                      grid=grid)
     if not activations:
         raise DissectionError("activations is empty: pass {layer_name: tensor}")
     for name, value in activations.items():
@@ -456,13 +521,33 @@ def dissect_activations(
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise DissectionError(f"activations[{name!r}] has shape {shape}; its first axis must be the probe size "
                                   f"{len(probe)}, in probe order")
+    stated = options.layouts or {}
+    unknown = [name for name in stated if name not in activations]
+    if unknown:
+        raise DissectionError(f"layouts names {unknown}, which are not keys of activations {list(activations)}")
     first = next(iter(activations.values()))
     run_on = torch.device(device) if device is not None else first.device
     names = list(activations)
+    input_size = probe_image_size(probe)
+    outputs_read = {name: decide_output_layout(name, tuple(value.shape), stated=stated.get(name),
+                                               grid=stated_grid(options.grid, name),
+                                               prefix_tokens=options.prefix_tokens, input_size=input_size)
+                    for name, value in activations.items()}
 
     def batch_activations(batch: list[int]) -> dict[str, torch.Tensor]:
         index = torch.tensor(batch, device=activations[names[0]].device)
-        return {name: as_unit_maps(activations[name][index].to(run_on), name, prefix_tokens) for name in names}
+        return {name: as_unit_maps(activations[name][index].to(run_on), name, outputs_read[name]) for name in names}
 
     return _run(batch_activations, probe, options, device=run_on, synchronizer=synchronizer or default_synchronizer(),
-                activation_cache_bytes=0, progress=progress)
+                activation_cache_bytes=0, progress=progress, layer_outputs=outputs_read)
+
+
+def probe_image_size(probe: Probe) -> Grid | None:
+    """The `(H, W)` of the probe's model input (its `image_size`, else its images'), None when unknown."""
+    size = getattr(probe, "image_size", None)
+    if size is not None:
+        return int(size[0]), int(size[1])
+    images = getattr(probe, "images", None)
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return int(images.shape[-2]), int(images.shape[-1])
+    return None

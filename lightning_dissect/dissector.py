@@ -53,6 +53,7 @@ from lightning_dissect.probe_source import ProbeSource, load_probe, probe_at_inp
 from lightning_dissect.result import Dissection, dissect
 from lightning_dissect.run_folder import RunFolder
 from lightning_dissect.schedule import Schedule
+from lightning_dissect.stability import STABLE_PROBE_SIZE, STABLE_VALUES_ABOVE_THRESHOLD, unstable_probe
 
 log = logging.getLogger(__name__)
 
@@ -490,10 +491,27 @@ class Dissector:
                 self._keep_and_show(model, probe, report, context, figures=first or final, final=final)
             self._last_report, self._last_final = report, final
         self.budget.spent(time.perf_counter() - started)
+        if first:
+            self._warn_if_unstable(dissection, context)
         context.info(f"DissectionCallback: step {step}, {seconds:.1f} s: " + "; ".join(
             f"{layer} {entry.summary['unique_concepts']:.0f} unique concepts, {entry.summary['detectors']:.0f} "
             f"detectors" for layer, entry in report.entries.items()))
         return report
+
+    def _warn_if_unstable(self, dissection: Dissection, context: RunContext) -> None:
+        """Say once, at the run's first dissection, when the probe is too small for stable counts
+        (`lightning_dissect.stability`, measured in docs/performance.md)."""
+        positions = {layer: shape[1] * shape[2] for layer, shape in dissection.settings["unit_maps"].items()}
+        reason = unstable_probe(dissection.settings["probe_size"], self.options["quantile"], positions)
+        if reason is None:
+            return
+        cut = (f" (the cost budget cut it from {len(self.loaded_probe)})"
+               if self.loaded_probe is not None and len(self.loaded_probe) > dissection.settings["probe_size"] else "")
+        context.warn(f"the probe{cut} is too small for stable counts: {reason}. Detector counts and labels vary "
+                     f"with the probe's draw below {STABLE_PROBE_SIZE} images and {STABLE_VALUES_ABOVE_THRESHOLD} "
+                     "activations per unit above a threshold (docs/performance.md, 'Probe size and stable counts'). "
+                     "Pass a larger probe_size, a larger image_size, a larger max_overhead or max_overhead=None "
+                     "(said once)")
 
     def _dissect(self, model: nn.Module, probe: ProbeSet, layers: Sequence[str], context: RunContext) -> Dissection:
         with preserved_random_state(model_device(model)), _converted_inputs(probe, context.convert_input):

@@ -423,7 +423,8 @@ def _run(activations: Activations, probe: Probe, options: Options, *, device: to
     whole = {"label_area": label_area, "label_category": label_category}
     numbers = {name: layer.numbers(synchronizer, probe, whole) for name, layer in layers.items()}
     settings = dict(options.settings(probe, list(layers), layer_outputs), seconds=time.perf_counter() - started,
-                    activations_cached=len(cache) == len(batches))
+                    activations_cached=len(cache) == len(batches),
+                    unit_maps={name: list(layer.shape) for name, layer in layers.items()})
     return DissectionNumbers(numbers, settings)
 
 

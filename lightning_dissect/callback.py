@@ -94,6 +94,11 @@ class DissectionHooks:
             or pass `every_n_steps=` / `every_n_epochs=`.
         quantile, iou_threshold, denominator, batch_size, rotation, prefix_tokens, top_k:
             the engine's options (`lightning_dissect.dissect`).
+        layouts: layer -> `"NCHW"` or `"NHWC"` (channels-last), for layers whose output layout the
+            model does not tell, e.g. `{"model.features.7": "NHWC"}`; an ambiguous layer is refused
+            before the first training step with a message saying so.
+        grid: the patch grid `(h, w)` of token layers (or layer -> `(h, w)`) where the model does not
+            state it (timm's `patch_embed.grid_size` and torchvision's `patch_size` are read).
         probe_size, probe_seed, image_size: the probe (`Dissector`); unless `image_size` is given, the probe's
             images go to the model at the size of the first training batch's images.
         max_overhead, max_seconds, figure_budget: the cost budget (`Dissector`, `budget.py`): by default
@@ -131,6 +136,8 @@ class DissectionHooks:
         batch_size: int = 64,
         rotation: Rotation | dict[str, Any] | torch.Tensor | None = None,
         prefix_tokens: int | None = None,
+        layouts: dict[str, str] | None = None,
+        grid: tuple[int, int] | dict[str, tuple[int, int]] | None = None,
         top_k: int = 10,
         probe_size: int | None = None,
         probe_seed: int = 0,
@@ -149,7 +156,8 @@ class DissectionHooks:
         self.dissector = Dissector(
             probe, layers, schedule, every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, quantile=quantile,
             iou_threshold=iou_threshold, denominator=denominator, batch_size=batch_size, rotation=rotation,
-            prefix_tokens=prefix_tokens, top_k=top_k, probe_size=probe_size, probe_seed=probe_seed,
+            prefix_tokens=prefix_tokens, layouts=layouts, grid=grid, top_k=top_k, probe_size=probe_size,
+            probe_seed=probe_seed,
             image_size=image_size, max_overhead=max_overhead, max_seconds=max_seconds, at_end=at_end, dirpath=dirpath,
             save_json=save_json, on_error=on_error, figure_budget=figure_budget, strips_per_layer=strips_per_layer,
         )

@@ -41,10 +41,11 @@ from lightning_dissect.broden import Broden
 from lightning_dissect.budget import FigureBudget, OverheadBudget, validate_max_seconds
 from lightning_dissect.concept_source import ConceptDataset
 from lightning_dissect.dashboard import DissectionReport
-from lightning_dissect.engine.capture import check_layers, frozen, model_device
+from lightning_dissect.engine.capture import cast_to_model, check_layers, frozen, model_device
 from lightning_dissect.engine.compiled import plain_names, uncompiled
 from lightning_dissect.engine.dissect import validate_options
 from lightning_dissect.engine.layer_choice import choose_layers
+from lightning_dissect.engine.layouts import Grid, validate_grid, validate_layouts, validate_prefix_tokens
 from lightning_dissect.engine.rotation import Rotation, as_rotation
 from lightning_dissect.engine.sync import Synchronizer, default_synchronizer, guard, slowest
 from lightning_dissect.history import HistoryEntry
@@ -54,6 +55,7 @@ from lightning_dissect.probe_source import ProbeSource, load_probe, probe_at_inp
 from lightning_dissect.result import Dissection, dissect
 from lightning_dissect.run_folder import RunFolder
 from lightning_dissect.schedule import Schedule
+from lightning_dissect.stability import STABLE_PROBE_SIZE, STABLE_VALUES_ABOVE_THRESHOLD, unstable_probe
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,10 @@ class Dissector:
             or `every_n_epochs=` instead.
         quantile, iou_threshold, denominator, batch_size, rotation, prefix_tokens, top_k:
             the engine's options (`lightning_dissect.dissect`).
+        layouts: layer -> `"NCHW"` or `"NHWC"`, for layers whose output layout the model does not
+            tell (`lightning_dissect.dissect`; refused otherwise, before training, with the way to state it).
+        grid: the patch grid `(h, w)` of token layers, or layer -> `(h, w)`, where the model does not
+            state it (`lightning_dissect.dissect`).
         probe_size: images in the probe (a cost budget): default all of a `ProbeSet`,
             else 1000 (or all images of a smaller dataset).
         probe_seed: seed of the image draw when the probe is built here.
@@ -190,6 +196,8 @@ class Dissector:
         batch_size: int = 64,
         rotation: Rotation | Mapping[str, Any] | torch.Tensor | None = None,
         prefix_tokens: int | None = None,
+        layouts: Mapping[str, str] | None = None,
+        grid: Grid | Mapping[str, Grid] | None = None,
         top_k: int = 10,
         probe_size: int | None = None,
         probe_seed: int = 0,
@@ -216,8 +224,9 @@ class Dissector:
         validate_max_seconds(max_seconds)
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r} must be one of {list(ON_ERROR)}")
-        if prefix_tokens is not None and (not isinstance(prefix_tokens, int) or prefix_tokens < 0):
-            raise ValueError(f"prefix_tokens={prefix_tokens!r} must be a non-negative integer or None")
+        validate_prefix_tokens(prefix_tokens)
+        layouts = validate_layouts(layouts) or None
+        grid = validate_grid(grid)
         if not isinstance(at_end, bool):
             raise ValueError(f"at_end={at_end!r} must be True or False")
         self.figure_budget = FigureBudget(figure_budget)
@@ -225,7 +234,7 @@ class Dissector:
         self.probe_source = probe
         self.options: dict[str, Any] = dict(quantile=quantile, iou_threshold=iou_threshold, denominator=denominator,
                             batch_size=batch_size, rotation=as_rotation(rotation), prefix_tokens=prefix_tokens,
-                            top_k=top_k)
+                            top_k=top_k, layouts=layouts, grid=grid)
         self.probe_size, self.probe_seed, self.image_size = probe_size, probe_seed, image_size
         self.max_seconds = max_seconds
         self.at_end = at_end
@@ -355,8 +364,9 @@ class Dissector:
         are unchanged.
 
         Raises:
-            DissectionError: an unknown layer (with close matches), a layer that does not run once, a
-                layer without spatial output.
+            DissectionError: an unknown layer (with close matches), a layer that does not run once
+                per forward pass, a layer without two spatial axes or with one position, a layout or
+                token grid the model does not tell and no option states.
         """
         context = context or self.context
         probe = probe or self.probe or self.load_probe()
@@ -366,12 +376,13 @@ class Dissector:
         # A compiled model or submodule is run (and its layers named) as its original (engine/compiled.py).
         with (preserved_random_state(device), _converted_inputs(probe, context.convert_input),
               uncompiled(model) as plain, frozen(plain), forward_context()):
-            inputs = probe.model_input(list(range(min(2, len(probe)))), device)
+            inputs = cast_to_model(probe.model_input(list(range(min(2, len(probe)))), device), plain)
             if layers is None:
                 layers = choose_layers(plain, inputs)
                 context.info(f"DissectionCallback: dissecting {layers}, chosen automatically (the last outputs of "
                              "the deepest feature stages; pass layers=[...] to choose)")
-            check_layers(plain, inputs, layers, self.options["prefix_tokens"])
+            check_layers(plain, inputs, layers, self.options["prefix_tokens"], layouts=self.options["layouts"],
+                         grid=self.options["grid"])
         self.layers = list(layers)
         return self.layers
 
@@ -484,10 +495,27 @@ class Dissector:
                 self._keep_and_show(model, probe, report, context, figures=first or final, final=final)
             self._last_report, self._last_final = report, final
         self.budget.spent(time.perf_counter() - started)
+        if first:
+            self._warn_if_unstable(dissection, context)
         context.info(f"DissectionCallback: step {step}, {seconds:.1f} s: " + "; ".join(
             f"{layer} {entry.summary['unique_concepts']:.0f} unique concepts, {entry.summary['detectors']:.0f} "
             f"detectors" for layer, entry in report.entries.items()))
         return report
+
+    def _warn_if_unstable(self, dissection: Dissection, context: RunContext) -> None:
+        """Say once, at the run's first dissection, when the probe is too small for stable counts
+        (`lightning_dissect.stability`, measured in docs/performance.md)."""
+        positions = {layer: shape[1] * shape[2] for layer, shape in dissection.settings["unit_maps"].items()}
+        reason = unstable_probe(dissection.settings["probe_size"], self.options["quantile"], positions)
+        if reason is None:
+            return
+        cut = (f" (the cost budget cut it from {len(self.loaded_probe)})"
+               if self.loaded_probe is not None and len(self.loaded_probe) > dissection.settings["probe_size"] else "")
+        context.warn(f"the probe{cut} is too small for stable counts: {reason}. Detector counts and labels vary "
+                     f"with the probe's draw below {STABLE_PROBE_SIZE} images and {STABLE_VALUES_ABOVE_THRESHOLD} "
+                     "activations per unit above a threshold (docs/performance.md, 'Probe size and stable counts'). "
+                     "Pass a larger probe_size, a larger image_size, a larger max_overhead or max_overhead=None "
+                     "(said once)")
 
     def _dissect(self, model: nn.Module, probe: ProbeSet, layers: Sequence[str], context: RunContext) -> Dissection:
         with preserved_random_state(model_device(model)), _converted_inputs(probe, context.convert_input):

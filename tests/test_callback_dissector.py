@@ -201,6 +201,23 @@ def test_probe_size_and_time_budget_cut_the_probe_once_to_a_subset_of_the_same_d
     assert resumed.maybe_run(model, 2).entries["block2"].probe_size == 10  # no new calibration: the same size
 
 
+def test_a_probe_too_small_for_stable_counts_is_said_once_naming_the_layers(probe, monkeypatch):
+    # 48 images; at q = 0.001, block2 (16 x 16) has 0.001 * 48 * 256 = 12.3 values above its threshold.
+    warnings: list[str] = []
+    small = ld.Dissector(probe, ["block1", "block2"], every_n_steps=1, quantile=0.001, max_overhead=None)
+    for step in range(3):
+        small.maybe_run(Net(), step, context=ld.RunContext(warn=warnings.append))
+    assert len(warnings) == 1 and "too small for stable counts" in warnings[0]
+    assert "48 images (fewer than 400)" in warnings[0]
+    assert "'block2' has 12.3 activations" in warnings[0] and "'block1'" not in warnings[0]
+
+    monkeypatch.setattr(ld.stability, "STABLE_PROBE_SIZE", 40)
+    warnings.clear()
+    stable = ld.Dissector(probe, ["block1", "block2"], every_n_steps=1, max_overhead=None)
+    stable.maybe_run(Net(), 0, context=ld.RunContext(warn=warnings.append))
+    assert warnings == []
+
+
 def test_files_are_replaced_whole_and_a_failed_write_leaves_the_last_complete_history(probe, tmp_path):
     dissector = ld.Dissector(probe, ["block1", "block2"], every_n_steps=1, dirpath=tmp_path, save_json=False,
                              figure_budget=None, max_overhead=None)

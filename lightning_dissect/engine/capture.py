@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import math
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +21,15 @@ import torch
 from torch import nn
 
 from lightning_dissect.engine.errors import DissectionError
+from lightning_dissect.engine.layouts import (
+    Grid,
+    Layout,
+    OutputLayout,
+    decide_output_layout,
+    effective_layouts,
+    model_grids,
+    stated_grid,
+)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -65,40 +74,38 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> dict[str, n
     return found
 
 
-def as_unit_maps(output: Any, layer: str, prefix_tokens: int | None = None) -> torch.Tensor:
+def as_unit_maps(output: Any, layer: str, layout: OutputLayout | Mapping[str, Any] | str | None = None,
+                 prefix_tokens: int | None = None) -> torch.Tensor:
     """A layer's output as float32 `(B, K, h, w)` (SEMANTICS §2).
 
-    Token outputs `(B, T, K)` become a square grid after dropping `prefix_tokens`
-    leading (class/register) tokens; when `prefix_tokens` is None and `T` is
-    not a square, the fewest leading tokens that leave a square are dropped.
+    Args:
+        output: the layer's output.
+        layer: its name, for messages.
+        layout: how to read it, as `check_layers` decided it (an `OutputLayout`, its `describe()`, or
+            `"NCHW"` / `"NHWC"`). None (outputs of dissections recorded before layouts were): a 4-D
+            output is `(B, K, h, w)`; tokens `(B, T, K)` become a square grid after dropping
+            `prefix_tokens` leading tokens, or the fewest that leave a square when it is None.
 
     Raises:
-        DissectionError: for an output that is not a tensor or has no spatial axes.
+        DissectionError: for an output that is not a tensor, has no spatial axes, or does not fit `layout`.
     """
     if not isinstance(output, torch.Tensor):
         raise DissectionError(
             f"layer {layer!r} returned {type(output).__name__}, not a tensor; dissect a module whose output is "
             "a (N, K, h, w) feature map or (N, T, K) tokens"
         )
-    if output.ndim == 4:
-        return output.float().contiguous()
-    if output.ndim == 3:
-        batch, tokens, units = output.shape
-        drop = prefix_tokens
-        if drop is None:
-            drop = next((d for d in range(tokens) if math.isqrt(tokens - d) ** 2 == tokens - d), None)
-        side = math.isqrt(max(tokens - (drop or 0), 0))
-        if drop is None or side == 0 or side * side != tokens - drop:
-            raise DissectionError(
-                f"layer {layer!r} has {tokens} tokens; after dropping prefix_tokens={drop} they do not form a "
-                "square grid. Pass prefix_tokens= the number of class/register tokens."
-            )
-        grid = output[:, drop:, :].reshape(batch, side, side, units).permute(0, 3, 1, 2)
-        return grid.float().contiguous()
-    raise DissectionError(
-        f"layer {layer!r} output has shape {tuple(output.shape)}: no spatial axes to dissect. Choose a "
-        "convolutional layer (N, K, h, w) or a token layer (N, T, K) before pooling."
-    )
+    if layout is None:
+        shape = tuple(output.shape)
+        layout = decide_output_layout(layer, shape, prefix_tokens=prefix_tokens,
+                                      input_size=(1, 1) if output.ndim == 3 else None)
+    else:
+        layout = OutputLayout.of(layout)
+    expected = 3 if layout.layout == "NLC" else 4
+    if output.ndim != expected or (layout.grid is not None
+                                   and output.shape[1] != layout.prefix_tokens + layout.grid[0] * layout.grid[1]):
+        raise DissectionError(f"layer {layer!r} output has shape {tuple(output.shape)}, which does not fit its "
+                              f"layout {layout.describe()} (decided on the first batch)")
+    return layout.read(output)
 
 
 class _StopForward(Exception):
@@ -192,20 +199,126 @@ def _version(tensor: torch.Tensor) -> int | None:
 
 
 def check_layers(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str],
-                 prefix_tokens: int | None = None) -> None:
-    """Run one batch and check that every layer runs once and has a spatial output.
+                 prefix_tokens: int | None = None, *, layouts: Mapping[str, Layout] | None = None,
+                 grid: Grid | Mapping[str, Grid] | None = None) -> dict[str, OutputLayout]:
+    """The check pass: one full forward of `inputs` (no early stop) that decides how each layer's
+    output is read, once for the whole dissection (SEMANTICS §2).
+
+    Every module's calls are counted and every 4-D output's layout followed (`engine/layouts.py`).
+    A layer must run exactly once per forward pass; its output must be `(N, K, h, w)`,
+    channels-last `(N, h, w, K)` (known from the model or stated in `layouts`) or tokens `(N, T, K)`
+    (grid from `grid`, the model or, for square inputs only, the fewest leading tokens that leave a
+    square), with more than one spatial position.
+
+    Args:
+        model: the model, in the mode it is dissected in (eval, no gradients).
+        inputs: one batch of model input (its size decides token grids that follow the input).
+        layers: module names.
+        prefix_tokens: the leading tokens of token outputs, when stated.
+        layouts: layer -> `"NCHW"`, `"NHWC"` or `"NLC"`, stated.
+        grid: the patch grid `(h, w)` of token outputs, or layer -> grid.
+
+    Returns:
+        layer -> its `OutputLayout`, in the order of `layers`.
 
     Raises:
-        DissectionError: unknown layer (with close matches), a layer that does not
-            run or runs twice, or an output without spatial axes (or one position).
+        DissectionError: an unknown layer (with close matches); a layer that does not run, or runs
+            more than once (naming the enclosing module that runs once); an output without two
+            spatial axes or with one position; a layout or token grid that is not known and not
+            stated (saying how to state it).
     """
     modules = resolve_layers(model, layers)
-    with LayerCapture(modules) as capture:
-        outputs = capture.run(model, inputs)
-    for name in layers:
-        maps = as_unit_maps(outputs[name], name, prefix_tokens)
-        if maps.shape[2] * maps.shape[3] < 2:
+    stated = dict(layouts or {})
+    named = dict(model.named_modules())
+    for name in stated:
+        if name not in named or not name:
+            close = difflib.get_close_matches(name, [m for m in named if m], n=5, cutoff=0.5)
+            raise DissectionError(f"layouts names {name!r}, which is not a module of {type(model).__name__}"
+                                  + (f"; did you mean {close}?" if close else ""))
+    calls: list[tuple[str, nn.Module, tuple[int, ...] | None]] = []
+    returned: dict[str, str] = {}  # the type a module returned, when not a tensor
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            # Shapes only: nothing of the output is kept.
+            calls.append((name, module, tuple(output.shape) if isinstance(output, torch.Tensor) else None))
+            if not isinstance(output, torch.Tensor):
+                returned[name] = type(output).__name__
+
+        return record
+
+    handles = []
+    try:
+        for name, module in model.named_modules():
+            try:
+                handles.append(module.register_forward_hook(hook(name)))
+            except (RuntimeError, AttributeError):  # a module that takes no hooks (TorchScript)
+                if name in modules:
+                    raise
+        model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    events = effective_layouts(calls)
+    counts: dict[str, int] = {}
+    for event in events:
+        counts[event.name] = counts.get(event.name, 0) + 1
+    shapes = {event.name: event.shape for event in events}
+    input_size = (int(inputs.shape[-2]), int(inputs.shape[-1])) if inputs.ndim == 4 else None
+    grids = model_grids(model, input_size)
+    decided = {}
+    for name, module in modules.items():
+        ran = counts.get(name, 0)
+        if ran == 0:
+            raise DissectionError(f"layer {name!r} did not run in the model's forward pass; dissect a module the "
+                                  "forward pass calls")
+        if ran > 1:
+            raise DissectionError(_ran_more_than_once(name, ran, counts, shapes))
+        shape = shapes[name]
+        if shape is None:
             raise DissectionError(
-                f"layer {name!r} output has shape {tuple(outputs[name].shape)}: a single spatial position, nothing "
-                "to segment. Choose a layer before global pooling."
-            )
+                f"layer {name!r} returned {returned[name]}, not a tensor; dissect a module whose output is a "
+                "(N, K, h, w) feature map or (N, T, K) tokens")
+        if len(shape) >= 1 and inputs.ndim >= 1 and shape[0] != inputs.shape[0]:
+            raise DissectionError(
+                f"layer {name!r} returns shape {shape} for a batch of {inputs.shape[0]} images: its first axis is "
+                "not the batch (attention windows or heads, a reshaped output). Dissect a module whose output "
+                "has one row per image, e.g. the block around it")
+        decided[name] = decide_output_layout(
+            name, shape, module=module, stated=stated.get(name), grid=stated_grid(grid, name),
+            prefix_tokens=prefix_tokens, model_grid=grids, input_size=input_size, events=events)
+    return decided
+
+
+def _ran_more_than_once(name: str, ran: int, counts: Mapping[str, int],
+                        shapes: Mapping[str, tuple[int, ...] | None]) -> str:
+    """The message for a layer that ran `ran` times, naming the nearest enclosing module that runs once."""
+    parts = name.split(".")
+    enclosing = next((parent for parent in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
+                      if counts.get(parent) == 1 and len(shapes.get(parent) or ()) in (3, 4)), None)
+    instead = (f"Dissect the module that encloses it and runs once, e.g. {enclosing!r}, or give each use its own "
+               "module" if enclosing is not None else
+               "Give each use its own module (e.g. one nn.ReLU per place it is applied) and dissect one of them, "
+               "or dissect a module that runs once")
+    return (f"layer {name!r} ran {ran} times in one forward pass (a module used in several places); each call's "
+            f"output is a different representation, so the layer has no single output to dissect. {instead}")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype of the model's first floating parameter (or buffer); None when it has none."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def cast_to_model(inputs: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Floating `inputs` in the model's floating dtype (a bf16 or fp16 model takes bf16 or fp16 input).
+
+    Under a Lightning precision plugin the input was converted already (its `convert_input`): the
+    weights' dtype is then the one it converts to, and this changes nothing.
+    """
+    dtype = model_dtype(model)
+    if dtype is not None and inputs.is_floating_point() and inputs.dtype != dtype:
+        return inputs.to(dtype)
+    return inputs

@@ -9,8 +9,9 @@ and areas (`engine/tally.py`); assembly turns the sums into IoU, labels and
 scores (`engine/scores.py`). Between the passes the layers' activations are
 kept up to `activation_cache_bytes` (the first batches, in full); pass two runs
 the model again for the batches beyond it, so memory never grows with the probe
-set beyond the threshold state and that budget. See docs/performance.md for
-what each part costs.
+set beyond the threshold state and that budget. The probe is read batch by
+batch (`Probe.stream`: the next batch read ahead while the current one is
+computed on), in both passes; see docs/performance.md for what each part costs.
 
 The engine returns its numbers (`DissectionNumbers`); `lightning_dissect.dissect`
 returns them as a `Dissection`, which adds their files.
@@ -19,17 +20,36 @@ returns them as a `Dissection`, which adds their files.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
 
-from lightning_dissect.engine.capture import LayerCapture, as_unit_maps, frozen, model_device, resolve_layers
+from lightning_dissect.engine.capture import (
+    LayerCapture,
+    as_unit_maps,
+    cast_to_model,
+    check_layers,
+    frozen,
+    model_device,
+    resolve_layers,
+)
 from lightning_dissect.engine.compiled import plain_names, uncompiled
 from lightning_dissect.engine.errors import DissectionError
+from lightning_dissect.engine.layouts import (
+    Grid,
+    Layout,
+    OutputLayout,
+    decide_output_layout,
+    stated_grid,
+    validate_grid,
+    validate_layouts,
+    validate_prefix_tokens,
+)
 from lightning_dissect.engine.rotation import Rotation, as_rotation, rotate_units
 from lightning_dissect.engine.scores import category_best, iou, summarize, unit_labels
 from lightning_dissect.engine.sync import Synchronizer, default_synchronizer, rank_zero_buffers, sync_states
@@ -41,22 +61,45 @@ DEFAULT_ACTIVATION_CACHE_BYTES = 2**31
 LABEL_TENSORS = ("label_maps", "image_labels", "present", "image_level_present")
 
 
+class ProbeBatch(Protocol):
+    """One batch of `Probe.stream`: its probe positions, model input and label tensors."""
+
+    @property
+    def positions(self) -> list[int]: ...
+
+    @property
+    def inputs(self) -> torch.Tensor | None:
+        """The model's input `(B, 3, H, W)` on the device; None when images were not asked for."""
+        ...
+
+    @property
+    def labels(self) -> Sequence[torch.Tensor] | None:
+        """The batch's `LABEL_TENSORS` on the device, in that order; None when labels were not asked for."""
+        ...
+
+
 class Probe(Protocol):
-    """What the engine reads of a probe set (`lightning_dissect.probe.ProbeSet` is one)."""
+    """What the engine reads of a probe set (`lightning_dissect.probe.ProbeSet` is one).
+
+    The whole-probe tensors are small, `(C,)` per label; images and label maps come batch by batch
+    through `stream`, which reads ahead and moves them to the device (or indexes a copy kept there).
+    """
 
     categories: list[str]
     label_names: list[str]
     fingerprint: str
+    label_category: torch.Tensor  # long (C,): primary category index of each label, -1: never scored
+    label_area: torch.Tensor  # long (C,): G(c)
 
     def __len__(self) -> int: ...
 
-    def tensors(self, device: torch.device | str) -> dict[str, torch.Tensor]:
-        """The label tensors on `device`: `label_maps`, `image_labels`, `present`,
-        `image_level_present`, `label_area`, `label_category`."""
+    def stream(self, batches: Iterable[Sequence[int]], device: torch.device | str, images: bool = True,
+               labels: bool = True, prefetch: int = 2) -> Iterator[ProbeBatch]:
+        """Each batch's model input and labels on `device`, in order (see `ProbeSet.stream`)."""
         ...
 
-    def model_input(self, positions: Sequence[int] | torch.Tensor, device: torch.device | str) -> torch.Tensor:
-        """The model's input for the images at probe `positions`."""
+    def model_input(self, positions: Sequence[int], device: torch.device | str) -> torch.Tensor:
+        """The model input of the images at `positions` (the check pass reads two)."""
         ...
 
 
@@ -86,15 +129,28 @@ class Options:
     rotation: Rotation | None = None
     prefix_tokens: int | None = None
     top_k: int = 10
+    layouts: Mapping[str, Layout] | None = None
+    grid: Grid | Mapping[str, Grid] | None = None
 
     def __post_init__(self) -> None:
         validate_options(self.quantile, self.iou_threshold, self.denominator, self.batch_size, self.top_k)
+        validate_prefix_tokens(self.prefix_tokens)
+        object.__setattr__(self, "layouts", validate_layouts(self.layouts) or None)
+        object.__setattr__(self, "grid", validate_grid(self.grid))
 
-    def settings(self, probe: Probe, layers: Sequence[str]) -> dict[str, Any]:
-        """The options and the probe as recorded with the numbers (`Dissection.settings`)."""
+    def settings(self, probe: Probe, layers: Sequence[str],
+                 layer_outputs: Mapping[str, OutputLayout] | None = None) -> dict[str, Any]:
+        """The options and the probe as recorded with the numbers (`Dissection.settings`); `layer_outputs`
+        records how each layer's output was read (layout, token grid and leading tokens), so that strips
+        and reports read it again the same way."""
+        grid = self.grid
         return {
             "quantile": self.quantile, "iou_threshold": self.iou_threshold, "denominator": self.denominator,
             "batch_size": self.batch_size, "prefix_tokens": self.prefix_tokens, "layers": list(layers),
+            "layouts": dict(self.layouts) if self.layouts else None,
+            "grid": ({name: list(value) for name, value in grid.items()} if isinstance(grid, Mapping)
+                     else list(grid) if grid is not None else None),
+            "layer_outputs": {name: layout.describe() for name, layout in (layer_outputs or {}).items()},
             "rotation": self.rotation.describe() if self.rotation is not None else None,
             "probe_fingerprint": probe.fingerprint, "probe_size": len(probe), "categories": list(probe.categories),
         }
@@ -283,53 +339,93 @@ class LayerState:
         )
 
 
-def _run(activations: Callable[[list[int]], dict[str, torch.Tensor]], probe: Probe, options: Options, *,
-         device: torch.device, synchronizer: Synchronizer, activation_cache_bytes: int,
-         progress: bool) -> DissectionNumbers:
-    """The two passes over this process's shard of the probe set; `activations(positions)` gives
-    every layer's raw `(B, K, h, w)` for a batch."""
+Activations = Callable[[list[int], torch.Tensor | None], dict[str, torch.Tensor]]
+
+
+def _read(probe: Probe, batches: list[list[int]], device: torch.device, images: bool, labels: bool
+          ) -> Generator[tuple[list[int], torch.Tensor | None, Sequence[torch.Tensor] | None], None, None]:
+    """`(positions, model input, label tensors)` of each batch, read through `probe.stream` (the next
+    batches read ahead) when anything is to be read; the stream stops when this generator is closed."""
+    if not (images or labels):
+        yield from ((batch, None, None) for batch in batches)
+        return
+    if not batches:
+        return
+    stream = probe.stream(batches, device, images=images, labels=labels)
+    try:
+        for item in stream:
+            yield item.positions, item.inputs, item.labels
+    finally:  # a generator's close() stops its read-ahead now, not when the traceback is freed
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
+def _run(activations: Activations, probe: Probe, options: Options, *, device: torch.device,
+         synchronizer: Synchronizer, activation_cache_bytes: int, progress: bool,
+         layer_outputs: Mapping[str, OutputLayout], images: bool = True) -> DissectionNumbers:
+    """The two passes over this process's shard of the probe set; `activations(positions, inputs)`
+    gives every layer's raw `(B, K, h, w)` for a batch (`inputs`: its model input, read only when
+    `images`).
+
+    The probe is read batch by batch through `probe.stream`: pass one reads the images, pass two
+    the label tensors (and the images of the batches whose activations were not kept). Of the
+    whole probe only `label_category` and `label_area` are held, `(C,)` each.
+    """
     started = time.perf_counter()
     positions = synchronizer.shard(len(probe))
     batches = [positions[i : i + options.batch_size] for i in range(0, len(positions), options.batch_size)]
-    data = probe.tensors(device)
+    label_category, label_area = probe.label_category.to(device), probe.label_area.to(device)
     bar = _progress(len(batches) * 2, progress)
     layers: dict[str, LayerState] = {}
     # The first batches' unit maps, up to the budget; pass two runs the model again only for the rest.
     cache: list[dict[str, torch.Tensor] | None] = []
     cached_bytes = 0
-    for number, batch in enumerate(batches):
-        raw = activations(batch)
-        if not layers:
-            layers = {name: LayerState(name, tuple(value.shape[1:]), len(probe), options, device)
-                      for name, value in raw.items()}
-        index = torch.tensor(batch, device=device)
-        maps = {name: layers[name].observe(value, batch, index) for name, value in raw.items()}
-        batch_bytes = sum(value.numel() * value.element_size() for value in maps.values())
-        if len(cache) == number and cached_bytes + batch_bytes <= activation_cache_bytes:
-            cache.append(maps)
-            cached_bytes += batch_bytes
-        bar.update(1)
+    with contextlib.closing(_read(probe, batches, device, images=images, labels=False)) as first_pass:
+        for number, (batch, inputs, _) in enumerate(first_pass):
+            raw = activations(batch, inputs)
+            if not layers:
+                layers = {name: LayerState(name, tuple(value.shape[1:]), len(probe), options, device)
+                          for name, value in raw.items()}
+            index = torch.tensor(batch, device=device)
+            maps = {name: layers[name].observe(value, batch, index) for name, value in raw.items()}
+            del raw, inputs
+            batch_bytes = sum(value.numel() * value.element_size() for value in maps.values())
+            if len(cache) == number and cached_bytes + batch_bytes <= activation_cache_bytes:
+                cache.append(maps)
+                cached_bytes += batch_bytes
+            del maps
+            bar.update(1)
     if not layers:
         raise DissectionError("the probe set is empty: nothing to dissect")
 
     for layer in layers.values():
-        layer.start_tally(synchronizer, data["label_category"], len(probe.categories))
-    for number, batch in enumerate(batches):
-        cached = cache[number] if number < len(cache) else None
-        if cached is not None:
-            maps, cache[number] = cached, None  # freed as soon as it is tallied
-        else:
-            maps = {name: layers[name].unit_maps(value) for name, value in activations(batch).items()}
-        index = torch.tensor(batch, device=device)
-        labels = [data[key][index] for key in LABEL_TENSORS]
-        for name, value in maps.items():
-            layers[name].count(value, labels)
-        bar.update(1)
+        layer.start_tally(synchronizer, label_category, len(probe.categories))
+    kept = len(cache)
+    # The kept batches need their labels only; the others their images too, to run the model again.
+    with contextlib.ExitStack() as streams:
+        first_part = streams.enter_context(contextlib.closing(
+            _read(probe, batches[:kept], device, images=False, labels=True)))
+        second_part = streams.enter_context(contextlib.closing(
+            _read(probe, batches[kept:], device, images=images, labels=True)))
+        for number, (batch, inputs, labels) in enumerate(itertools.chain(first_part, second_part)):
+            assert labels is not None
+            cached = cache[number] if number < kept else None
+            if cached is not None:
+                maps, cache[number] = cached, None  # freed as soon as it is tallied
+            else:
+                maps = {name: layers[name].unit_maps(value) for name, value in activations(batch, inputs).items()}
+            for name, value in maps.items():
+                layers[name].count(value, labels)
+            del maps, inputs, labels
+            bar.update(1)
     bar.close()
 
-    numbers = {name: layer.numbers(synchronizer, probe, data) for name, layer in layers.items()}
-    settings = dict(options.settings(probe, list(layers)), seconds=time.perf_counter() - started,
-                    activations_cached=len(cache) == len(batches))
+    whole = {"label_area": label_area, "label_category": label_category}
+    numbers = {name: layer.numbers(synchronizer, probe, whole) for name, layer in layers.items()}
+    settings = dict(options.settings(probe, list(layers), layer_outputs), seconds=time.perf_counter() - started,
+                    activations_cached=len(cache) == len(batches),
+                    unit_maps={name: list(layer.shape) for name, layer in layers.items()})
     return DissectionNumbers(numbers, settings)
 
 
@@ -361,6 +457,8 @@ def dissect(
     rotation: Rotation | Mapping[str, Any] | torch.Tensor | None = None,
     *,
     prefix_tokens: int | None = None,
+    layouts: Mapping[str, str] | None = None,
+    grid: Grid | Mapping[str, Grid] | None = None,
     top_k: int = 10,
     activation_cache_bytes: int = DEFAULT_ACTIVATION_CACHE_BYTES,
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -370,7 +468,17 @@ def dissect(
     """Dissect layers of `model` over a probe set (SEMANTICS §2 to §6).
 
     The model is run in eval mode without gradients; every submodule's train
-    flag is restored afterwards and no parameter or buffer changes.
+    flag is restored afterwards and no parameter or buffer changes. The probe
+    input is cast to the model's floating dtype (a bf16 or fp16 model gets
+    bf16 or fp16 input); unit maps are float32 for the engine.
+
+    Before the passes, one check pass (a full forward of the first probe
+    images, `engine.capture.check_layers`) decides how each layer's output is
+    read, once for the whole dissection (SEMANTICS §2): a layer must run once
+    per forward pass and have more than one spatial position; a channels-last
+    output is known from the model or stated in `layouts`; a token output's
+    grid comes from `grid`, the model, or (square inputs only) the fewest
+    leading tokens that leave a square. `settings["layer_outputs"]` records it.
 
     Args:
         model: any `nn.Module` taking a batch of images `(B, 3, H, W)`.
@@ -385,7 +493,12 @@ def dissect(
         device: where to run; default the model's device.
         rotation: a basis change (SEMANTICS §6): `Rotation(seed, alpha)`,
             `dict(seed=0, alpha=0.5)` or an explicit `K x K` tensor.
-        prefix_tokens: class/register tokens to drop from `(N, T, K)` outputs.
+        prefix_tokens: class/register tokens before the grid in `(N, T, K)` outputs; None: the
+            rest once the grid is known (`T - h * w`). When given, it must equal that rest.
+        layouts: layer -> `"NCHW"` (`(N, K, h, w)`) or `"NHWC"` (channels-last `(N, h, w, K)`)
+            (or `"NLC"`, tokens), for outputs whose layout the model does not tell.
+        grid: the patch grid `(h, w)` of token outputs, or layer -> `(h, w)`; default: the model's
+            (timm `patch_embed.grid_size`, torchvision `patch_size` and the input size).
         top_k: how many top-activating images to keep per unit.
         activation_cache_bytes: keep activations between the passes up to this
             size (the first batches); the model runs again only for the batches
@@ -401,14 +514,18 @@ def dissect(
         `Dissection` (one `LayerDissection` per layer, with their files).
 
     Raises:
-        DissectionError: unknown layer, an output without spatial axes, non-finite activations.
+        DissectionError: unknown layer, a layer that runs more than once per forward pass, an output
+            without two spatial axes or with one position, a layout or token grid the model does not
+            tell and no option states, non-finite activations.
         ValueError: an option out of range.
 
     Example:
         >>> result = ld.dissect(model, probe, ["layer4"])        # doctest: +SKIP
         >>> result["layer4"].summary()["unique_concepts"]        # doctest: +SKIP
     """
-    options = Options(quantile, iou_threshold, denominator, batch_size, as_rotation(rotation), prefix_tokens, top_k)
+    options = Options(quantile, iou_threshold, denominator, batch_size, as_rotation(rotation),
+                      prefix_tokens=prefix_tokens, top_k=top_k, layouts=validate_layouts(layouts) or None,
+                      grid=grid)
     synchronizer = synchronizer or default_synchronizer()
     context = forward_context or contextlib.nullcontext
     # A compiled model (or submodule) runs as its original: its compiled code, cache and guards are untouched.
@@ -417,17 +534,26 @@ def dissect(
         names = list(modules)
         run_on = torch.device(device) if device is not None else model_device(plain)
         capture = LayerCapture(modules)  # one for all batches: it remembers whether outputs need copies
+        outputs_read: dict[str, OutputLayout] = {}
 
-        def layer_activations(batch: list[int]) -> dict[str, torch.Tensor]:
-            inputs = probe.model_input(batch, run_on)
+        def layer_activations(batch: list[int], inputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
+            assert inputs is not None, "_run reads the images"
+            inputs = cast_to_model(inputs, plain)
             with capture, context():
                 outputs = capture.run(plain, inputs)
-            return {name: as_unit_maps(outputs[name], name, prefix_tokens) for name in names}
+            return {name: as_unit_maps(outputs[name], name, outputs_read[name]) for name in names}
 
         # Several processes dissect one model: rank zero's buffers on every rank (engine.sync), restored after.
         with frozen(plain), rank_zero_buffers(plain, synchronizer):
+            if len(probe):
+                # The check pass: how each layer's output is read, decided once (the same on every rank).
+                first = cast_to_model(probe.model_input(list(range(min(2, len(probe)))), run_on), plain)
+                with context():
+                    outputs_read.update(check_layers(plain, first, names, options.prefix_tokens,
+                                                     layouts=options.layouts, grid=options.grid))
             return _run(layer_activations, probe, options, device=run_on, synchronizer=synchronizer,
-                        activation_cache_bytes=activation_cache_bytes, progress=progress)
+                        activation_cache_bytes=activation_cache_bytes, progress=progress,
+                        layer_outputs=outputs_read)
 
 
 def dissect_activations(
@@ -441,18 +567,24 @@ def dissect_activations(
     rotation: Rotation | Mapping[str, Any] | torch.Tensor | None = None,
     *,
     prefix_tokens: int | None = None,
+    layouts: Mapping[str, str] | None = None,
+    grid: Grid | Mapping[str, Grid] | None = None,
     top_k: int = 10,
     progress: bool = False,
     synchronizer: Synchronizer | None = None,
 ) -> DissectionNumbers:
     """Dissect precomputed activations, `{name: (N, K, h, w) or (N, T, K)}` in probe order.
 
-    Same options and results as :func:`dissect`.
+    Same options and results as :func:`dissect`. Without a model to tell, a 4-D tensor is
+    `(N, K, h, w)` unless `layouts` says `"NHWC"`; a token tensor's grid is `grid`, or, for a probe
+    of square images only, the fewest leading tokens that leave a square.
 
     Raises:
-        DissectionError: a tensor whose first axis is not the probe size.
+        DissectionError: a tensor whose first axis is not the probe size, or that no layout or grid reads.
     """
-    options = Options(quantile, iou_threshold, denominator, batch_size, as_rotation(rotation), prefix_tokens, top_k)
+    options = Options(quantile, iou_threshold, denominator, batch_size, as_rotation(rotation),
+                      prefix_tokens=prefix_tokens, top_k=top_k, layouts=validate_layouts(layouts) or None,
+                      grid=grid)
     if not activations:
         raise DissectionError("activations is empty: pass {layer_name: tensor}")
     for name, value in activations.items():
@@ -460,13 +592,34 @@ def dissect_activations(
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise DissectionError(f"activations[{name!r}] has shape {shape}; its first axis must be the probe size "
                                   f"{len(probe)}, in probe order")
+    stated = options.layouts or {}
+    unknown = [name for name in stated if name not in activations]
+    if unknown:
+        raise DissectionError(f"layouts names {unknown}, which are not keys of activations {list(activations)}")
     first = next(iter(activations.values()))
     run_on = torch.device(device) if device is not None else first.device
     names = list(activations)
+    input_size = probe_image_size(probe)
+    outputs_read = {name: decide_output_layout(name, tuple(value.shape), stated=stated.get(name),
+                                               grid=stated_grid(options.grid, name),
+                                               prefix_tokens=options.prefix_tokens, input_size=input_size)
+                    for name, value in activations.items()}
 
-    def batch_activations(batch: list[int]) -> dict[str, torch.Tensor]:
+    def batch_activations(batch: list[int], inputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
         index = torch.tensor(batch, device=activations[names[0]].device)
-        return {name: as_unit_maps(activations[name][index].to(run_on), name, prefix_tokens) for name in names}
+        return {name: as_unit_maps(activations[name][index].to(run_on), name, outputs_read[name]) for name in names}
 
     return _run(batch_activations, probe, options, device=run_on, synchronizer=synchronizer or default_synchronizer(),
-                activation_cache_bytes=0, progress=progress)
+                activation_cache_bytes=0, progress=progress, layer_outputs=outputs_read,
+                images=False)
+
+
+def probe_image_size(probe: Probe) -> Grid | None:
+    """The `(H, W)` of the probe's model input (its `image_size`, else its images'), None when unknown."""
+    size = getattr(probe, "image_size", None)
+    if size is not None:
+        return int(size[0]), int(size[1])
+    images = getattr(probe, "images", None)
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return int(images.shape[-2]), int(images.shape[-1])
+    return None

@@ -114,6 +114,7 @@ def write_report(
                     model, probe, layer_result, (units or {}).get(name), num_images=num_images,
                     activations=activations[name] if activations is not None else None,
                     rotation=source.settings.get("rotation"), prefix_tokens=source.settings.get("prefix_tokens"),
+                    layout=(source.settings.get("layer_outputs") or {}).get(name),
                     **options,
                 )
                 for unit, strip in drawn.items():

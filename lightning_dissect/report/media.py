@@ -137,6 +137,7 @@ def strip_media(
         strips = unit_strips(
             model, probe, layer_result, units, num_images=num_images, notes=notes,
             rotation=dissection.settings.get("rotation"), prefix_tokens=dissection.settings.get("prefix_tokens"),
+            layout=(dissection.settings.get("layer_outputs") or {}).get(name),
             activations=activations[name] if activations is not None else None, **options,
         )
         if directory is not None:

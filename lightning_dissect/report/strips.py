@@ -33,9 +33,17 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from lightning_dissect.engine.capture import LayerCapture, as_unit_maps, frozen, model_device, resolve_layers
+from lightning_dissect.engine.capture import (
+    LayerCapture,
+    as_unit_maps,
+    cast_to_model,
+    frozen,
+    model_device,
+    resolve_layers,
+)
 from lightning_dissect.engine.compiled import plain_name, uncompiled
 from lightning_dissect.engine.errors import DissectionError
+from lightning_dissect.engine.layouts import OutputLayout
 from lightning_dissect.engine.masks import upsample_masks
 from lightning_dissect.engine.rotation import Rotation, as_rotation, rotate_units
 
@@ -101,14 +109,17 @@ def activation_maps(
     *,
     rotation: Rotation | Mapping[str, Any] | torch.Tensor | None = None,
     prefix_tokens: int | None = None,
+    layout: OutputLayout | Mapping[str, Any] | str | None = None,
     device: torch.device | str | None = None,
     batch_size: int = 64,
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> torch.Tensor:
     """The raw maps `A[x]` of `layer` on the probe images at `positions`, as `dissect` sees them.
 
-    The model runs frozen (eval mode, no gradients, flags restored); a rotation
-    is applied as in the dissection (SEMANTICS §6).
+    The model runs frozen (eval mode, no gradients, flags restored) on input in its floating
+    dtype; a rotation is applied as in the dissection (SEMANTICS §6). Pass the `layout` the
+    dissection read the layer with (`Dissection.settings["layer_outputs"][layer]`); without it
+    a 4-D output is `(N, K, h, w)` and tokens use `prefix_tokens` (see `as_unit_maps`).
 
     Returns:
         float32 `(len(positions), K, h, w)` on the CPU.
@@ -124,8 +135,8 @@ def activation_maps(
         for start in range(0, len(positions), batch_size):
             batch = positions[start : start + batch_size]
             with LayerCapture(modules) as capture, context():
-                output = capture.run(plain, probe.model_input(batch, device))[layer]
-            maps = as_unit_maps(output, layer, prefix_tokens)
+                output = capture.run(plain, cast_to_model(probe.model_input(batch, device), plain))[layer]
+            maps = as_unit_maps(output, layer, layout, prefix_tokens)
             if rotation is not None:
                 maps = rotate_units(maps, rotation.resolve(maps.shape[1]))
             parts.append(maps.cpu())
@@ -310,6 +321,7 @@ def unit_strips(
     num_images: int | None = None,
     rotation: Rotation | Mapping[str, Any] | torch.Tensor | None = None,
     prefix_tokens: int | None = None,
+    layout: OutputLayout | Mapping[str, Any] | str | None = None,
     device: torch.device | str | None = None,
     batch_size: int = 64,
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -320,8 +332,9 @@ def unit_strips(
 
     The raw maps of the units' top images are recomputed by running `model`
     on just those images (one forward pass per `batch_size` images), or read
-    from `activations`. Pass the `rotation` and `prefix_tokens` the dissection
-    used (`Dissection.settings` records them). When the recomputed maxima do
+    from `activations`. Pass the `rotation` and `layout` the dissection used
+    (`Dissection.settings` records them: `settings["rotation"]`,
+    `settings["layer_outputs"][layer]`). When the recomputed maxima do
     not match the dissection's `top_activations` (the model changed since), a
     warning says so: the strips then show the current model.
 
@@ -330,8 +343,8 @@ def unit_strips(
         probe: the probe set of the dissection.
         layer_result: the layer's `LayerDissection`.
         units: unit indices; default every unit.
-        activations: `(N, K, h, w)` or `(N, T, K)` activations of the layer in
-            probe order, instead of running the model.
+        activations: `(N, K, h, w)`, `(N, h, w, K)` or `(N, T, K)` activations of the layer
+            in probe order (read with `layout`), instead of running the model.
         num_images: how many top images per strip (default: all the dissection kept).
 
     Returns:
@@ -356,13 +369,13 @@ def unit_strips(
                          f"{len(probe)} images: pass the probe set the layer was dissected on")
     if activations is not None:
         index = torch.tensor(positions, dtype=torch.long, device=activations.device)
-        raw = as_unit_maps(activations[index], layer_result.layer, prefix_tokens).cpu()
+        raw = as_unit_maps(activations[index], layer_result.layer, layout, prefix_tokens).cpu()
         rotation = as_rotation(rotation)
         if rotation is not None and len(positions):
             raw = rotate_units(raw, rotation.resolve(raw.shape[1]))
     elif model is not None:
         raw = activation_maps(model, probe, layer_result.layer, positions, rotation=rotation,
-                              prefix_tokens=prefix_tokens, device=device, batch_size=batch_size,
+                              prefix_tokens=prefix_tokens, layout=layout, device=device, batch_size=batch_size,
                               forward_context=forward_context)
     else:
         raise ValueError("unit_strips needs the model (model=) or the layer's activations (activations=)")

@@ -635,7 +635,7 @@ class Dissector:
         if state.get("input_size"):
             self.input_size = (int(state["input_size"][0]), int(state["input_size"][1]))
         if self.requested_layers is None and state.get("layers"):
-            self.layers = list(state["layers"])  # keep the automatic choice of the interrupted run
+            self.layers = plain_names(state["layers"])  # keep the automatic choice of the interrupted run
         saved_schedule = state.get("schedule")
         if saved_schedule is not None and saved_schedule != repr(self.schedule):
             warn(f"DissectionCallback: the checkpoint was dissected on the schedule {saved_schedule}, this run uses "

@@ -1,29 +1,33 @@
 """`choose_layers`: which layers to dissect when the user names none (`layers=None`).
 
-One forward pass of a probe batch records every module call: which call it ran inside, its
-output's shape, and whether its output is the very tensor a module inside it returned (its
-*tail*: a container ending in a max-pool returns the pool's output). From that call tree:
+One forward pass of a probe batch records every module call: which call it ran inside, what it
+was handed, its output's shape, and whether its output is the very tensor a module inside it
+returned, unchanged since (its *tail*: a container ending in a max-pool returns the pool's output;
+a block that adds its residual in place after its last batch norm has no tail). From that call tree:
 
-1. **Kinds.** Pooling, dropout, identity, flatten, normalisation layers, permutes (a parameterless
-   module that only reorders its input's axes), softmax and attention modules (and everything
-   inside them) are never features. A container takes the kind of its tail: `features` of a VGG
-   returns its last max-pool's output (pooled), a ViT's `encoder` its final LayerNorm's, a
-   patch embedding its norm's.
+1. **Kinds.** Pooling, dropout, identity, flatten, normalisation across units (LayerNorm,
+   GroupNorm, RMSNorm, instance norm), permutes (a parameterless module that only reorders its
+   input's axes), softmax and attention modules (and everything inside them) are never features.
+   A batch norm is per-channel affine in eval mode and counts as part of the feature it normalises.
+   A container takes the kind of its tail: `features` of a VGG returns its last max-pool's output
+   (pooled), a ViT's `encoder` its final LayerNorm's, a ConvNeXt stem its norm's.
 2. **Stages.** The model's children, in call order, form the stage list; a child is replaced by its
-   own children when it is a *trunk* (its feature children produce outputs on different grids, where
-   two 4-D shapes are on one grid when they differ at most in their first or in their last axis,
-   the channel axis of NCHW or NHWC; 3-D tokens when their token counts match: VGG's
-   `features`, RegNet's `trunk_output`, Swin's `features`/`layers`) or when it ends in a
-   normalisation or permute (ViT's `encoder`). A ResNet's `layer3` is a stage (its blocks share
-   one shape); a DenseNet transition (norm, relu, conv, pool) is a stage that ends pooled.
+   own children (recursively) when it is a *trunk*: its children run one after the other (at most
+   one is handed the child's own input, unlike an Inception block's parallel branches) and its
+   feature children's outputs lie on different grids of positions (`_same_grid`: VGG's
+   `features`, RegNet's `trunk_output`, Swin's `features`/`layers`); when it ends in a
+   normalisation or a permute (a ViT's `encoder`); or when it returns no map at all (the network
+   inside a LightningModule, returning logits). A ResNet's `layer3` is a stage (its blocks share one
+   shape); a DenseNet transition (norm, relu, conv, pool) is a stage that ends pooled.
 3. **Eligible stages** run once per forward pass, return a tensor with more than one position
    (`(N, K, h, w)` or `(N, h, w, K)` with `h * w > 1`, or `(N, T, K)` tokens with `T > 1`), are
-   features by kind, and are not the stem: the first stage with a spatial output, or one that is
-   handed the model's input itself (stems and patch embeddings).
+   features by kind, and are not the stem: the first stage with a map, or one that is handed the
+   model's input itself (stems and patch embeddings).
 4. **Choice.** The last eligible stage, then going back, each eligible stage whose output shape
    differs from those chosen, up to `count`. When fewer stages differ (a transformer's blocks all
    have one shape), the deepest chosen stage, if it holds several blocks of its own shape, gives
-   its last blocks instead: a ViT's last two encoder layers.
+   its last blocks instead (a ViT's last two encoder layers), or else the eligible stages of its
+   shape just before it join (blocks the model loops over in a ModuleList).
 
 The result on common models is listed in README.md ("Architectures"); docs/callback.md states
 the rule for users.
@@ -133,7 +137,7 @@ def _trace(model: nn.Module, inputs: torch.Tensor) -> tuple[_Call, Counter[str]]
             inner = finished[starts.pop(id(call)):]
             # Unless changed in place since (a residual `+=`), the output of the last call inside that returned it.
             call.tail = next((c for c in reversed(inner) if c.output is not None and c.output() is output
-                              and c.version == call.version and _own_kind(c) != "pass"), None)
+                              and c.version == call.version and c.kind != "pass"), None)
         call.kind = _own_kind(call)
         if call.kind is None and call.tail is not None and call.tail.kind in _NOT_FEATURES:
             call.kind = call.tail.kind

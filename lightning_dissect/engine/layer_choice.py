@@ -60,8 +60,8 @@ _POOLING = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.mod
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm, nn.modules.instancenorm._InstanceNorm)
 _RESHAPES = (nn.Flatten, nn.Unflatten)
 _ATTENTION = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.MultiheadAttention)
-# Class names of normalisation and attention modules of other libraries (timm's LayerNorm2d and
-# BatchNormAct2d, torchvision's ShiftedWindowAttention, ...).
+# Class names of normalisation and attention modules of other libraries (timm's RmsNorm and
+# LayerNormAct2d, torchvision's ShiftedWindowAttention, timm's WindowAttention, ...).
 _NORM_CLASS = re.compile(r"(Layer|Group|Rms|RMS|Instance)Norm")
 _ATTENTION_CLASS = re.compile(r"(Attention|Softmax)$")
 _ATTENTION_NAME = re.compile(r"^(attn|attention|self_attn|self_attention|qkv|q_proj|k_proj|v_proj|softmax|attn_drop)$")
@@ -132,9 +132,9 @@ def _trace(model: nn.Module, inputs: torch.Tensor) -> tuple[_Call, Counter[str]]
     def after(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         call = stack.pop()
         call.returns_map = _returns_map(output)
+        inner = finished[starts.pop(id(call)):]
         if isinstance(output, torch.Tensor):
             call.shape, call.output, call.version = tuple(output.shape), weakref.ref(output), _version(output)
-            inner = finished[starts.pop(id(call)):]
             # Unless changed in place since (a residual `+=`), the output of the last call inside that returned it.
             call.tail = next((c for c in reversed(inner) if c.output is not None and c.output() is output
                               and c.version == call.version and c.kind != "pass"), None)

@@ -2,8 +2,8 @@
 
     lightning-dissect demo                     train a small CNN on the synthetic dataset, dissect it as it learns
     lightning-dissect compare RUN[@STEP] ...   unique concepts per category across layers or saved runs
-    lightning-dissect dissect MODEL --layers   dissect a model (module:function, --weights) on a Broden directory
-                                               or the synthetic dataset
+    lightning-dissect dissect MODEL --layers   dissect a model (module:function or a .pt file) on a Broden
+                                               directory or the synthetic dataset: CSVs, JSON, HTML report
     lightning-dissect report RUN_DIR           the HTML report of a run (lightning_dissect.report)
 
 Each subcommand is a thin adapter: it parses arguments, calls the library and prints where the
@@ -185,26 +185,35 @@ def run_compare(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ dissect
 
+MODEL_FILE_SUFFIXES = (".pt", ".pth")
+
 
 def add_dissect_command(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "dissect", help="dissect a model built by your code, with saved weights, on a Broden directory (default: "
-                        "the synthetic dataset where no --broden is given)",
+        "dissect", help="dissect layers of a model (your code's, or a file saved with torch.save) on a Broden "
+                        "directory in one pass, writing the CSVs, the JSON and the HTML report (default: the "
+                        "synthetic dataset where no --broden is given, into ./dissection)",
         description="Dissect layers of a model on a Broden directory (or, where no --broden is given, the synthetic "
-                    "dataset, generated once into the cache) and write the dissection's JSON and one CSV per layer. "
-                    "MODEL names a function or class of yours that returns the nn.Module, as module:function (e.g. "
-                    "torchvision.models:resnet18, or my_project.nets:build); a module in the current directory is "
-                    "found as with python -m (train:Net for ./train.py). MODEL may come before or after --layers. "
+                    "dataset, generated once into the cache): the whole dataset (or --size images) in one pass for "
+                    "every layer, the probe read batch by batch. Writes dissection.json, one CSV per layer and the "
+                    "HTML report (report/index.html). MODEL is either code of yours that returns the nn.Module, as "
+                    "module:function (a function or class called without arguments, or a module-level nn.Module "
+                    "attribute; e.g. torchvision.models:resnet18, my_project.nets:build; a module in the current "
+                    "directory is found as with python -m: train:Net for ./train.py), or a .pt/.pth file saved "
+                    "with torch.save(model) (the whole model: its class must import here, and loading it runs code "
+                    "from the file, so load only files you trust). MODEL may come before or after --layers. "
                     "--weights loads a state dict into it (a Lightning checkpoint's state_dict works too).")
     parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
-                        help="module:function returning the nn.Module (before or after --layers)")
+                        help="module:function returning the nn.Module, or a .pt/.pth file saved with "
+                             "torch.save(model) (before or after --layers)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="a state dict saved with torch.save (or a Lightning .ckpt), loaded with weights_only")
     parser.add_argument("--layers", nargs="+", required=True,
                         help="module names to dissect, as in model.named_modules(), e.g. layer4 layer3.1.conv2")
     parser.add_argument("--broden", default="synthetic",
                         help="a Broden directory, or 'synthetic' for the cached synthetic dataset (default)")
-    parser.add_argument("--probe-size", type=int, default=None, help="probe images (default: all)")
+    parser.add_argument("--size", "--probe-size", dest="probe_size", type=int, default=None,
+                        help="probe images, a seeded draw (default: every image of the dataset)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="resize probe images for the model, in pixels (default: the dataset's size; 224 for "
                              "the synthetic dataset)")
@@ -215,48 +224,51 @@ def add_dissect_command(subparsers: Any) -> argparse.ArgumentParser:
                              "category is annotated), lite (as NetDissect-Lite) or global (every image) "
                              "(default: paper)")
     parser.add_argument("--batch-size", type=int, default=64, help="probe images per forward pass (default: 64)")
-    parser.add_argument("-o", "--output", type=Path, default=Path("dissection"),
-                        help="folder for dissection.json and <layer>.csv (default: ./dissection)")
+    parser.add_argument("--device", default="auto",
+                        help="where the model runs: cpu, cuda, cuda:1, ... (default: auto, the first CUDA device "
+                             "where there is one, else the CPU)")
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="write the JSON and the CSVs only, not the HTML report with a strip per unit")
+    parser.add_argument("-o", "--out", "--output", dest="output", type=Path, default=Path("dissection"),
+                        help="folder for dissection.json, <layer>.csv and report/ (default: ./dissection)")
     parser.set_defaults(handler=run_dissect)
     return parser
 
 
+def is_model_spec(name: str) -> bool:
+    """Whether a command-line word names a MODEL: `module:function`, or a `.pt`/`.pth` file."""
+    return ":" in name or name.lower().endswith(MODEL_FILE_SUFFIXES)
+
+
 def model_and_layers(model: str | None, layers: Sequence[str]) -> tuple[str, list[str]]:
     """MODEL and the layer names, whichever order they came in: `--layers A B MODEL` leaves MODEL at the end
-    of the layers (argparse's `nargs="+"` takes it); MODEL always has a ':', a layer name never does.
+    of the layers (argparse's `nargs="+"` takes it); MODEL has a ':' or ends in .pt/.pth, a layer name never.
 
     Raises:
         UsageError: no MODEL, two of them, or a layer name with a ':'.
     """
-    specs = [name for name in layers if ":" in name]
-    layers = [name for name in layers if ":" not in name]
+    specs = [name for name in layers if is_model_spec(name)]
+    layers = [name for name in layers if not is_model_spec(name)]
     if model is None and specs:
         model = specs.pop()  # MODEL after the layers: the last name
     if model is None:
-        raise UsageError("MODEL is missing: name it as module:function, before or after --layers "
+        raise UsageError("MODEL is missing: name it as module:function or a .pt file, before or after --layers "
                          "(e.g. lightning-dissect dissect my_project.nets:build --layers layer4)")
     if specs:
-        raise UsageError(f"--layers {specs[0]!r}: layer names have no ':' (MODEL is {model!r}); name the modules "
-                         "of model.named_modules()")
+        raise UsageError(f"--layers {specs[0]!r}: layer names have no ':' and no .pt/.pth ending (MODEL is "
+                         f"{model!r}); name the modules of model.named_modules()")
     if not layers:
         raise UsageError("--layers names no layer")
     return model, layers
 
 
-def load_model(spec: str, weights: Path | None = None) -> Any:
-    """Build the model named by `module:function` and load `weights` into it.
-
-    Raises:
-        UsageError: a spec that does not import or does not return an `nn.Module`, or weights that
-            are missing or do not fit (the message names which).
-    """
+def _built_model(spec: str) -> Any:
+    """The object that `module:attribute` names, called when it is a function or class."""
     import importlib
 
-    import torch
-
-    module_name, separator, function_name = spec.partition(":")
-    if not separator or not module_name or not function_name:
-        raise UsageError(f"MODEL {spec!r} must be module:function, e.g. torchvision.models:resnet18")
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise UsageError(f"MODEL {spec!r} must be module:function, e.g. torchvision.models:resnet18, or a .pt file")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
@@ -268,11 +280,64 @@ def load_model(spec: str, weights: Path | None = None) -> Any:
             from error
     except ImportError as error:
         raise UsageError(f"MODEL {spec!r} does not import ({error})") from error
+    found: Any = module
     try:
-        factory = getattr(module, function_name)
+        for part in attribute.split("."):
+            found = getattr(found, part)
     except AttributeError as error:
         raise UsageError(f"MODEL {spec!r} does not import ({error})") from error
-    model = factory()
+    import torch
+
+    if isinstance(found, torch.nn.Module):
+        return found
+    if not callable(found):
+        raise UsageError(f"MODEL {spec!r} is a {type(found).__name__}, neither an nn.Module nor a function or class "
+                         "that returns one")
+    try:
+        return found()
+    except TypeError as error:
+        raise UsageError(f"MODEL {spec!r} cannot be called without arguments ({error}); name a function of yours "
+                         "that builds the model with its arguments") from error
+
+
+def _saved_model(spec: str) -> Any:
+    """The model in a file saved with `torch.save(model)`."""
+    import torch
+
+    path = Path(spec)
+    if not path.is_file():
+        raise UsageError(f"MODEL {spec!r} must be module:function (e.g. torchvision.models:resnet18) or a .pt/.pth "
+                         f"file saved with torch.save(model); there is no file {path.absolute()}")
+    try:
+        # The whole model is a pickle of its class: weights_only=True cannot load it (the help says so).
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as error:
+        raise UsageError(f"MODEL {spec!r}: the model's code does not import here ({error}); torch.save(model) "
+                         "stores its class by module and name: run from the folder of that code or add it to "
+                         "PYTHONPATH (a model saved from a script run as __main__ loads only there: name its code "
+                         "as module:function and pass the weights with --weights)") from error
+    except Exception as error:
+        raise UsageError(f"MODEL {spec!r} is not a file saved with torch.save ({error})") from error
+    if isinstance(loaded, torch.jit.ScriptModule):
+        raise UsageError(f"MODEL {spec!r} is a TorchScript file, whose layers cannot be hooked; save the model with "
+                         "torch.save(model), or name its code as module:function")
+    if isinstance(loaded, dict):
+        raise UsageError(f"MODEL {spec!r} holds a state dict (the weights, without the model): name the code that "
+                         f"builds the model as module:function and pass the file as --weights {spec}")
+    return loaded
+
+
+def load_model(spec: str, weights: Path | None = None) -> Any:
+    """The model that MODEL names (`module:function`, or a file saved with `torch.save(model)`), with `weights`
+    loaded into it.
+
+    Raises:
+        UsageError: a spec that does not import, is no file, or does not give an `nn.Module`, or weights that
+            are missing or do not fit (the message names which).
+    """
+    import torch
+
+    model = _built_model(spec) if ":" in spec else _saved_model(spec)
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"MODEL {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
@@ -292,18 +357,67 @@ def load_model(spec: str, weights: Path | None = None) -> Any:
     return model
 
 
+def resolve_device(value: str) -> Any:
+    """The `torch.device` of `--device` (`auto`: the first CUDA device where there is one, else the CPU).
+
+    Raises:
+        UsageError: not a device name, or a CUDA device this machine does not have.
+    """
+    import torch
+
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except RuntimeError as error:
+        raise UsageError(f"--device {value!r} is not a device: cpu, cuda, cuda:1, ... or auto ({error})") from error
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {value!r}: this machine has no CUDA device (torch.cuda.is_available() is "
+                             "False); use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {value!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}")
+    return device
+
+
+def check_dissect_options(args: argparse.Namespace) -> None:
+    """Refuse out-of-range numbers before anything is loaded, naming the option."""
+    for option, value in (("--size", args.probe_size), ("--image-size", args.image_size),
+                          ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} {value} must be a positive integer")
+    if not 0 < args.quantile < 1:
+        raise UsageError(f"--quantile {args.quantile} must be in (0, 1), e.g. 0.005 for the top 0.5%")
+    if not 0 <= args.iou_threshold < 1:
+        raise UsageError(f"--iou-threshold {args.iou_threshold} must be in [0, 1), e.g. 0.04")
+
+
 def run_dissect(args: argparse.Namespace) -> int:
     import lightning_dissect as ld
+    from lightning_dissect.engine.capture import resolve_layers
 
+    check_dissect_options(args)
     model_spec, layers = model_and_layers(args.model, args.layers)
+    device = resolve_device(args.device)
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # as `python -m` does: MODEL may be a module of the current directory
     model = load_model(model_spec, args.weights)
+    resolve_layers(model, layers)  # an unknown layer is named before the probe is decoded
     dataset = dataset_of(args.broden, args.image_size, info=lambda message: print(message, file=sys.stderr),
                          argument="--broden")
-    probe = ld.ProbeSet(dataset, size=args.probe_size, image_size=args.image_size, progress=show_progress())
-    dissection = ld.dissect(model, probe, layers, quantile=args.quantile, iou_threshold=args.iou_threshold,
-                            denominator=args.denominator, batch_size=args.batch_size, progress=show_progress())
+    try:
+        probe = ld.ProbeSet(dataset, size=args.probe_size, image_size=args.image_size, progress=show_progress())
+    except BrodenError:
+        raise
+    except ValueError as error:  # the one number of the probe not checked above: more images than there are
+        raise UsageError(f"--size {args.probe_size}: {error}") from error
+    print(f"dissecting {', '.join(layers)} of {model_spec} on {len(probe)} images of {args.broden} ({device})",
+          file=sys.stderr)
+    dissection = ld.dissect(model.to(device), probe, layers, quantile=args.quantile,
+                            iou_threshold=args.iou_threshold, denominator=args.denominator,
+                            batch_size=args.batch_size, device=device, progress=show_progress())
     args.output.mkdir(parents=True, exist_ok=True)
     dissection.to_json(args.output / "dissection.json")
     for layer, result in dissection.items():
@@ -312,6 +426,10 @@ def run_dissect(args: argparse.Namespace) -> int:
         print(f"{layer}: {summary['unique_concepts']:.0f} unique concepts, {summary['detectors']:.0f} of "
               f"{result.num_units} units are detectors")
     print(f"written: {args.output / 'dissection.json'} and one CSV per layer")
+    if args.report:
+        index = dissection.to_html(args.output / "report", model=model, probe=probe, device=device,
+                                   batch_size=args.batch_size, title=f"{model_spec}: {', '.join(layers)}")
+        print(f"HTML report: {index}")
     return 0
 
 

@@ -15,9 +15,10 @@ Where the probe lives:
   warning says so once): in memory when its arrays take at most `MEMORY_PROBE_BYTES` (1 GiB, about
   4,000 images at 224 px), else in files in a temporary folder that are deleted as soon as they are
   mapped (the mapping keeps them until the probe is gone; nothing is left behind, even after a crash).
-- On the device: a probe whose per-image arrays take at most `device_budget_bytes` (default 1 GiB)
-  is copied whole to the device at its first batch and kept there between dissections (until
-  `release()`); a larger one is read from the cache batch by batch.
+- On an accelerator: a probe whose per-image arrays take at most `device_budget_bytes` (default
+  1 GiB) is copied whole to the device at its first batch and kept there between dissections (until
+  `release()`); a larger one is read from the cache batch by batch (`stream`: pinned, copied with
+  `non_blocking=True`, the next batches read ahead). On the CPU every probe is read batch by batch.
 """
 
 from __future__ import annotations
@@ -304,8 +305,9 @@ class ProbeSet:
         workers: processes decoding (threads where processes cannot be forked); default
             `min(8, os.cpu_count())`; 1 decodes in this process.
         device_budget_bytes: a probe whose per-image arrays take at most this many bytes is kept
-            whole on the device between dissections; a larger one is read batch by batch. Default
-            `DEVICE_BUDGET_BYTES` (1 GiB: about 4,000 images at 224 px with Broden's label maps).
+            whole on an accelerator between dissections; a larger one is read batch by batch (as
+            every probe is on the CPU). Default `DEVICE_BUDGET_BYTES` (1 GiB: about 4,000 images
+            at 224 px with Broden's label maps).
 
     Attributes:
         source: what the probe was drawn from (`broden`: the same when it is a `Broden`, else None).
@@ -442,29 +444,38 @@ class ProbeSet:
             "categories": self.categories,
         }).encode()).hexdigest()
 
-    def subset(self, size: int) -> ProbeSet:
+    def subset(self, size: int, seed: int | None = None) -> ProbeSet:
         """The probe of `size` images of the same seeded draw, without decoding anything.
 
         The same as `resized(size)` (a smaller draw is a subset of a larger one: one seeded
         permutation, cut), taken from this probe's arrays: a probe held in memory when its arrays
         fit `device_budget_bytes`, else `resized(size)` (decoded, and cached, on its own).
 
+        Args:
+            size: the number of images.
+            seed: draw with another seed (the same as `ProbeSet(source, size, seed)`); only from a
+                probe that holds every candidate row (`size=None`). None keeps this probe's seed.
+
         Raises:
-            ValueError: `size` not a positive integer.
+            ValueError: `size` not a positive integer; another `seed` from a probe that is a draw.
         """
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"size={size!r} must be a positive integer")
-        if size >= len(self):
+        seed = self.seed if seed is None else seed
+        if seed != self.seed and len(self) < len(self._candidates):
+            raise ValueError(f"subset(seed={seed}) draws from every candidate row, but this probe holds a draw of "
+                             f"{len(self)} of {len(self._candidates)}: build it with size=None")
+        if size >= len(self) and seed == self.seed:
             return self
-        rows = _draw(self._candidates, size, self.seed)
+        rows = _draw(self._candidates, size, seed)
         where = {row: position for position, row in enumerate(self.rows)}
         positions = [where[row] for row in rows]
         if self.nbytes * size > self.device_budget_bytes * len(self):
-            return self.resized(size)
+            return self.resized(size, seed=seed)
         arrays = {name: self._storage.gather(name, positions) for name in _PER_IMAGE}
         arrays["label_area"] = label_area(arrays["label_maps"], arrays["image_labels"], len(self.label_names))
         view = copy.copy(self)
-        view.rows = rows
+        view.rows, view.seed = rows, seed
         view.fingerprint = view._fingerprint()
         view._storage, view.cache_folder = MemoryArrays(arrays), None
         view._specs = view._storage.specs
@@ -478,14 +489,21 @@ class ProbeSet:
         return self.source if isinstance(self.source, Broden) else None
 
     def resized(self, size: int, image_size: Sequence[int] | None = None,
-                transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ProbeSet:
+                transform: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int | None = None) -> ProbeSet:
         """The same selection of the same data with `size` images (same seed, split, categories, transform).
 
         For a smaller size the images are a subset of this probe's (the draw is one seeded permutation,
         cut). Works alike for a Broden probe and a dataset probe: the source is kept, not read again.
+        `seed` draws with another seed instead. A new `image_size` with this probe's default
+        `ImageTransform` resizes to it (same mean and std); another transform is kept as it is.
         """
-        return ProbeSet(self.source, size=size, seed=self.seed, split=self.split, categories=self.categories,
-                        image_size=image_size or self.image_size, transform=transform or self.transform)
+        if transform is None:
+            transform = self.transform
+            if image_size is not None and isinstance(transform, ImageTransform):
+                transform = ImageTransform(transform.mean, transform.std, _image_size(image_size))
+        return ProbeSet(self.source, size=size, seed=self.seed if seed is None else seed, split=self.split,
+                        categories=self.categories,
+                        image_size=image_size or self.image_size, transform=transform)
 
     # ------------------------------------------------------------------ layout, decoding and caching
 
@@ -680,7 +698,7 @@ class ProbeSet:
 
     @property
     def fits_device(self) -> bool:
-        """Whether the probe is kept whole on the device (`nbytes <= device_budget_bytes`)."""
+        """Whether the probe is kept whole on an accelerator (`nbytes <= device_budget_bytes`; see `kept_on`)."""
         return self.nbytes <= self.device_budget_bytes
 
     def tensors(self, device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -708,10 +726,17 @@ class ProbeSet:
                                  f"{len(self) - 1}")
         return listed
 
+    def kept_on(self, device: torch.device | str) -> bool:
+        """Whether batches for `device` are indexed from a whole copy of the probe kept there: on an
+        accelerator when the probe `fits_device`; never on the CPU, where batches are read from the
+        cache files (or the in-memory arrays) one at a time, so that a dissection's resident memory
+        does not grow with the probe (pages read through the mapping would stay in it)."""
+        return torch.device(device).type != "cpu" and self.fits_device
+
     def _read(self, names: Sequence[str], positions: list[int], device: torch.device, pin: bool = False
               ) -> dict[str, torch.Tensor]:
         """Rows `positions` of arrays `names`: on `device` when the probe is kept there, else on the CPU."""
-        if self.fits_device:
+        if self.kept_on(device):
             data = self.tensors(device)
             index = torch.tensor(positions, dtype=torch.long, device=device)
             return {name: data["present" if name == "category_present" else name][index] for name in names}
@@ -749,7 +774,7 @@ class ProbeSet:
                labels: bool = True, prefetch: int = 2) -> Iterator[ProbeBatch]:
         """The batches' model input and labels on `device`, the next batches read ahead in the background.
 
-        A probe kept on the device (see `fits_device`) is indexed there. Otherwise a thread reads the
+        A probe kept on the device (see `kept_on`) is indexed there. Otherwise a thread reads the
         next `prefetch` batches from the cache (into pinned memory and onto the device on a copy
         stream, on CUDA) while the caller works on the current one. The tensors equal those of
         `model_input` and `labels`, bit for bit.
@@ -778,7 +803,7 @@ class ProbeSet:
         device = torch.device(device)
         listed = [self._positions(batch) for batch in batches]
         names = (["images"] if images else []) + (list(_LABELS) if labels else [])
-        if self.fits_device:
+        if self.kept_on(device):
             return (self._batch(positions, self._read(names, positions, device)) for positions in listed)
         return self._streamed(listed, names, device, prefetch)
 

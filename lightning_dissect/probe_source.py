@@ -146,7 +146,7 @@ def load_probe(probe: ProbeSource, probe_size: int | None = None,
         ValueError: `probe_size` larger than the dataset.
     """
     if isinstance(probe, ProbeSet):
-        return probe if probe_size is None or probe_size == len(probe) else resized_probe(probe, probe_size)
+        return probe if probe_size is None or probe_size == len(probe) else probe.resized(probe_size)
     if isinstance(probe, ConceptDataset):
         size = probe_size if probe_size is not None else min(DEFAULT_PROBE_SIZE, len(probe))
         return ProbeSet.from_dataset(probe, size=size, seed=probe_seed, image_size=image_size)
@@ -176,13 +176,3 @@ def probe_at_input_size(probe: ProbeSet, size: tuple[int, int] | None) -> ProbeS
     view = copy.copy(probe)  # the same decoded images and labels, shared
     view.image_size, view.transform = (int(size[0]), int(size[1])), resized
     return view
-
-
-def resized_probe(probe: ProbeSet, size: int, image_size: tuple[int, int] | None = None,
-                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ProbeSet:
-    """The same selection of the same dataset with `size` images (same seed, split, categories, transform).
-
-    For a smaller size the images are a subset of the larger probe's (the draw
-    is one seeded permutation, cut). `ProbeSet.resized`: a Broden probe or a dataset probe alike.
-    """
-    return probe.resized(size, image_size, transform)

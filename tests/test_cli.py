@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from torch import nn
 import lightning_dissect as ld
 from lightning_dissect.cli import build_parser, main, split_run
 from lightning_dissect.result import Dissection
+from lightning_dissect.synthetic import make_synthetic_broden
+from tests import cli_models
 from tests.test_analysis import random_layer
 
 
@@ -270,8 +273,9 @@ def test_dissect_takes_the_model_before_or_after_the_layers(tmp_path, random_dat
 
 @pytest.mark.parametrize("model,layers,message", [
     (None, ["conv"], "MODEL is missing"),
-    (None, ["a:b", "conv", "c:d"], "--layers 'a:b': layer names have no ':' (MODEL is 'c:d')"),
-    ("m:f", ["conv", "a:b"], "--layers 'a:b': layer names have no ':' (MODEL is 'm:f')"),
+    (None, ["a:b", "conv", "c:d"], "--layers 'a:b': layer names have no ':' and no .pt/.pth ending (MODEL is 'c:d')"),
+    ("m:f", ["conv", "a:b"], "--layers 'a:b': layer names have no ':' and no .pt/.pth ending (MODEL is 'm:f')"),
+    (None, ["conv", "a.pt", "b.pth"], "--layers 'a.pt': layer names have no ':' and no .pt/.pth ending"),
     ("m:f", [], "--layers names no layer"),
 ])
 def test_model_and_layers_refuse_what_is_not_one_model_and_some_layers(model, layers, message):
@@ -280,6 +284,7 @@ def test_model_and_layers_refuse_what_is_not_one_model_and_some_layers(model, la
     with pytest.raises(UsageError, match=re.escape(message)):
         model_and_layers(model, layers)
     assert model_and_layers(None, ["conv", "pkg.nets:build", "layer4.1"]) == ("pkg.nets:build", ["conv", "layer4.1"])
+    assert model_and_layers(None, ["conv", "runs/net.PT"]) == ("runs/net.PT", ["conv"])
 
 
 def test_every_option_of_every_command_has_help_text_and_each_summary_says_its_defaults():
@@ -307,3 +312,125 @@ def test_report_of_a_path_that_does_not_exist_says_so_in_one_line(tmp_path, caps
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     error = capsys.readouterr().err
     assert error == f"lightning-dissect report: error: RUN_DIR {tmp_path / 'nowhere'} does not exist\n"
+
+
+# ---------------------------------------------------------------------------------------- dissect: the classic job
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    return make_synthetic_broden(tmp_path_factory.mktemp("cli-synthetic") / "broden", num_images=16, image_size=32)
+
+
+def assert_same_numbers(saved: Dissection, expected: Dissection) -> None:
+    assert list(saved) == list(expected)
+    for layer in expected:
+        for name, value in vars(expected[layer]).items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(getattr(saved[layer], name), value), (layer, name)
+
+
+def test_dissect_command_dissects_several_layers_in_one_pass_and_writes_csvs_json_and_the_report(synthetic, tmp_path,
+                                                                                              capsys):
+    out = tmp_path / "out"
+    assert main(["dissect", "tests.cli_models:two_stage", "--broden", str(synthetic), "--layers", "stem", "stage",
+                 "--size", "10", "--batch-size", "4", "--device", "cpu", "--out", str(out)]) == 0
+    expected = ld.dissect(cli_models.two_stage(), ld.ProbeSet(synthetic, size=10), ["stem", "stage"], batch_size=4)
+    saved = Dissection.from_json(out / "dissection.json")
+    assert_same_numbers(saved, expected)
+    assert saved.settings["probe_size"] == 10 and saved.settings["batch_size"] == 4
+    printed = capsys.readouterr().out
+    for layer, result in expected.items():
+        with open(out / f"{layer}.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [int(row["unit"]) for row in rows] == list(range(1, result.num_units + 1))
+        assert [row["label"] for row in rows] == [result.label_name(unit) for unit in range(result.num_units)]
+        summary = result.summary()
+        assert (f"{layer}: {summary['unique_concepts']:.0f} unique concepts, {summary['detectors']:.0f} of "
+                f"{result.num_units} units are detectors") in printed
+    index = out / "report" / "index.html"
+    assert index.is_file() and f"HTML report: {index}" in printed
+    pages = sorted(path.name for path in (out / "report").glob("layer-*.html"))
+    assert pages == ["layer-stage.html", "layer-stem.html"]
+    for layer, result in expected.items():  # a strip per unit
+        strips = {path.stem for path in (out / "report" / "images" / f"layer-{layer}").rglob("unit_*.*")}
+        assert strips == {f"unit_{unit}" for unit in range(result.num_units)}
+
+
+def test_dissect_command_without_size_dissects_the_whole_dataset_and_skips_the_report_when_asked(synthetic, tmp_path):
+    out = tmp_path / "out"
+    assert main(["dissect", "--layers", "stage", "tests.cli_models:two_stage", "--broden", str(synthetic),
+                 "--no-report", "-o", str(out)]) == 0
+    saved = Dissection.from_json(out / "dissection.json")
+    assert saved.settings["probe_size"] == len(ld.Broden(synthetic))
+    assert_same_numbers(saved, ld.dissect(cli_models.two_stage(), ld.ProbeSet(synthetic), ["stage"]))
+    assert sorted(path.name for path in out.iterdir()) == ["dissection.json", "stage.csv"]
+
+
+def test_a_model_saved_whole_with_torch_save_or_named_as_an_attribute_is_the_same_model(synthetic, tmp_path):
+    torch.save(cli_models.two_stage(), tmp_path / "model.pt")
+    results = []
+    for model in (str(tmp_path / "model.pt"), "tests.cli_models:BUILT", "tests.cli_models:two_stage"):
+        out = tmp_path / f"out{len(results)}"
+        assert main(["dissect", model, "--broden", str(synthetic), "--layers", "stem", "--size", "6", "--no-report",
+                     "-o", str(out)]) == 0
+        results.append(Dissection.from_json(out / "dissection.json"))
+    assert_same_numbers(results[0], results[2])
+    assert_same_numbers(results[1], results[2])
+    # The layers before the file, as with module:function.
+    assert main(["dissect", "--layers", "stem", str(tmp_path / "model.pt"), "--broden", str(synthetic), "--size", "6",
+                 "--no-report", "-o", str(tmp_path / "after")]) == 0
+    assert_same_numbers(Dissection.from_json(tmp_path / "after" / "dissection.json"), results[2])
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["tests.cli_models:two_stage", "--layers", "stem", "--batch-size", "0"], "--batch-size 0 must be a positive"),
+    (["tests.cli_models:two_stage", "--layers", "stem", "--size", "0"], "--size 0 must be a positive"),
+    (["tests.cli_models:two_stage", "--layers", "stem", "--size", "17"], "--size 17: size=17 but"),
+    (["tests.cli_models:two_stage", "--layers", "stem", "--quantile", "1.5"], "--quantile 1.5 must be in (0, 1)"),
+    (["tests.cli_models:two_stage", "--layers", "stem", "--device", "tpu9"], "--device 'tpu9' is not a device"),
+    (["tests.cli_models:two_stage", "--layers", "stme"], "'stme'"),
+    (["tests.cli_models:NOT_A_MODEL", "--layers", "stem"], "is a int, neither an nn.Module nor a function"),
+    (["tests.cli_models:needs_arguments", "--layers", "stem"], "cannot be called without arguments"),
+    (["missing.pt", "--layers", "stem"], "must be module:function (e.g. torchvision.models:resnet18) or a .pt/.pth"),
+    (["weights.pt", "--layers", "stem"], "holds a state dict (the weights, without the model): name the code that "
+                                         "builds the model as module:function and pass the file as --weights"),
+    (["notes.pt", "--layers", "stem"], "MODEL 'notes.pt' is not a file saved with torch.save"),
+    (["elsewhere.pt", "--layers", "stem"], "the model's code does not import here"),
+])
+def test_dissect_command_errors_name_the_argument_at_fault(synthetic, tmp_path, monkeypatch, capsys, arguments,
+                                                           message):
+    monkeypatch.chdir(tmp_path)
+    torch.save(cli_models.two_stage().state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "notes.pt").write_text("not a model")
+    (tmp_path / "elsewhere.pt").write_bytes(saved_from_a_module_that_is_gone(tmp_path))
+    assert main(["dissect", *arguments, "--broden", str(synthetic), "-o", "out"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("lightning-dissect dissect: error:") and message in error, error
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA has the device")
+def test_dissect_command_names_a_cuda_device_the_machine_does_not_have(synthetic, tmp_path, capsys):
+    assert main(["dissect", "tests.cli_models:two_stage", "--layers", "stem", "--device", "cuda", "--broden",
+                 str(synthetic), "-o", str(tmp_path / "out")]) == 2
+    assert "--device 'cuda': this machine has no CUDA device" in capsys.readouterr().err
+
+
+def saved_from_a_module_that_is_gone(tmp_path: Path) -> bytes:
+    """The bytes of torch.save(model) for a model whose class lives in a module that no longer imports."""
+    import importlib
+    import io
+
+    folder = tmp_path / "gone"
+    folder.mkdir(exist_ok=True)
+    (folder / "vanishing_cli_model.py").write_text("import torch\n\nclass Net(torch.nn.Conv2d):\n    pass\n")
+    sys.path.insert(0, str(folder))
+    try:
+        module = importlib.import_module("vanishing_cli_model")
+        buffer = io.BytesIO()
+        torch.save(module.Net(3, 2, 1), buffer)
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop("vanishing_cli_model", None)
+    return buffer.getvalue()

@@ -16,7 +16,7 @@ import lightning_dissect as ld
 from lightning_dissect import probe as probe_module
 from lightning_dissect.concept_source import ConceptDataset, DatasetError
 from lightning_dissect.dataset_source import DatasetSource
-from lightning_dissect.probe_source import probe_at_input_size, resized_probe
+from lightning_dissect.probe_source import probe_at_input_size
 from tests.concepts import (
     RANDOM_CATEGORIES,
     RANDOM_NAMES,
@@ -328,12 +328,15 @@ def test_a_declared_fingerprint_reuses_the_index_and_the_probe_cache(items, tmp_
 
 def test_a_dataset_probe_is_resized_viewed_at_another_input_size_and_pickled(items):
     probe = ld.ProbeSet.from_dataset(items, RANDOM_NAMES, RANDOM_CATEGORIES, size=12, cache_dir=False, workers=1)
-    smaller = resized_probe(probe, 5)
+    smaller = probe.resized(5)
     assert set(smaller.rows) <= set(probe.rows) and smaller.source is probe.source
     assert_same_probe(smaller, ld.ProbeSet(probe.source, size=5, cache_dir=False))
     assert smaller.fingerprint == ld.ProbeSet(probe.source, size=5, cache_dir=False).fingerprint
     view = probe_at_input_size(probe, (24, 24))
     assert view.model_input([0], "cpu").shape == (1, 3, 24, 24) and view.images is probe.images
+    resized = probe.resized(5, image_size=(20, 24))
+    assert resized.model_input([0], "cpu").shape == (1, 3, 20, 24)
+    assert torch.equal(resized.model_input([0], "cpu"), probe_at_input_size(smaller, (20, 24)).model_input([0], "cpu"))
     assert probe.broden is None and ld.ProbeSet(probe.source, cache_dir=False).broden is None
     restored = pickle.loads(pickle.dumps(probe))
     assert_same_probe(restored, probe)

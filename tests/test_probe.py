@@ -562,3 +562,16 @@ def test_a_subset_is_the_smaller_draw_without_decoding_again(random_dataset, tmp
     assert torch.equal(ld.dissect_activations({"l": acts}, subset, quantile=0.1)["l"].iou,
                        ld.dissect_activations({"l": acts}, decoded, quantile=0.1)["l"].iou)
     assert whole.subset(len(whole)) is whole and len(whole) == 24
+
+
+def test_a_subset_with_another_seed_is_that_seeds_draw(random_dataset, tmp_path, monkeypatch):
+    whole = ld.ProbeSet(random_dataset, seed=3, cache_dir=tmp_path / "cache")
+    decoded = ld.ProbeSet(random_dataset, size=10, seed=5, cache_dir=False)
+    monkeypatch.setattr(ld.Broden, "read_image", lambda *args: pytest.fail("a subset decoded an image"))
+    subset = whole.subset(10, seed=5)
+    assert subset.rows == decoded.rows != whole.subset(10).rows
+    assert subset.seed == 5 and subset.fingerprint == decoded.fingerprint
+    for name in ["images", "label_maps", "image_labels", "label_area", "category_present", "image_level_present"]:
+        assert torch.equal(getattr(subset, name), getattr(decoded, name)), name
+    with pytest.raises(ValueError, match="size=None"):
+        whole.subset(10).subset(5, seed=6)

@@ -9,8 +9,9 @@ and areas (`engine/tally.py`); assembly turns the sums into IoU, labels and
 scores (`engine/scores.py`). Between the passes the layers' activations are
 kept up to `activation_cache_bytes` (the first batches, in full); pass two runs
 the model again for the batches beyond it, so memory never grows with the probe
-set beyond the threshold state and that budget. See docs/performance.md for
-what each part costs.
+set beyond the threshold state and that budget. The probe is read batch by
+batch (`Probe.stream`: the next batch read ahead while the current one is
+computed on), in both passes; see docs/performance.md for what each part costs.
 
 The engine returns its numbers (`DissectionNumbers`); `lightning_dissect.dissect`
 returns them as a `Dissection`, which adds their files.
@@ -19,8 +20,9 @@ returns them as a `Dissection`, which adds their files.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -58,22 +60,45 @@ DEFAULT_ACTIVATION_CACHE_BYTES = 2**31
 LABEL_TENSORS = ("label_maps", "image_labels", "present", "image_level_present")
 
 
+class ProbeBatch(Protocol):
+    """One batch of `Probe.stream`: its probe positions, model input and label tensors."""
+
+    @property
+    def positions(self) -> list[int]: ...
+
+    @property
+    def inputs(self) -> torch.Tensor | None:
+        """The model's input `(B, 3, H, W)` on the device; None when images were not asked for."""
+        ...
+
+    @property
+    def labels(self) -> Sequence[torch.Tensor] | None:
+        """The batch's `LABEL_TENSORS` on the device, in that order; None when labels were not asked for."""
+        ...
+
+
 class Probe(Protocol):
-    """What the engine reads of a probe set (`lightning_dissect.probe.ProbeSet` is one)."""
+    """What the engine reads of a probe set (`lightning_dissect.probe.ProbeSet` is one).
+
+    The whole-probe tensors are small, `(C,)` per label; images and label maps come batch by batch
+    through `stream`, which reads ahead and moves them to the device (or indexes a copy kept there).
+    """
 
     categories: list[str]
     label_names: list[str]
     fingerprint: str
+    label_category: torch.Tensor  # long (C,): primary category index of each label, -1: never scored
+    label_area: torch.Tensor  # long (C,): G(c)
 
     def __len__(self) -> int: ...
 
-    def tensors(self, device: torch.device | str) -> dict[str, torch.Tensor]:
-        """The label tensors on `device`: `label_maps`, `image_labels`, `present`,
-        `image_level_present`, `label_area`, `label_category`."""
+    def stream(self, batches: Iterable[Sequence[int]], device: torch.device | str, images: bool = True,
+               labels: bool = True, prefetch: int = 2) -> Iterator[ProbeBatch]:
+        """Each batch's model input and labels on `device`, in order (see `ProbeSet.stream`)."""
         ...
 
-    def model_input(self, positions: Sequence[int] | torch.Tensor, device: torch.device | str) -> torch.Tensor:
-        """The model's input for the images at probe `positions`."""
+    def model_input(self, positions: Sequence[int], device: torch.device | str) -> torch.Tensor:
+        """The model input of the images at `positions` (the check pass reads two)."""
         ...
 
 
@@ -313,51 +338,90 @@ class LayerState:
         )
 
 
-def _run(activations: Callable[[list[int]], dict[str, torch.Tensor]], probe: Probe, options: Options, *,
-         device: torch.device, synchronizer: Synchronizer, activation_cache_bytes: int,
-         progress: bool, layer_outputs: Mapping[str, OutputLayout]) -> DissectionNumbers:
-    """The two passes over this process's shard of the probe set; `activations(positions)` gives
-    every layer's raw `(B, K, h, w)` for a batch."""
+Activations = Callable[[list[int], torch.Tensor | None], dict[str, torch.Tensor]]
+
+
+def _read(probe: Probe, batches: list[list[int]], device: torch.device, images: bool, labels: bool
+          ) -> Generator[tuple[list[int], torch.Tensor | None, Sequence[torch.Tensor] | None], None, None]:
+    """`(positions, model input, label tensors)` of each batch, read through `probe.stream` (the next
+    batches read ahead) when anything is to be read; the stream stops when this generator is closed."""
+    if not (images or labels):
+        yield from ((batch, None, None) for batch in batches)
+        return
+    if not batches:
+        return
+    stream = probe.stream(batches, device, images=images, labels=labels)
+    try:
+        for item in stream:
+            yield item.positions, item.inputs, item.labels
+    finally:  # a generator's close() stops its read-ahead now, not when the traceback is freed
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
+def _run(activations: Activations, probe: Probe, options: Options, *, device: torch.device,
+         synchronizer: Synchronizer, activation_cache_bytes: int, progress: bool,
+         layer_outputs: Mapping[str, OutputLayout], images: bool = True) -> DissectionNumbers:
+    """The two passes over this process's shard of the probe set; `activations(positions, inputs)`
+    gives every layer's raw `(B, K, h, w)` for a batch (`inputs`: its model input, read only when
+    `images`).
+
+    The probe is read batch by batch through `probe.stream`: pass one reads the images, pass two
+    the label tensors (and the images of the batches whose activations were not kept). Of the
+    whole probe only `label_category` and `label_area` are held, `(C,)` each.
+    """
     started = time.perf_counter()
     positions = synchronizer.shard(len(probe))
     batches = [positions[i : i + options.batch_size] for i in range(0, len(positions), options.batch_size)]
-    data = probe.tensors(device)
+    label_category, label_area = probe.label_category.to(device), probe.label_area.to(device)
     bar = _progress(len(batches) * 2, progress)
     layers: dict[str, LayerState] = {}
     # The first batches' unit maps, up to the budget; pass two runs the model again only for the rest.
     cache: list[dict[str, torch.Tensor] | None] = []
     cached_bytes = 0
-    for number, batch in enumerate(batches):
-        raw = activations(batch)
-        if not layers:
-            layers = {name: LayerState(name, tuple(value.shape[1:]), len(probe), options, device)
-                      for name, value in raw.items()}
-        index = torch.tensor(batch, device=device)
-        maps = {name: layers[name].observe(value, batch, index) for name, value in raw.items()}
-        batch_bytes = sum(value.numel() * value.element_size() for value in maps.values())
-        if len(cache) == number and cached_bytes + batch_bytes <= activation_cache_bytes:
-            cache.append(maps)
-            cached_bytes += batch_bytes
-        bar.update(1)
+    with contextlib.closing(_read(probe, batches, device, images=images, labels=False)) as first_pass:
+        for number, (batch, inputs, _) in enumerate(first_pass):
+            raw = activations(batch, inputs)
+            if not layers:
+                layers = {name: LayerState(name, tuple(value.shape[1:]), len(probe), options, device)
+                          for name, value in raw.items()}
+            index = torch.tensor(batch, device=device)
+            maps = {name: layers[name].observe(value, batch, index) for name, value in raw.items()}
+            del raw, inputs
+            batch_bytes = sum(value.numel() * value.element_size() for value in maps.values())
+            if len(cache) == number and cached_bytes + batch_bytes <= activation_cache_bytes:
+                cache.append(maps)
+                cached_bytes += batch_bytes
+            del maps
+            bar.update(1)
     if not layers:
         raise DissectionError("the probe set is empty: nothing to dissect")
 
     for layer in layers.values():
-        layer.start_tally(synchronizer, data["label_category"], len(probe.categories))
-    for number, batch in enumerate(batches):
-        cached = cache[number] if number < len(cache) else None
-        if cached is not None:
-            maps, cache[number] = cached, None  # freed as soon as it is tallied
-        else:
-            maps = {name: layers[name].unit_maps(value) for name, value in activations(batch).items()}
-        index = torch.tensor(batch, device=device)
-        labels = [data[key][index] for key in LABEL_TENSORS]
-        for name, value in maps.items():
-            layers[name].count(value, labels)
-        bar.update(1)
+        layer.start_tally(synchronizer, label_category, len(probe.categories))
+    kept = len(cache)
+    # The kept batches need their labels only; the others their images too, to run the model again.
+    with contextlib.ExitStack() as streams:
+        first_part = streams.enter_context(contextlib.closing(
+            _read(probe, batches[:kept], device, images=False, labels=True)))
+        second_part = streams.enter_context(contextlib.closing(
+            _read(probe, batches[kept:], device, images=images, labels=True)))
+        for number, (batch, inputs, labels) in enumerate(itertools.chain(first_part, second_part)):
+            assert labels is not None
+            cached = cache[number] if number < kept else None
+            if cached is not None:
+                maps, cache[number] = cached, None  # freed as soon as it is tallied
+            else:
+                maps = {name: layers[name].unit_maps(value) for name, value in activations(batch, inputs).items()}
+            for name, value in maps.items():
+                layers[name].count(value, labels)
+            del maps, inputs, labels
+            bar.update(1)
     bar.close()
 
-    numbers = {name: layer.numbers(synchronizer, probe, data) for name, layer in layers.items()}
+    whole = {"label_area": label_area, "label_category": label_category}
+    numbers = {name: layer.numbers(synchronizer, probe, whole) for name, layer in layers.items()}
     settings = dict(options.settings(probe, list(layers), layer_outputs), seconds=time.perf_counter() - started,
                     activations_cached=len(cache) == len(batches))
     return DissectionNumbers(numbers, settings)
@@ -466,8 +530,9 @@ def dissect(
     capture = LayerCapture(modules)  # one for all batches: it remembers whether outputs need copies
     outputs_read: dict[str, OutputLayout] = {}
 
-    def layer_activations(batch: list[int]) -> dict[str, torch.Tensor]:
-        inputs = cast_to_model(probe.model_input(batch, run_on), model)
+    def layer_activations(batch: list[int], inputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        assert inputs is not None, "_run reads the images"
+        inputs = cast_to_model(inputs, model)
         with capture, context():
             outputs = capture.run(model, inputs)
         return {name: as_unit_maps(outputs[name], name, outputs_read[name]) for name in names}
@@ -534,12 +599,13 @@ def dissect_activations(
                                                prefix_tokens=options.prefix_tokens, input_size=input_size)
                     for name, value in activations.items()}
 
-    def batch_activations(batch: list[int]) -> dict[str, torch.Tensor]:
+    def batch_activations(batch: list[int], inputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
         index = torch.tensor(batch, device=activations[names[0]].device)
         return {name: as_unit_maps(activations[name][index].to(run_on), name, outputs_read[name]) for name in names}
 
     return _run(batch_activations, probe, options, device=run_on, synchronizer=synchronizer or default_synchronizer(),
-                activation_cache_bytes=0, progress=progress, layer_outputs=outputs_read)
+                activation_cache_bytes=0, progress=progress, layer_outputs=outputs_read,
+                images=False)
 
 
 def probe_image_size(probe: Probe) -> Grid | None:

@@ -45,6 +45,7 @@ from lightning_dissect.dashboard import DissectionReport
 from lightning_dissect.dissector import Dissector, OnError, RunContext, preserved_random_state
 from lightning_dissect.distributed import StrategySynchronizer, check_strategy, local_zero_first
 from lightning_dissect.engine.capture import frozen, model_device
+from lightning_dissect.engine.compiled import uncompiled
 from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.engine.rotation import Rotation
 from lightning_dissect.loggers import LoggerGroup
@@ -279,8 +280,8 @@ class DissectionHooks:
         device = model_device(pl_module)
         forward_context = context.forward_context or contextlib.nullcontext
         started = time.perf_counter()
-        with preserved_random_state(device), frozen(pl_module), forward_context():
-            pl_module(images.to(device))
+        with preserved_random_state(device), uncompiled(pl_module) as plain, frozen(plain), forward_context():
+            plain(images.to(device))
         seconds = time.perf_counter() - started
         self.dissector.budget.spent(seconds, dissection=False)
         return 3 * seconds

@@ -41,8 +41,10 @@ from lightning_dissect.broden import Broden
 from lightning_dissect.budget import FigureBudget, OverheadBudget, validate_max_seconds
 from lightning_dissect.concept_source import ConceptDataset
 from lightning_dissect.dashboard import DissectionReport
-from lightning_dissect.engine.capture import cast_to_model, check_layers, choose_layers, frozen, model_device
+from lightning_dissect.engine.capture import cast_to_model, check_layers, frozen, model_device
+from lightning_dissect.engine.compiled import plain_names, uncompiled
 from lightning_dissect.engine.dissect import validate_options
+from lightning_dissect.engine.layer_choice import choose_layers
 from lightning_dissect.engine.layouts import Grid, validate_grid, validate_layouts, validate_prefix_tokens
 from lightning_dissect.engine.rotation import Rotation, as_rotation
 from lightning_dissect.engine.sync import Synchronizer, default_synchronizer, guard, slowest
@@ -142,8 +144,9 @@ class Dissector:
         probe: a `ProbeSet`, a `ConceptDataset` (`ProbeSet.from_dataset`), a `Broden`, a Broden
             directory, `"synthetic"`, or None for the Broden dataset of `$LIGHTNING_DISSECT_BRODEN` or the
             cache (downloaded on first use).
-        layers: module names (`model.named_modules()`); None chooses the deepest
-            modules with spatial output (`choose_layers`) on the first run.
+        layers: module names (`model.named_modules()`; for a compiled submodule with or without
+            `_orig_mod.`, kept and logged without it); None chooses them on the first run
+            (`engine.layer_choice.choose_layers`: the last outputs of the deepest feature stages).
         schedule: when to dissect; default `log_spaced()`. Or pass `every_n_steps=`
             or `every_n_epochs=` instead.
         quantile, iou_threshold, denominator, batch_size, rotation, prefix_tokens, top_k:
@@ -370,14 +373,15 @@ class Dissector:
         layers = self.layers or self.requested_layers
         device = model_device(model)
         forward_context = context.forward_context or contextlib.nullcontext
-        with (preserved_random_state(device), _converted_inputs(probe, context.convert_input), frozen(model),
-              forward_context()):
-            inputs = cast_to_model(probe.model_input(list(range(min(2, len(probe)))), device), model)
+        # A compiled model or submodule is run (and its layers named) as its original (engine/compiled.py).
+        with (preserved_random_state(device), _converted_inputs(probe, context.convert_input),
+              uncompiled(model) as plain, frozen(plain), forward_context()):
+            inputs = cast_to_model(probe.model_input(list(range(min(2, len(probe)))), device), plain)
             if layers is None:
-                layers = choose_layers(model, inputs)
-                context.info(f"DissectionCallback: dissecting {layers} (the deepest modules with spatial output; "
-                             "pass layers=[...] to choose)")
-            check_layers(model, inputs, layers, self.options["prefix_tokens"], layouts=self.options["layouts"],
+                layers = choose_layers(plain, inputs)
+                context.info(f"DissectionCallback: dissecting {layers}, chosen automatically (the last outputs of "
+                             "the deepest feature stages; pass layers=[...] to choose)")
+            check_layers(plain, inputs, layers, self.options["prefix_tokens"], layouts=self.options["layouts"],
                          grid=self.options["grid"])
         self.layers = list(layers)
         return self.layers
@@ -643,11 +647,12 @@ class Dissector:
 
 
 def _checked_layers(layers: str | Sequence[str] | None) -> list[str] | None:
+    """The layer names as the original model names them (a compiled wrapper's `_orig_mod.` left out)."""
     if isinstance(layers, str):
         layers = [layers]
     if layers is not None and (not layers or not all(isinstance(name, str) and name for name in layers)):
         raise ValueError(f"layers={layers!r} must be None (automatic) or a non-empty list of module names")
-    return list(layers) if layers is not None else None
+    return plain_names(layers) if layers is not None else None
 
 
 def _one_schedule(schedule: Schedule | None, every_n_steps: int | None, every_n_epochs: int | None) -> Schedule:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_dissect as ld
-from lightning_dissect.engine.capture import choose_layers
+from lightning_dissect.engine.layer_choice import choose_layers
 from tests import test_callback as shared
 from tests.test_callback import loader
 
@@ -172,8 +172,8 @@ def test_automatic_layers_skip_pooling_and_dropout_and_need_a_spatial_module(pro
     messages = []
     dissector = ld.Dissector(probe, max_overhead=None)
     assert dissector.setup(sequential, ld.RunContext(info=messages.append)) == ["1", "4"]
-    assert messages == ["DissectionCallback: dissecting ['1', '4'] (the deepest modules with spatial output; "
-                        "pass layers=[...] to choose)"]
+    assert messages == ["DissectionCallback: dissecting ['1', '4'], chosen automatically (the last outputs of the "
+                        "deepest feature stages; pass layers=[...] to choose)"]
     flat = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4))
     with pytest.raises(ld.DissectionError, match="layers=None: no module of Sequential returns a spatial"):
         ld.Dissector(probe, max_overhead=None).setup(flat)

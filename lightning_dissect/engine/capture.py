@@ -3,9 +3,10 @@
 Everything that reads activations from a model goes through here: `LayerCapture`
 (hooks registered on entry, always removed on exit, the rest of the forward pass
 skipped once every layer has produced its output), `frozen` (evaluate without
-changing the model), the layer names (`resolve_layers`, `choose_layers`,
-`check_layers`) and `as_unit_maps`, which turns an output into the `(B, K, h, w)`
-tensor that SEMANTICS §2 dissects.
+changing the model), the layer names (`resolve_layers`, `check_layers`;
+`layer_choice.choose_layers` picks them when the user names none) and
+`as_unit_maps`, which turns an output into the `(B, K, h, w)` tensor that
+SEMANTICS §2 dissects.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import itertools
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,11 +30,6 @@ from lightning_dissect.engine.layouts import (
     model_grids,
     stated_grid,
 )
-
-# Modules whose output is never a representation worth dissecting on its own.
-_NOT_FEATURES = (nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten,
-                 nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-                 nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -201,63 +196,6 @@ def _version(tensor: torch.Tensor) -> int | None:
         return tensor._version
     except RuntimeError:
         return None
-
-
-def _nested(a: str, b: str) -> bool:
-    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
-
-
-def choose_layers(model: nn.Module, inputs: torch.Tensor, count: int = 2) -> list[str]:
-    """The deepest modules with spatial output, found by one forward pass.
-
-    Among modules that run once and return a `(B, K, h, w)` tensor with
-    `h * w > 1` (not dropout, pooling, flatten or identity), the deepest is the
-    one that finishes last before the spatial axes are pooled away: for a
-    ResNet `layer4` (a block finishes after the modules inside it). Each
-    further layer is the deepest remaining module that is neither inside nor
-    around a chosen one and has another output shape (`layer3`).
-
-    Returns:
-        Up to `count` module names, shallowest first.
-
-    Raises:
-        DissectionError: no module has a spatial output.
-    """
-    modules = {name: module for name, module in model.named_modules() if name}
-    finished: list[tuple[str, tuple[int, ...]]] = []
-    calls: Counter[str] = Counter()
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: Any, output: Any) -> None:
-            calls[name] += 1
-            if isinstance(output, torch.Tensor):
-                finished.append((name, tuple(output.shape)))
-
-        return record
-
-    handles = []
-    try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(hook(name)))
-        model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    candidates = [(name, shape) for name, shape in finished
-                  if calls[name] == 1 and len(shape) == 4 and shape[2] * shape[3] > 1
-                  and not isinstance(modules[name], _NOT_FEATURES)]
-    if not candidates:
-        raise DissectionError(
-            f"layers=None: no module of {type(model).__name__} returns a spatial (N, K, h, w) output; "
-            "name the layers to dissect, e.g. layers=['backbone.layer4'] (token layers need explicit names)"
-        )
-    chosen = [candidates[-1]]
-    for name, shape in reversed(candidates):
-        if len(chosen) == count:
-            break
-        if all(not _nested(name, other) and shape != other_shape for other, other_shape in chosen):
-            chosen.append((name, shape))
-    return [name for name, _ in reversed(chosen)]
 
 
 def check_layers(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str],

@@ -38,6 +38,7 @@ from lightning_dissect.engine.capture import (
     model_device,
     resolve_layers,
 )
+from lightning_dissect.engine.compiled import plain_names, uncompiled
 from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.engine.layouts import (
     Grid,
@@ -482,7 +483,9 @@ def dissect(
     Args:
         model: any `nn.Module` taking a batch of images `(B, 3, H, W)`.
         probe: the `ProbeSet` of images and labels.
-        layers: module names from `model.named_modules()`, nested names included.
+        layers: module names from `model.named_modules()`, nested names included. For a compiled
+            model or submodule (`torch.compile`), with or without the wrapper's `_orig_mod.`; the
+            dissection runs the original modules and names the layers without it.
         quantile: `q`, the fraction of each unit's activations above its threshold.
         iou_threshold: a unit with a score above it is a detector.
         denominator: `"paper"` (default), `"lite"` (NetDissect-Lite's) or `"global"` (SEMANTICS §4).
@@ -523,32 +526,34 @@ def dissect(
     options = Options(quantile, iou_threshold, denominator, batch_size, as_rotation(rotation),
                       prefix_tokens=prefix_tokens, top_k=top_k, layouts=validate_layouts(layouts) or None,
                       grid=grid)
-    modules = resolve_layers(model, layers)
-    names = list(modules)
-    run_on = torch.device(device) if device is not None else model_device(model)
-    context = forward_context or contextlib.nullcontext
-
-    capture = LayerCapture(modules)  # one for all batches: it remembers whether outputs need copies
-    outputs_read: dict[str, OutputLayout] = {}
-
-    def layer_activations(batch: list[int], inputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        assert inputs is not None, "_run reads the images"
-        inputs = cast_to_model(inputs, model)
-        with capture, context():
-            outputs = capture.run(model, inputs)
-        return {name: as_unit_maps(outputs[name], name, outputs_read[name]) for name in names}
-
     synchronizer = synchronizer or default_synchronizer()
-    # Several processes dissect one model: rank zero's buffers on every rank (engine.sync), restored after.
-    with frozen(model), rank_zero_buffers(model, synchronizer):
-        if len(probe):
-            # The check pass: how each layer's output is read, decided once (the same on every rank).
-            first = cast_to_model(probe.model_input(list(range(min(2, len(probe)))), run_on), model)
-            with context():
-                outputs_read.update(check_layers(model, first, names, options.prefix_tokens,
-                                                 layouts=options.layouts, grid=options.grid))
-        return _run(layer_activations, probe, options, device=run_on, synchronizer=synchronizer,
-                    activation_cache_bytes=activation_cache_bytes, progress=progress, layer_outputs=outputs_read)
+    context = forward_context or contextlib.nullcontext
+    # A compiled model (or submodule) runs as its original: its compiled code, cache and guards are untouched.
+    with uncompiled(model) as plain:
+        modules = resolve_layers(plain, plain_names(layers))
+        names = list(modules)
+        run_on = torch.device(device) if device is not None else model_device(plain)
+        capture = LayerCapture(modules)  # one for all batches: it remembers whether outputs need copies
+        outputs_read: dict[str, OutputLayout] = {}
+
+        def layer_activations(batch: list[int], inputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
+            assert inputs is not None, "_run reads the images"
+            inputs = cast_to_model(inputs, plain)
+            with capture, context():
+                outputs = capture.run(plain, inputs)
+            return {name: as_unit_maps(outputs[name], name, outputs_read[name]) for name in names}
+
+        # Several processes dissect one model: rank zero's buffers on every rank (engine.sync), restored after.
+        with frozen(plain), rank_zero_buffers(plain, synchronizer):
+            if len(probe):
+                # The check pass: how each layer's output is read, decided once (the same on every rank).
+                first = cast_to_model(probe.model_input(list(range(min(2, len(probe)))), run_on), plain)
+                with context():
+                    outputs_read.update(check_layers(plain, first, names, options.prefix_tokens,
+                                                     layouts=options.layouts, grid=options.grid))
+            return _run(layer_activations, probe, options, device=run_on, synchronizer=synchronizer,
+                        activation_cache_bytes=activation_cache_bytes, progress=progress,
+                        layer_outputs=outputs_read)
 
 
 def dissect_activations(

@@ -41,6 +41,7 @@ from lightning_dissect.engine.capture import (
     model_device,
     resolve_layers,
 )
+from lightning_dissect.engine.compiled import plain_name, uncompiled
 from lightning_dissect.engine.errors import DissectionError
 from lightning_dissect.engine.layouts import OutputLayout
 from lightning_dissect.engine.masks import upsample_masks
@@ -123,17 +124,18 @@ def activation_maps(
     Returns:
         float32 `(len(positions), K, h, w)` on the CPU.
     """
-    modules = resolve_layers(model, [layer])
-    device = torch.device(device) if device is not None else model_device(model)
+    layer = plain_name(layer)
     rotation = as_rotation(rotation)
     context = forward_context or contextlib.nullcontext
     positions = [int(p) for p in positions]
     parts = []
-    with frozen(model):
+    with uncompiled(model) as plain, frozen(plain):
+        modules = resolve_layers(plain, [layer])
+        device = torch.device(device) if device is not None else model_device(plain)
         for start in range(0, len(positions), batch_size):
             batch = positions[start : start + batch_size]
             with LayerCapture(modules) as capture, context():
-                output = capture.run(model, cast_to_model(probe.model_input(batch, device), model))[layer]
+                output = capture.run(plain, cast_to_model(probe.model_input(batch, device), plain))[layer]
             maps = as_unit_maps(output, layer, layout, prefix_tokens)
             if rotation is not None:
                 maps = rotate_units(maps, rotation.resolve(maps.shape[1]))

@@ -50,6 +50,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from lightning_dissect.broden import MAX_LABEL_NUMBER
+from lightning_dissect.cache import cache_root
 from lightning_dissect.concept_source import ConceptDataset, DatasetError, ItemLayout
 from lightning_dissect.io import atomic_write
 from lightning_dissect.probe_storage import files_stats
@@ -476,7 +477,7 @@ class DatasetSource:
 
     Args:
         dataset: the dataset (`ConceptDataset`; `ConceptDataset.wrap` makes one of any indexable dataset).
-        cache_dir: where the index is kept (`probe.cache_root() / "probes"` when None, as the probe caches;
+        cache_dir: where the index is kept (`cache_root() / "probes"` when None, as the probe caches;
             False: nowhere).
         workers: worker processes of the index pass (default one per core, up to 8).
         progress: a progress bar for the index pass.
@@ -538,8 +539,6 @@ class DatasetSource:
     def _index(self, cache_dir: str | os.PathLike[str] | bool | None, progress: bool) -> None:
         path = None
         if self._declared is not None and cache_dir is not False:
-            from lightning_dissect.probe import cache_root  # the probe caches' folder; probe imports this module
-
             root = cache_root() / "probes" if cache_dir is None or cache_dir is True else Path(cache_dir)
             path = root / f"dataset-{self._index_key()[:32]}.npz"
             stats = files_stats(self.files_root, self._all_files())

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_dissect.broden import Broden, BrodenError
+from lightning_dissect.cache import cache_root
 from lightning_dissect.concept_source import ConceptDataset, ConceptSource, DatasetError
 from lightning_dissect.dataset_source import DatasetSource
 from lightning_dissect.engine.labels import canonical_labels, category_presence, label_area
@@ -69,7 +70,6 @@ from lightning_dissect.workers import default_workers, ordered_chunks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CACHE_ENV = "LIGHTNING_DISSECT_CACHE"
 DEVICE_BUDGET_BYTES = 2**30
 MEMORY_PROBE_BYTES = 2**30
 # Part of the fingerprint that results record: it names the selection rule, not the cache format
@@ -81,14 +81,6 @@ _LABELS = ("label_maps", "image_labels", "category_present", "image_level_presen
 _warned: set[str] = set()
 
 T = TypeVar("T")
-
-
-def cache_root() -> Path:
-    """The cache directory: `$LIGHTNING_DISSECT_CACHE`, else `~/.cache/lightning_dissect`."""
-    configured = os.environ.get(CACHE_ENV)
-    if configured:
-        return Path(configured).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightning_dissect"
 
 
 class ImageTransform:

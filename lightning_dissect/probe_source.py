@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from lightning_dissect.broden import Broden, BrodenError, download_broden
+from lightning_dissect.cache import cache_root
 from lightning_dissect.concept_source import ConceptDataset
 from lightning_dissect.engine.errors import DissectionError
-from lightning_dissect.probe import ImageTransform, ProbeSet, cache_root
+from lightning_dissect.probe import ImageTransform, ProbeSet
 from lightning_dissect.progress import show_progress
 
 BRODEN_ENV = "LIGHTNING_DISSECT_BRODEN"

@@ -65,6 +65,7 @@ from PIL import Image
 
 from lightning_dissect.broden import Broden
 from lightning_dissect.broden_writer import write_broden
+from lightning_dissect.cache import cache_root
 from lightning_dissect.concept_source import ConceptDataset
 
 __all__ = [
@@ -737,11 +738,7 @@ def _move_into_place(staging: Path, root: Path, parameters: dict[str, object]) -
 
 
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("LIGHTNING_DISSECT_CACHE"):
-        return Path(os.environ["LIGHTNING_DISSECT_CACHE"]).expanduser()
-    return Path.home() / ".cache" / "lightning_dissect"
+    return Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
 
 
 SECONDS_PER_IMAGE = 2.5e-3
@@ -778,8 +775,8 @@ def synthetic_broden_path(
         num_images: As for :func:`make_synthetic_broden`.
         image_size: As for :func:`make_synthetic_broden`.
         seed: As for :func:`make_synthetic_broden`.
-        cache_dir: The cache root; default ``$LIGHTNING_DISSECT_CACHE`` or
-            ``~/.cache/lightning_dissect``.
+        cache_dir: The cache root; default ``lightning_dissect.cache.cache_root()``
+            (``$LIGHTNING_DISSECT_CACHE``, else ``~/.cache/lightning_dissect``).
         workers: As for :func:`make_synthetic_broden`.
         info: Told, before the dataset is generated (not when it is reused), what is generated,
             where, and about how long it takes (:func:`estimated_seconds`).

@@ -340,7 +340,7 @@ def test_stated_layouts_for_precomputed_activations(probe):
 
 @pytest.mark.parametrize("layouts,message", [
     ({"norm": "CHW"}, r"layouts\['norm'\]='CHW' must be one of \['NCHW', 'NHWC', 'NLC'\]"),
-    (["norm"], r"layouts=\['norm'\] must be a dict of layer name -> 'NCHW' or 'NHWC'"),
+    (["norm"], r"layouts=\['norm'\] must be a dict of layer name -> 'NCHW' or 'NHWC' .*e.g. layouts=\{'features.7'"),
 ])
 def test_bad_layouts_are_refused_naming_the_argument(probe, layouts, message):
     with pytest.raises(ValueError, match=message):
@@ -366,6 +366,14 @@ def test_strips_read_the_layer_with_the_recorded_layout(probe):
     for unit in (0, 5):
         assert from_model[unit].masks.any()
         assert (from_model[unit].masks == from_reference[unit].masks).all()
+    # The media hook and the HTML report read the recorded layout from the settings, for the model and
+    # for raw activations alike.
+    from lightning_dissect.report.media import strip_media
+
+    drawn = strip_media(model, probe, result, 2, num_images=2)
+    raw = strip_media(None, probe, result, 2, num_images=2, activations={"norm": hooked_output(model, probe, "norm")})
+    assert drawn.keys() == raw.keys() and len(drawn) == 2
+    assert all((drawn[tag] == raw[tag]).all() for tag in drawn)
 
 
 # ---------------------------------------------------------------------- token grids

@@ -50,4 +50,5 @@ def test_the_dissect_command_writes_no_progress_bar_into_a_redirected_log(tmp_pa
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stdout + done.stderr
     assert "decode probe" not in done.stderr and "dissect:" not in done.stderr
-    assert done.stdout.splitlines()[-1].startswith("written: ")
+    lines = done.stdout.splitlines()  # what it wrote, and nothing after it
+    assert lines[-2].startswith("written: ") and lines[-1].startswith("HTML report: ")

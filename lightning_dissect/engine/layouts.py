@@ -103,7 +103,7 @@ def validate_layouts(layouts: Any, argument: str = "layouts") -> dict[str, Layou
         return {}
     if not isinstance(layouts, Mapping) or not all(isinstance(name, str) and name for name in layouts):
         raise ValueError(f"{argument}={layouts!r} must be a dict of layer name -> 'NCHW' or 'NHWC' (or 'NLC' for "
-                         "tokens), e.g. {argument}={{'features.7': 'NHWC'}}".replace("{argument}", argument))
+                         f"tokens), e.g. {argument}={{'features.7': 'NHWC'}}")
     for name, value in layouts.items():
         if value not in LAYOUTS:
             raise ValueError(f"{argument}[{name!r}]={value!r} must be one of {list(LAYOUTS)}: 'NCHW' for (N, K, h, w) "
@@ -326,8 +326,9 @@ def decide_grid(layer: str, tokens: int, stated: Grid | None, prefix_tokens: int
         if len(fitting) == 1:
             return fitting[0], tokens - fitting[0][0] * fitting[0][1]
         which = "none of" if not fitting else "several of"
+        rests = ", ".join(f"{grid} leaves {tokens - grid[0] * grid[1]}" for grid in from_model)
         raise DissectionError(f"layer {layer!r} has {tokens} tokens, and {which} the model's patch grids "
-                              f"{list(from_model)}{given} explain them; {how}")
+                              f"{list(from_model)}{given} explain them (leading tokens: {rests}); {how}")
     if input_size is None or input_size[0] != input_size[1]:
         size = f"{input_size[0]}x{input_size[1]}" if input_size is not None else "an unknown-size"
         raise DissectionError(f"layer {layer!r} has {tokens} tokens for {size} input, and neither the model nor an "
@@ -374,6 +375,7 @@ def decide_output_layout(layer: str, shape: tuple[int, ...], *, module: nn.Modul
     if positions < 2:
         raise DissectionError(
             f"layer {layer!r} output has shape {shape}: a single spatial position, nothing to segment (every unit "
-            "would fire on whole images). Choose a layer before global pooling, e.g. the block before 'avgpool'."
+            "would fire on whole images). Choose a layer before global pooling (for a ResNet 'layer4', not "
+            "'avgpool')."
         )
     return result

@@ -314,7 +314,7 @@ def test_report_of_a_path_that_does_not_exist_says_so_in_one_line(tmp_path, caps
     assert error == f"lightning-dissect report: error: RUN_DIR {tmp_path / 'nowhere'} does not exist\n"
 
 
-# ------------------------------------------------------------------------------------------------ dissect: the classic job
+# ---------------------------------------------------------------------------------------- dissect: the classic job
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,7 @@ def test_a_dissection_is_bit_identical_streamed_kept_on_the_device_and_in_memory
         keep_on_every_device(patched)
         results["kept whole, indexed"] = ld.dissect(net, probes["kept"], LAYERS, **options)
     assert results["in memory"].settings["activations_cached"] == (budget == "all")
-    for name, result in results.items():
+    for result in results.values():
         assert_same(result, results["in memory"])
     # ... and they are the numbers of the definition (SEMANTICS §2 to §4), computed the slow way.
     activations = captured(net, probes["in memory"])
@@ -239,3 +239,19 @@ def test_streamed_and_kept_dissections_agree_on_every_device(probes, device):
     if device != "cpu":
         assert probes["kept"].kept_on(device) and not probes["streamed"].kept_on(device)
         probes["kept"].release()
+
+
+@pytest.mark.parametrize("denominator", ["paper", "lite", "global"])
+def test_the_tally_in_groups_of_images_and_chunks_of_mask_pixels_counts_what_the_whole_batch_counts(
+        probes, monkeypatch, denominator):
+    from lightning_dissect.engine import tally
+
+    net = model()
+    options = dict(quantile=0.05, batch_size=6, denominator=denominator)
+    monkeypatch.setattr(tally, "MASK_IMAGES", 1000)
+    monkeypatch.setattr(tally, "MASK_PIXEL_CHUNK", 2**40)
+    whole = ld.dissect(net, probes["in memory"], LAYERS, **options)
+    assert whole["stem"].intersection.sum() > 0
+    monkeypatch.setattr(tally, "MASK_IMAGES", 4)  # batches of 6: groups of 4 and 2
+    monkeypatch.setattr(tally, "MASK_PIXEL_CHUNK", 7)
+    assert_same(ld.dissect(net, probes["streamed"], LAYERS, **options), whole)

@@ -56,7 +56,15 @@ import torch
 from torch import nn
 
 import lightning_dissect as ld
-from benchmarks.common import ResNet18Shaped, machine, print_table, repository_root, synchronize, synthetic_probe
+from benchmarks.common import (
+    ResNet18Shaped,
+    forward_seconds,
+    machine,
+    print_table,
+    repository_root,
+    synchronize,
+    synthetic_probe,
+)
 from lightning_dissect.engine.dissect import DEFAULT_ACTIVATION_CACHE_BYTES
 from lightning_dissect.engine.thresholds import top_count
 from lightning_dissect.synthetic import synthetic_broden_path
@@ -170,26 +178,15 @@ def measure_dissect(config: dict) -> dict:
             "top_bytes": _top_bytes(len(probe)), "n": len(probe)}
 
 
-def forward_pass(model: nn.Module, probe: ld.ProbeSet, batch_size: int, device: torch.device) -> float:
-    """Seconds of a plain forward pass over the probe, read from its cache as a dissection reads it."""
-    batches = [list(range(start, min(start + batch_size, len(probe)))) for start in range(0, len(probe), batch_size)]
-    started = time.perf_counter()
-    with torch.no_grad():
-        for batch in probe.stream(batches, device, labels=False):
-            model(batch.inputs)
-    synchronize(device)
-    return time.perf_counter() - started
-
-
 def measure_time(config: dict) -> dict:
     """`ld.dissect` against a plain forward pass over the same probe, interleaved, best of `repeats`."""
     device = torch.device(config["device"])
     probe = ld.ProbeSet(ld.Broden(config["root"]), cache_dir=config["probe_cache"])
     model = (ResNet18Shaped() if config["time_model"] == "resnet18" else StandIn()).to(device).eval()
-    forward_pass(model, probe.subset(min(len(probe), 128)), 64, device)  # warm-up
+    forward_seconds(model, probe.subset(min(len(probe), 128)), 64, device)  # warm-up
     forwards, dissections, cached = [], [], True
     for _ in range(config["repeats"]):
-        forwards.append(forward_pass(model, probe, 64, device))
+        forwards.append(forward_seconds(model, probe, 64, device))
         started = time.perf_counter()
         result = ld.dissect(model, probe, list(PROBE_LAYERS), batch_size=64, device=device)
         synchronize(device)

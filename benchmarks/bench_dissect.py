@@ -8,7 +8,8 @@ synthetic dataset at 224 (segmentations 112 x 112), batch size 64, on a warm, de
 
     python -m benchmarks.bench_dissect            # 512 images, baseline on 64 (about 8 minutes on 2 cores)
     python -m benchmarks.bench_dissect --quick    # 128 images, baseline on 32
-    python -m benchmarks.bench_dissect --device cuda
+    python -m benchmarks.bench_dissect --device cuda                 # the probe streamed to the GPU
+    python -m benchmarks.bench_dissect --device cuda --keep-probe    # the probe kept whole on the GPU
 
 Prints markdown tables (docs/performance.md quotes them) and the profile of one `ld.dissect`.
 """
@@ -24,7 +25,7 @@ import time
 import torch
 
 import lightning_dissect as ld
-from benchmarks.common import ResNet18Shaped, machine, print_table, synchronize, synthetic_probe
+from benchmarks.common import ResNet18Shaped, machine, print_table, probe_batches, synchronize, synthetic_probe
 from lightning_dissect.engine.capture import resolve_layers
 from lightning_dissect.engine.reference import reference_path
 from tests.dense import dense_tally, dense_thresholds
@@ -44,10 +45,10 @@ def timed_forward(model: torch.nn.Module, probe: ld.ProbeSet, batch_size: int, d
     hooks = [modules[name].register_forward_hook(lambda module, inputs, output, name=name:
                                                  captured[name].append(output)) for name in LAYERS]
 
-    def forward() -> None:
+    def forward() -> None:  # the probe read as ld.dissect reads it: streamed, or from the copy kept on the device
         with torch.no_grad():
-            for start in range(0, len(probe), batch_size):
-                model(probe.model_input(range(start, min(start + batch_size, len(probe))), device))
+            for batch in probe.stream(probe_batches(probe, batch_size), device, labels=False):
+                model(batch.inputs)
         synchronize(device)
 
     try:
@@ -75,7 +76,7 @@ def profile_table(profile: cProfile.Profile, total: float) -> list[list[object]]
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
     parts = {
         "model forward (LayerCapture.run)": ("capture.py", "run"),
-        "input transform (ProbeSet.model_input)": ("probe.py", "model_input"),
+        "probe batches: input transform (ProbeSet.stream)": ("probe.py", "_batch"),
         "threshold state (ActivationThresholds.update)": ("thresholds.py", "update"),
         "top images (TopImages.update)": ("top_images.py", "update"),
         "masks: tiles near thresholds (mask_pixels)": ("masks.py", "mask_pixels"),
@@ -102,6 +103,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="forward/dissect pairs (default 3, quick 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--cache-dir", default=None, help="where the synthetic dataset is generated and cached")
+    parser.add_argument("--keep-probe", action="store_true",
+                        help="keep the probe whole on an accelerator (its default within device_budget_bytes) instead "
+                             "of streaming it batch by batch from the cache; on the CPU the probe is always streamed")
     args = parser.parse_args()
     images = args.images or (128 if args.quick else 512)
     baseline_images = args.baseline_images or (32 if args.quick else 64)
@@ -112,10 +116,15 @@ def main() -> None:
 
     print(f"machine: {machine()}")
     print(f"load average before: {os.getloadavg()[0]:.2f}")
-    probe = synthetic_probe(images, 224, cache_dir=args.cache_dir)
-    probe.tensors(device)
+    # Streamed unless asked otherwise: device_budget_bytes=0 reads every batch from the cache (pinned,
+    # non_blocking, the next batch read ahead); with --keep-probe an accelerator holds the whole probe.
+    probe = synthetic_probe(images, 224, cache_dir=args.cache_dir,
+                            device_budget_bytes=2**62 if args.keep_probe else 0)
+    if probe.kept_on(device):
+        probe.tensors(device)  # copied once, before anything is timed
     model = ResNet18Shaped().to(device).eval()
-    print(f"probe: {len(probe)} synthetic images at 224, segmentation {probe.segmentation_size}; "
+    print(f"probe: {len(probe)} synthetic images at 224, segmentation {probe.segmentation_size}, "
+          f"{'kept whole on the device' if probe.kept_on(device) else 'streamed from the cache batch by batch'}; "
           f"model: ResNet-18-shaped, random weights; layers {LAYERS}; batch size {args.batch_size}; device {device}")
     with torch.no_grad():  # warm-up: allocator and kernels
         model(probe.model_input(range(min(args.batch_size, len(probe))), device))

@@ -12,15 +12,28 @@ are the synthetic dataset at 64 x 64 (segmentation 32 x 32), so generating 8192 
     python -m benchmarks.bench_memory            # N = 512, 2048, 8192 (about 10 minutes the first time)
     python -m benchmarks.bench_memory --quick    # N = 512, 2048
 
-The probe sweep (`--probe`) measures the probe itself on the synthetic dataset at 224 x 224 (segmentation
-112 x 112, Broden's), N = 500, 3000, 10000 and 63305 (the released Broden's size): each step in a fresh
-process, its peak resident memory above what the process held before the step (Python, torch and the
-parsed csv files), and for decoding also the largest worker process's peak (`getrusage(RUSAGE_CHILDREN)`).
-Each step is one entry of `PROBE_STEPS`: a function measured in a child process and the columns it adds to
-the table, run in order for each N on the probe cache the first step writes.
+The probe sweep (`--probe`) measures the probe itself, and a dissection streamed from it, on the synthetic
+dataset at 224 x 224 (segmentation 112 x 112, Broden's), N = 500, 3000 and 10000 (`--full` adds 63305, the
+released Broden's size): each step in a fresh process, on the probe cache the first step writes, its peak
+resident memory above what the process held before the step (Python, torch and the parsed csv files), and
+for decoding also the largest worker process's peak (`getrusage(RUSAGE_CHILDREN)`). The steps
+(`PROBE_STEPS`, a function measured in a child process and the columns it adds):
 
-    python -m benchmarks.bench_memory --probe --sizes 500 3000 10000 63305   # about 1 hour the first time
-    python -m benchmarks.bench_memory --probe --library OLD_CHECKOUT         # the same for another version
+- `decode`: decode into an empty cache folder (the first use of a probe);
+- `load`: open the cached probe (every later use);
+- `dissect`: `ld.dissect` of the stand-in's `layer3` and `layer4` with `activation_cache_bytes=0` (memory
+  bounded by the threshold state), the probe read batch by batch from the cache;
+- `time`: `ld.dissect` of a ResNet-18-shaped CNN (`--time-model`) against a plain `torch.no_grad()` forward
+  pass over the same probe read from the same cache (`ProbeSet.stream`, as the dissection reads it),
+  interleaved, best of `--repeats`; the default activation budget (2 GiB: what does not fit is run again).
+
+Between two sizes the tables give the memory each peak adds per added image, against the bytes the
+top-k threshold state adds per image (the one part of a dissection that must grow with N).
+
+    python -m benchmarks.bench_memory --probe --cache-dir DIR            # N = 500, 3000, 10000 (about 1 hour)
+    python -m benchmarks.bench_memory --probe --full                     # and 63305 (hours the first time)
+    python -m benchmarks.bench_memory --probe --steps decode load dissect # memory only (minutes)
+    python -m benchmarks.bench_memory --probe --library OLD_CHECKOUT --steps decode load   # another version
 """
 
 from __future__ import annotations
@@ -43,7 +56,15 @@ import torch
 from torch import nn
 
 import lightning_dissect as ld
-from benchmarks.common import machine, print_table, repository_root, synthetic_probe
+from benchmarks.common import (
+    ResNet18Shaped,
+    forward_seconds,
+    machine,
+    print_table,
+    repository_root,
+    synchronize,
+    synthetic_probe,
+)
 from lightning_dissect.engine.dissect import DEFAULT_ACTIVATION_CACHE_BYTES
 from lightning_dissect.engine.thresholds import top_count
 from lightning_dissect.synthetic import synthetic_broden_path
@@ -135,6 +156,46 @@ def measure_load(config: dict) -> dict:
             "load_seconds": seconds}
 
 
+PROBE_LAYERS = {"layer3": (256, 14, 14), "layer4": (512, 7, 7)}  # at 224 x 224 input, both models
+
+
+def _top_bytes(n: int) -> int:
+    """Bytes of the top-k threshold state of `PROBE_LAYERS` over `n` images (float32 values)."""
+    return sum(k * top_count(n * h * w, 0.005) * 4 for k, h, w in PROBE_LAYERS.values())
+
+
+def measure_dissect(config: dict) -> dict:
+    """`ld.dissect` with memory bounded by the threshold state, the probe streamed from the cache."""
+    probe = ld.ProbeSet(ld.Broden(config["root"]), cache_dir=config["probe_cache"])
+    model = StandIn().eval()
+    with torch.no_grad():  # allocator pools and kernels warm, as they are for a second dissection
+        model(probe.model_input(range(64), "cpu"))
+    before = _reset_peak()
+    started = time.perf_counter()
+    ld.dissect(model, probe, list(PROBE_LAYERS), batch_size=64, activation_cache_bytes=0)
+    seconds = time.perf_counter() - started
+    return {"dissect_extra": _status("VmHWM") - before, "dissect_seconds": seconds,
+            "top_bytes": _top_bytes(len(probe)), "n": len(probe)}
+
+
+def measure_time(config: dict) -> dict:
+    """`ld.dissect` against a plain forward pass over the same probe, interleaved, best of `repeats`."""
+    device = torch.device(config["device"])
+    probe = ld.ProbeSet(ld.Broden(config["root"]), cache_dir=config["probe_cache"])
+    model = (ResNet18Shaped() if config["time_model"] == "resnet18" else StandIn()).to(device).eval()
+    forward_seconds(model, probe.subset(min(len(probe), 128)), 64, device)  # warm-up
+    forwards, dissections, cached = [], [], True
+    for _ in range(config["repeats"]):
+        forwards.append(forward_seconds(model, probe, 64, device))
+        started = time.perf_counter()
+        result = ld.dissect(model, probe, list(PROBE_LAYERS), batch_size=64, device=device)
+        synchronize(device)
+        dissections.append(time.perf_counter() - started)
+        cached = result.settings["activations_cached"]
+    return {"forward_seconds": min(forwards), "dissect_time_seconds": min(dissections), "all_cached": cached,
+            "forwards": forwards, "dissections": dissections}
+
+
 @dataclass(frozen=True)
 class ProbeStep:
     """One measurement of the probe sweep: run in a fresh process per N; `columns` read its result."""
@@ -162,39 +223,78 @@ PROBE_STEPS: dict[str, ProbeStep] = {
         "load s": lambda m: f"{m['load_seconds']:.3f}",
         "load peak extra MiB": lambda m: _mib(m["load_extra"]),
     }),
+    "dissect": ProbeStep(measure_dissect, {
+        "dissect s": lambda m: f"{m['dissect_seconds']:.0f}",
+        "dissect peak extra MiB": lambda m: _mib(m["dissect_extra"]),
+        "top-k state MiB": lambda m: f"{m['top_bytes'] / 2**20:.1f}",
+    }),
+    "time": ProbeStep(measure_time, {
+        "forward s": lambda m: f"{m['forward_seconds']:.1f}",
+        "dissect (timed) s": lambda m: f"{m['dissect_time_seconds']:.1f}",
+        "x forward": lambda m: f"{m['dissect_time_seconds'] / m['forward_seconds']:.3f}",
+        "activations kept": lambda m: "all" if m["all_cached"] else "part",
+    }),
 }
 
+# Peaks whose growth per added image the sweep prints, against the top-k state's.
+GROWING_PEAKS = {"decode": "decode_extra", "load": "load_extra", "dissect": "dissect_extra"}
 
-def probe_sweep(sizes: list[int], cache_dir: str | None, library: str | None) -> None:
+
+def probe_sweep(sizes: list[int], cache_dir: str | None, library: str | None, steps: list[str],
+                extra: dict) -> None:
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [path for path in (library, str(repository_root()), os.environ.get("PYTHONPATH")) if path]))
+    # As for target 3: a fixed mmap threshold keeps freed batch buffers out of the resident size.
+    environment["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")
+    steps = ["decode"] + [name for name in steps if name != "decode"]  # the others read its cache
     print(f"machine: {machine()}")
+    print(f"load average before: {' '.join(f'{value:.2f}' for value in os.getloadavg())}")
     if library:
         print(f"library measured: {library}")
-    rows = []
+    rows, all_measured = [], []
     for n in sizes:
         started = time.perf_counter()
         root = synthetic_broden_path(num_images=n, image_size=PROBE_IMAGE_SIZE, cache_dir=cache_dir,
                                      workers=os.cpu_count() or 1)
         print(f"dataset of {n} images ready in {time.perf_counter() - started:.0f} s", flush=True)
         probe_cache = Path(tempfile.mkdtemp(prefix="bench-probe-", dir=root.parent))
-        measured: dict = {}
+        measured: dict = {"n": n}
         try:
-            for name in PROBE_STEPS:
-                config = {"root": str(root), "probe_cache": str(probe_cache)}
+            for name in steps:
+                config = dict(extra, root=str(root), probe_cache=str(probe_cache))
                 command = [sys.executable, "-m", "benchmarks.bench_memory", "--probe-step", name, "--child",
                            json.dumps(config)]
                 # cwd: `python -m` puts the working folder first on sys.path, before PYTHONPATH.
                 output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment,
                                         cwd=library)
                 measured.update(json.loads(output.stdout.strip().splitlines()[-1]))
-                print(f"  {name}: done", file=sys.stderr, flush=True)
+                print(f"  {name}: done ({os.getloadavg()[0]:.2f} load)", file=sys.stderr, flush=True)
         finally:
             shutil.rmtree(probe_cache, ignore_errors=True)
-        rows.append([n] + [show(measured) for step in PROBE_STEPS.values() for show in step.columns.values()])
-    print(f"\n### Probe memory: decoding and loading (synthetic at {PROBE_IMAGE_SIZE} x {PROBE_IMAGE_SIZE}, "
-          f"segmentation {PROBE_IMAGE_SIZE // 2} x {PROBE_IMAGE_SIZE // 2}, each step in a fresh process)\n")
-    print_table(["N"] + [header for step in PROBE_STEPS.values() for header in step.columns], rows)
+        all_measured.append(measured)
+        rows.append([n] + [show(measured) for step in steps for show in PROBE_STEPS[step].columns.values()])
+    print(f"load average after: {' '.join(f'{value:.2f}' for value in os.getloadavg())}")
+    print(f"\n### Probe sweep: decoding, loading, dissecting (synthetic at {PROBE_IMAGE_SIZE} x {PROBE_IMAGE_SIZE}, "
+          f"segmentation {PROBE_IMAGE_SIZE // 2} x {PROBE_IMAGE_SIZE // 2}, each step in a fresh process; dissect: "
+          f"layer3 + layer4 of the stand-in, activation_cache_bytes=0; time: {extra['time_model']}, best of "
+          f"{extra['repeats']}, interleaved)\n")
+    print_table(["N"] + [header for step in steps for header in PROBE_STEPS[step].columns], rows)
+    growing = [step for step in steps if step in GROWING_PEAKS]
+    if len(all_measured) > 1 and growing:
+        growth = []
+        for previous, current in zip(all_measured, all_measured[1:]):
+            added = current["n"] - previous["n"]
+            row: list[object] = [f"{previous['n']} -> {current['n']}"]
+            row += [f"{(current[GROWING_PEAKS[step]] - previous[GROWING_PEAKS[step]]) / added / 1024:.2f}"
+                    for step in growing]
+            row.append(f"{(_top_bytes(current['n']) - _top_bytes(previous['n'])) / added / 1024:.2f}")
+            growth.append(row)
+        print("\n### Peak memory added per added image (KiB), against the top-k state's\n")
+        print_table(["N"] + [f"{step} KiB / image" for step in growing] + ["top-k state KiB / image"], growth)
+    if "time" in steps:
+        print("\nall timings (forward, dissect), seconds: " + "; ".join(
+            f"N={m['n']}: {[round(t, 1) for t in m['forwards']]}, {[round(t, 1) for t in m['dissections']]}"
+            for m in all_measured))
 
 
 def main() -> None:
@@ -205,6 +305,13 @@ def main() -> None:
     parser.add_argument("--probe", action="store_true", help="the probe sweep (decoding and loading) instead")
     parser.add_argument("--library", default=None, help="with --probe: measure the lightning_dissect package in "
                                                           "this folder (e.g. an older checkout)")
+    parser.add_argument("--full", action="store_true", help="with --probe: also N = 63305, the released Broden's size")
+    parser.add_argument("--steps", nargs="+", choices=list(PROBE_STEPS), default=list(PROBE_STEPS),
+                        help="with --probe: the steps to run (decode always runs: the others read its cache)")
+    parser.add_argument("--repeats", type=int, default=3, help="with --probe: forward/dissect pairs of the time step")
+    parser.add_argument("--time-model", choices=["resnet18", "standin"], default="resnet18",
+                        help="with --probe: the model of the time step")
+    parser.add_argument("--device", default="cpu", help="with --probe: where the time step runs")
     parser.add_argument("--probe-step", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -214,7 +321,9 @@ def main() -> None:
         print(json.dumps(measure(config)))
         return
     if args.probe:
-        probe_sweep(args.sizes or [500, 3000, 10000, 63305], args.cache_dir, args.library)
+        sizes = args.sizes or [500, 3000, 10000] + ([63305] if args.full else [])
+        probe_sweep(sizes, args.cache_dir, args.library, args.steps,
+                    {"repeats": args.repeats, "time_model": args.time_model, "device": args.device})
         return
     sizes = args.sizes or ([512, 2048] if args.quick else [512, 2048, 8192])
     print(f"machine: {machine()}")

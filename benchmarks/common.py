@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import lightning_dissect as ld
+from lightning_dissect.probe import DEVICE_BUDGET_BYTES
 from lightning_dissect.synthetic import synthetic_broden_path
 
 
@@ -69,21 +70,27 @@ class ResNet18Shaped(nn.Module):
 
 
 def synthetic_probe(num_images: int, image_size: int = 224, cache_dir: str | os.PathLike | None = None,
-                    workers: int | None = None) -> ld.ProbeSet:
-    """A probe set of a whole cached synthetic dataset (generated and decoded on first use)."""
+                    workers: int | None = None, device_budget_bytes: int = DEVICE_BUDGET_BYTES) -> ld.ProbeSet:
+    """A probe set of a whole cached synthetic dataset (generated and decoded on first use);
+    `device_budget_bytes=0` streams it to an accelerator batch by batch (as on the CPU)."""
     root = synthetic_broden_path(num_images=num_images, image_size=image_size, cache_dir=cache_dir,
                                  workers=workers or os.cpu_count() or 1)
-    return ld.ProbeSet(root)
+    return ld.ProbeSet(root, device_budget_bytes=device_budget_bytes)
+
+
+def probe_batches(probe: ld.ProbeSet, batch_size: int) -> list[list[int]]:
+    """The probe's positions in batches, in order, as `ld.dissect` reads them."""
+    return [list(range(start, min(start + batch_size, len(probe)))) for start in range(0, len(probe), batch_size)]
 
 
 def forward_seconds(model: nn.Module, probe: ld.ProbeSet, batch_size: int, device: torch.device) -> float:
-    """Wall time of a plain `torch.no_grad()` forward pass of `model` over the probe set."""
+    """Wall time of a plain `torch.no_grad()` forward pass of `model` over the probe set, read as a
+    dissection reads it (`ProbeSet.stream`: from the cache, or from a copy kept on the device)."""
     model.eval()
-    probe.tensors(device)
     started = time.perf_counter()
     with torch.no_grad():
-        for start in range(0, len(probe), batch_size):
-            model(probe.model_input(range(start, min(start + batch_size, len(probe))), device))
+        for batch in probe.stream(probe_batches(probe, batch_size), device, labels=False):
+            model(batch.inputs)
     synchronize(device)
     return time.perf_counter() - started
 

@@ -452,6 +452,58 @@ def test_loading_a_large_cached_probe_keeps_peak_memory_flat(large_dataset, tmp_
     assert measured["loaded"] < measured["bytes"] / 20  # ...and loading uses next to none
 
 
+PEAK_OF_DISSECTION = """
+import gc, json, sys
+import torch
+import lightning_dissect as ld
+from lightning_dissect.probe import ProbeSet
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+root, cache, size, path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+if path == "whole":  # the probe indexed whole on the CPU: what the engine read before it streamed
+    ProbeSet.kept_on = lambda self, device: True
+broden = ld.Broden(root)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4, padding=1), torch.nn.ReLU())
+options = dict(quantile=0.01, batch_size=50, activation_cache_bytes=0)
+ld.dissect(model, ld.ProbeSet(broden, size=50, cache_dir=cache), ["0"], **options)  # code, pools, kernel probes
+probe = ld.ProbeSet(broden, size=size, cache_dir=cache)
+gc.collect()
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # VmHWM := VmRSS
+ld.dissect(model, probe, ["0"], **options)
+print(json.dumps({"peak": status("VmHWM") - before, "bytes": probe.nbytes}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_the_peak_memory_of_a_dissection_does_not_grow_with_the_probe(large_dataset, tmp_path):
+    """A dissection bounded by the threshold state (activation_cache_bytes=0) on 200 and on 2000 images of
+    48 px: the peak above the loaded probe is the same (one batch), where indexing the mapped probe whole
+    (the engine before it streamed) grows with it by the probe's bytes."""
+    for size in (50, 200, None):
+        ld.ProbeSet(large_dataset, size=size, cache_dir=tmp_path / "cache")
+    environment = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+                       MALLOC_MMAP_THRESHOLD_="131072")  # freed batch buffers leave the resident set
+
+    def measure(size: int, path: str) -> dict:
+        output = subprocess.run([sys.executable, "-c", PEAK_OF_DISSECTION, str(large_dataset), str(tmp_path / "cache"),
+                                 str(size), path], env=environment, capture_output=True, text=True, check=True)
+        return json.loads(output.stdout)
+
+    small, large = measure(200, "streamed"), measure(2000, "streamed")
+    whole = measure(2000, "whole")
+    added = large["bytes"] - small["bytes"]
+    assert added > 15 * 2**20
+    assert whole["peak"] - small["peak"] > 0.5 * added  # the measurement sees a probe read whole...
+    assert large["peak"] - small["peak"] < added / 10  # ...and a dissection holds none of it (measured: 1/18)
+
+
 # ---------------------------------------------------------------------- per-batch reads and streaming
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),

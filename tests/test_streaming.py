@@ -239,3 +239,19 @@ def test_streamed_and_kept_dissections_agree_on_every_device(probes, device):
     if device != "cpu":
         assert probes["kept"].kept_on(device) and not probes["streamed"].kept_on(device)
         probes["kept"].release()
+
+
+@pytest.mark.parametrize("denominator", ["paper", "lite", "global"])
+def test_the_tally_in_groups_of_images_and_chunks_of_mask_pixels_counts_what_the_whole_batch_counts(
+        probes, monkeypatch, denominator):
+    from lightning_dissect.engine import tally
+
+    net = model()
+    options = dict(quantile=0.05, batch_size=6, denominator=denominator)
+    monkeypatch.setattr(tally, "MASK_IMAGES", 1000)
+    monkeypatch.setattr(tally, "MASK_PIXEL_CHUNK", 2**40)
+    whole = ld.dissect(net, probes["in memory"], LAYERS, **options)
+    assert whole["stem"].intersection.sum() > 0
+    monkeypatch.setattr(tally, "MASK_IMAGES", 4)  # batches of 6: groups of 4 and 2
+    monkeypatch.setattr(tally, "MASK_PIXEL_CHUNK", 7)
+    assert_same(ld.dissect(net, probes["streamed"], LAYERS, **options), whole)

@@ -22,6 +22,8 @@ Denominator = Literal["paper", "lite", "global"]
 pixels in images where category k is present), "lite" (NetDissect-Lite's: only where the mask
 touches a label of category k, or the image has an image-level one) or "global" (every image)."""
 DENOMINATORS: tuple[Denominator, ...] = get_args(Denominator)
+MASK_PIXEL_CHUNK = 2**18
+MASK_IMAGES = 16
 
 
 def count_masks(maps: torch.Tensor, pixels: torch.Tensor, label_maps: torch.Tensor, image_labels: torch.Tensor,
@@ -47,12 +49,25 @@ def count_masks(maps: torch.Tensor, pixels: torch.Tensor, label_maps: torch.Tens
     batch, num_maps = label_maps.shape[0], label_maps.shape[1]
     units, num_labels = num_units, label_category.shape[0]
     pixel_count = label_maps.shape[-2] * label_maps.shape[-1]
-    image, unit = maps // units, maps % units
     area = torch.bincount(maps, minlength=batch * units).view(batch, units)
-    # (mask pixels, M): the M label maps at each mask pixel, gathered without reordering the batch.
-    labels = label_maps.reshape(batch, num_maps, pixel_count)[image, :, pixels].long()
-    hit = labels > 0
-    intersection = torch.bincount((unit.unsqueeze(1) * num_labels + labels)[hit], minlength=units * num_labels)
+    flat_labels = label_maps.reshape(batch, num_maps, pixel_count)
+    intersection = torch.zeros(units * num_labels, dtype=torch.long, device=maps.device)
+    touched = torch.zeros(batch * units * num_categories, dtype=torch.bool, device=maps.device)
+    # The mask pixels in chunks: the per-pixel labels below take about 20 * M bytes a pixel, and a batch's
+    # mask pixels are many more in its worst batch than in a typical one (the worst of more batches is
+    # worse): in chunks the memory is bounded whatever the probe's size. The sums are exact either way.
+    for start in range(0, maps.shape[0], MASK_PIXEL_CHUNK):
+        chunk_maps, chunk_pixels = maps[start : start + MASK_PIXEL_CHUNK], pixels[start : start + MASK_PIXEL_CHUNK]
+        unit = chunk_maps % units
+        # (mask pixels, M): the M label maps at each mask pixel, gathered without reordering the batch.
+        labels = flat_labels[chunk_maps // units, :, chunk_pixels].long()
+        hit = labels > 0
+        intersection += torch.bincount((unit.unsqueeze(1) * num_labels + labels)[hit], minlength=units * num_labels)
+        if denominator == "lite":
+            # lite: the mask must touch a pixel label of the category, or the image carry one image-level.
+            category = label_category[labels]
+            touched_at = (chunk_maps.unsqueeze(1) * num_categories + category)[category >= 0]
+            touched |= torch.bincount(touched_at, minlength=batch * units * num_categories) > 0
     # An image-level label covers every pixel: the whole mask intersects it (padding 0 adds 0).
     image_level = image_labels.long().unsqueeze(1)  # (B, 1, L)
     cells = torch.arange(units, device=maps.device).view(1, units, 1) * num_labels + image_level
@@ -62,11 +77,7 @@ def count_masks(maps: torch.Tensor, pixels: torch.Tensor, label_maps: torch.Tens
     elif denominator == "global":
         counted = torch.ones(batch, units, num_categories, dtype=torch.bool, device=maps.device)
     else:
-        # lite: the mask must touch a pixel label of the category, or the image carry one image-level.
-        category = label_category[labels]
-        touched = (maps.unsqueeze(1) * num_categories + category)[category >= 0]
-        counted = torch.bincount(touched, minlength=batch * units * num_categories) > 0
-        counted = counted.view(batch, units, num_categories) | image_level_present.unsqueeze(1)
+        counted = touched.view(batch, units, num_categories) | image_level_present.unsqueeze(1)
     return intersection.view(units, num_labels), (area.unsqueeze(2) * counted).sum(0)
 
 
@@ -136,12 +147,18 @@ class IoUTally(Metric):
                 image-level labels (lite rule).
         """
         size = (label_maps.shape[-2], label_maps.shape[-1])
-        maps, pixels = mask_pixels(activations, self.thresholds, size)
-        intersection, unit_area = count_masks(maps, pixels, label_maps, image_labels, present, image_level_present,
-                                              self.label_category, self.num_units, self.num_categories,
-                                              self.denominator)
-        self.intersection += intersection
-        self.unit_area += unit_area
+        # A few images at a time: the mask pixels of a group are far fewer than of a batch, and the worst
+        # group of a larger probe set is little worse than a typical one, so memory stays flat as the
+        # probe grows. The sums are exact either way.
+        for start in range(0, activations.shape[0], MASK_IMAGES):
+            end = start + MASK_IMAGES
+            maps, pixels = mask_pixels(activations[start:end], self.thresholds, size)
+            intersection, unit_area = count_masks(maps, pixels, label_maps[start:end], image_labels[start:end],
+                                                  present[start:end], image_level_present[start:end],
+                                                  self.label_category, self.num_units, self.num_categories,
+                                                  self.denominator)
+            self.intersection += intersection
+            self.unit_area += unit_area
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`(intersection, unit_area)`: long `(K, C)` and `(K, num_categories)` (torchmetrics squeezes a

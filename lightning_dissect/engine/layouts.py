@@ -11,7 +11,8 @@ A layer's output is one of three layouts:
 The layout of a 4-D output is known from the model or stated (`layouts={"features.7": "NHWC"}`),
 never guessed from its shape alone (`decide_layout`): a module's own type tells it where its
 definition does (a convolution, a batch norm, a pooling: NCHW; `nn.Linear` and `nn.LayerNorm`
-acting on the last axis, a `Permute` to `(0, 2, 3, 1)`: NHWC; a `LayerNorm2d`: NCHW); any other
+acting on the last axis, a `Permute` to `(0, 2, 3, 1)`: NHWC; a `LayerNorm2d`: NCHW; a timm patch
+embedding that does not flatten, by its `output_fmt`); any other
 module (a block, a stage, an activation, a dropout) has the layout of the latest output of the same
 shape that a module of known layout produced before it finished in the forward pass (inside it or
 before it). What nothing explains is read as NCHW in a model without channels-last outputs, and
@@ -159,6 +160,11 @@ def own_layout(module: nn.Module, shape: Sequence[int]) -> Layout | None:
     name = type(module).__name__
     if name == "LayerNorm2d":  # timm's and torchvision's: a LayerNorm over the channels of NCHW input
         return "NCHW"
+    fmt = getattr(module, "output_fmt", None)  # timm's PatchEmbed: Format.NHWC under dynamic_img_size
+    if fmt is not None and getattr(module, "flatten", None) is False:
+        fmt = str(getattr(fmt, "value", fmt))
+        if fmt in ("NCHW", "NHWC"):
+            return "NHWC" if fmt == "NHWC" else "NCHW"
     if name == "Permute":  # torchvision.ops.misc.Permute
         dims = [int(d) for d in getattr(module, "dims", ())]
         return "NHWC" if dims == [0, 2, 3, 1] else "NCHW" if dims == [0, 3, 1, 2] else None

@@ -106,6 +106,32 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class NHWCPatchEmbed(PatchEmbed):
+    """timm's PatchEmbed under the model's dynamic_img_size: `output_fmt` NHWC, `flatten` False, (N, h, w, C) out."""
+
+    def __init__(self, patch, dim, img_size):
+        super().__init__(patch, dim, img_size, dynamic=True)
+        self.output_fmt, self.flatten = "NHWC", False
+
+    def forward(self, x):
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class Attention(nn.Module):
+    """timm's Attention look-alike: `q_norm` returns (N, heads, T, d), a 4-D output that is no map."""
+
+    def __init__(self, dim, heads=2):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.Identity()
+        self.heads = heads
+
+    def forward(self, x):
+        n, t, k = x.shape
+        q = self.q_norm(self.qkv(x)[..., :k].reshape(n, t, self.heads, k // self.heads).transpose(1, 2))
+        return x + q.transpose(1, 2).reshape(n, t, k)
+
+
 class PlainEmbed(nn.Module):
     """A patch embedding that states no grid."""
 
@@ -143,6 +169,8 @@ class TinyViT(nn.Module):
 
     def forward(self, x):
         tokens = self.patch_embed(x)
+        if tokens.ndim == 4:  # (N, h, w, C), as timm's embedding under dynamic_img_size
+            tokens = tokens.flatten(1, 2)
         batch = tokens.shape[0]
         tokens = torch.cat([self.cls_token.expand(batch, -1, -1), self.reg_token.expand(batch, -1, -1), tokens], 1)
         return self.head(self.norm(self.blocks(tokens))[:, 0])
@@ -401,6 +429,30 @@ def test_dynamic_img_size_takes_the_grid_from_the_input(wide_probe, told_by):
         model.dynamic_img_size = False
     layout = check_layers(model, wide_probe.model_input([0, 1], "cpu"), ["blocks.1"])["blocks.1"]
     assert layout == OutputLayout("NLC", (14, 20), 5)
+
+
+def test_a_timm_style_patch_embedding_tells_its_channels_last_output_by_output_fmt(wide_probe):
+    model = TinyViT(NHWCPatchEmbed(2, 10, (224, 224)))
+    result = ld.dissect(model, wide_probe, ["patch_embed", "blocks.1"], quantile=QUANTILE)
+    assert result.settings["layer_outputs"]["patch_embed"] == {"layout": "NHWC"}
+    assert result.settings["layer_outputs"]["blocks.1"] == {"layout": "NLC", "grid": [14, 20], "prefix_tokens": 5}
+    maps = nhwc_by_hand(hooked_output(model, wide_probe, "patch_embed"))
+    assert_same_numbers(result["patch_embed"], ld.dissect_activations({"l": maps}, wide_probe, quantile=QUANTILE)["l"])
+    del model.patch_embed.output_fmt  # nothing tells: the conv's (N, 10, 14, 20) with its channels moved last
+    with pytest.raises(ld.DissectionError, match=r"'patch_embed' \(NHWCPatchEmbed\) returns shape \(2, 14, 20, 10\)"):
+        ld.dissect(model, wide_probe, ["patch_embed"])
+
+
+def test_a_4d_output_inside_a_token_model_that_nothing_explains_is_refused(wide_probe):
+    model = TinyViT(PatchEmbed(2, 10, (28, 40)))
+    model.blocks[0] = Attention(10)
+    with pytest.raises(ld.DissectionError) as raised:
+        ld.dissect(model, wide_probe, ["blocks.0.q_norm"])
+    message = str(raised.value)
+    assert "'blocks.0.q_norm' (Identity) returns shape (2, 2, 285, 5)" in message
+    assert "token outputs (N, T, K)" in message and "layouts={'blocks.0.q_norm': 'NCHW'}" in message
+    result = ld.dissect(model, wide_probe, ["blocks.0"], quantile=QUANTILE)  # the block around it: tokens
+    assert result.settings["layer_outputs"]["blocks.0"] == {"layout": "NLC", "grid": [14, 20], "prefix_tokens": 5}
 
 
 def test_torchvision_style_patch_size_and_input_size(wide_probe):
@@ -727,6 +779,14 @@ def test_real_models_refuse_layers_that_run_twice_or_have_one_position():
             check_layers(resnet, inputs, ["layer4.0.relu"])
         with pytest.raises(ld.DissectionError, match="single spatial position"):
             check_layers(resnet, inputs, ["avgpool"])
+
+
+def test_real_vit_attention_internals_are_refused():
+    timm = pytest.importorskip("timm", reason="timm is not installed")
+    vit = timm.create_model("vit_little_patch16_reg4_gap_256", pretrained=False, dynamic_img_size=True).eval()
+    with torch.no_grad(), pytest.raises(ld.DissectionError, match=r"'blocks.0.attn.q_norm' \(Identity\) returns "
+                                                                   r"shape \(2, 5, 74, 64\).*token outputs"):
+        check_layers(vit, torch.randn(2, 3, 112, 160), ["blocks.0.attn.q_norm"])
 
 
 def test_torchvision_vit_takes_square_inputs_only():

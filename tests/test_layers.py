@@ -106,6 +106,32 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class NHWCPatchEmbed(PatchEmbed):
+    """timm's PatchEmbed under the model's dynamic_img_size: `output_fmt` NHWC, `flatten` False, (N, h, w, C) out."""
+
+    def __init__(self, patch, dim, img_size):
+        super().__init__(patch, dim, img_size, dynamic=True)
+        self.output_fmt, self.flatten = "NHWC", False
+
+    def forward(self, x):
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class Attention(nn.Module):
+    """timm's Attention look-alike: `q_norm` returns (N, heads, T, d), a 4-D output that is no map."""
+
+    def __init__(self, dim, heads=2):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.Identity()
+        self.heads = heads
+
+    def forward(self, x):
+        n, t, k = x.shape
+        q = self.q_norm(self.qkv(x)[..., :k].reshape(n, t, self.heads, k // self.heads).transpose(1, 2))
+        return x + q.transpose(1, 2).reshape(n, t, k)
+
+
 class PlainEmbed(nn.Module):
     """A patch embedding that states no grid."""
 
@@ -143,6 +169,8 @@ class TinyViT(nn.Module):
 
     def forward(self, x):
         tokens = self.patch_embed(x)
+        if tokens.ndim == 4:  # (N, h, w, C), as timm's embedding under dynamic_img_size
+            tokens = tokens.flatten(1, 2)
         batch = tokens.shape[0]
         tokens = torch.cat([self.cls_token.expand(batch, -1, -1), self.reg_token.expand(batch, -1, -1), tokens], 1)
         return self.head(self.norm(self.blocks(tokens))[:, 0])
@@ -403,6 +431,30 @@ def test_dynamic_img_size_takes_the_grid_from_the_input(wide_probe, told_by):
     assert layout == OutputLayout("NLC", (14, 20), 5)
 
 
+def test_a_timm_style_patch_embedding_tells_its_channels_last_output_by_output_fmt(wide_probe):
+    model = TinyViT(NHWCPatchEmbed(2, 10, (224, 224)))
+    result = ld.dissect(model, wide_probe, ["patch_embed", "blocks.1"], quantile=QUANTILE)
+    assert result.settings["layer_outputs"]["patch_embed"] == {"layout": "NHWC"}
+    assert result.settings["layer_outputs"]["blocks.1"] == {"layout": "NLC", "grid": [14, 20], "prefix_tokens": 5}
+    maps = nhwc_by_hand(hooked_output(model, wide_probe, "patch_embed"))
+    assert_same_numbers(result["patch_embed"], ld.dissect_activations({"l": maps}, wide_probe, quantile=QUANTILE)["l"])
+    del model.patch_embed.output_fmt  # nothing tells: the conv's (N, 10, 14, 20) with its channels moved last
+    with pytest.raises(ld.DissectionError, match=r"'patch_embed' \(NHWCPatchEmbed\) returns shape \(2, 14, 20, 10\)"):
+        ld.dissect(model, wide_probe, ["patch_embed"])
+
+
+def test_a_4d_output_inside_a_token_model_that_nothing_explains_is_refused(wide_probe):
+    model = TinyViT(PatchEmbed(2, 10, (28, 40)))
+    model.blocks[0] = Attention(10)
+    with pytest.raises(ld.DissectionError) as raised:
+        ld.dissect(model, wide_probe, ["blocks.0.q_norm"])
+    message = str(raised.value)
+    assert "'blocks.0.q_norm' (Identity) returns shape (2, 2, 285, 5)" in message
+    assert "token outputs (N, T, K)" in message and "layouts={'blocks.0.q_norm': 'NCHW'}" in message
+    result = ld.dissect(model, wide_probe, ["blocks.0"], quantile=QUANTILE)  # the block around it: tokens
+    assert result.settings["layer_outputs"]["blocks.0"] == {"layout": "NLC", "grid": [14, 20], "prefix_tokens": 5}
+
+
 def test_torchvision_style_patch_size_and_input_size(wide_probe):
     model = TorchvisionViT(2)
     result = ld.dissect(model, wide_probe, ["blocks.0"], quantile=QUANTILE)
@@ -612,35 +664,170 @@ def test_callback_refuses_a_reused_module_before_training(tmp_path):
 
 
 # ---------------------------------------------------------------------- torchvision and timm, where installed
+#
+# Random weights, no downloads. Each model's layers are read by the engine (the check pass decides the layout or
+# grid without `layouts=` or `grid=`, then `LayerCapture` and `as_unit_maps`, as `ld.dissect` reads every batch)
+# and compared with the output copied in the test's own hook and permuted or reshaped by hand. The expected layout
+# is what the model's code does (a Swin stage ends with a Linear on (N, h, w, C); a ViT block returns
+# (N, prefix + h * w, C)); the unit count is checked against the model's own channel count.
 
 
-def test_torchvision_models_layouts_and_refusals():
+def engine_read(model: nn.Module, inputs: torch.Tensor, layers: list[str], **options):
+    """(decided layouts, the engine's (N, K, h, w) maps, the raw outputs copied in the test's own hooks)."""
+    from lightning_dissect.engine.capture import LayerCapture, as_unit_maps, resolve_layers
+
+    decided = check_layers(model, inputs, layers, **options)
+    copies: dict[str, torch.Tensor] = {}
+    modules = resolve_layers(model, layers)
+    handles = [module.register_forward_hook(lambda m, a, output, name=name: copies.setdefault(
+        name, output.detach().clone())) for name, module in modules.items()]  # before the capture's hooks
+    try:
+        with LayerCapture(modules) as capture:
+            outputs = capture.run(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return decided, {name: as_unit_maps(outputs[name], name, decided[name]) for name in layers}, copies
+
+
+def by_hand(output: torch.Tensor, layout: str, prefix: int = 0, grid: tuple[int, int] | None = None):
+    if layout == "NCHW":
+        return output.float()
+    if layout == "NHWC":
+        return nhwc_by_hand(output.float())
+    assert grid is not None
+    return tokens_by_hand(output.float(), prefix, grid)
+
+
+def _torchvision(name, **kwargs):
+    def build():
+        models = pytest.importorskip("torchvision.models", reason="torchvision is not installed")
+        return getattr(models, name)(weights=None, **kwargs)
+    return build
+
+
+def _timm(name, **kwargs):
+    def build():
+        timm = pytest.importorskip("timm", reason="timm is not installed")
+        return timm.create_model(name, pretrained=False, **kwargs)
+    return build
+
+
+def _vit_tokens(model, size):
+    """(prefix tokens, grid) from a ViT's own attributes: timm's num_prefix_tokens and patch size, torchvision's
+    class token and patch_size."""
+    if hasattr(model, "num_prefix_tokens"):
+        patch = model.patch_embed.patch_size
+        return model.num_prefix_tokens, (size[0] // patch[0], size[1] // patch[1])
+    return 1, (size[0] // model.patch_size, size[1] // model.patch_size)
+
+
+def case(name, build, size, expected, channels=None, heavy=False):
+    """One model: its input size, {layer: the layout its code gives}, and the model's channel count for the
+    channels-last layers (their units)."""
+    return pytest.param(build, size, expected, channels, id=name, marks=[pytest.mark.heavy] if heavy else [])
+
+
+REAL_MODELS = [
+    case("tv-resnet18", _torchvision("resnet18"), (224, 224), {"layer3": "NCHW", "layer4": "NCHW"}),
+    case("tv-vgg16", _torchvision("vgg16"), (224, 224), {"features.29": "NCHW"}, heavy=True),
+    case("tv-densenet121", _torchvision("densenet121"), (224, 224),
+         {"features.denseblock4": "NCHW", "features.norm5": "NCHW"}),
+    case("tv-mobilenet_v3_small", _torchvision("mobilenet_v3_small"), (224, 224), {"features.12": "NCHW"}),
+    case("tv-efficientnet_b0", _torchvision("efficientnet_b0"), (224, 224), {"features.8": "NCHW"}),
+    case("tv-regnet_y_400mf", _torchvision("regnet_y_400mf"), (224, 224), {"trunk_output.block4": "NCHW"}),
+    case("tv-convnext_tiny", _torchvision("convnext_tiny"), (224, 224),
+         {"features.7": "NCHW", "features.7.2.block.2": "NHWC", "features.7.2.block.5": "NHWC"},
+         lambda model: model.classifier[2].in_features),
+    case("tv-swin_t", _torchvision("swin_t"), (224, 224), {"features.7": "NHWC", "norm": "NHWC", "permute": "NCHW"},
+         lambda model: model.head.in_features),
+    case("tv-vit_b_16", _torchvision("vit_b_16"), (224, 224),
+         {"encoder.layers.encoder_layer_11": "NLC", "encoder": "NLC"}, heavy=True),
+    case("timm-vit_base_patch16_224-224x320", _timm("vit_base_patch16_224", dynamic_img_size=True), (224, 320),
+         {"blocks.11": "NLC", "norm": "NLC", "patch_embed": "NHWC"}, lambda model: model.embed_dim, heavy=True),
+    case("timm-vit_little_patch16_reg4_gap_256-224x320",
+         _timm("vit_little_patch16_reg4_gap_256", dynamic_img_size=True), (224, 320),
+         {"blocks.11": "NLC", "blocks.5": "NLC", "patch_embed": "NHWC"}, lambda model: model.embed_dim),
+    case("timm-swin_tiny_patch4_window7_224", _timm("swin_tiny_patch4_window7_224"), (224, 224),
+         {"layers.3": "NHWC", "norm": "NHWC"}, lambda model: model.num_features),
+    case("timm-convnext_tiny", _timm("convnext_tiny"), (224, 224),
+         {"stages.3": "NCHW", "stages.3.blocks.2.norm": "NHWC", "stages.3.blocks.2.mlp": "NHWC"},
+         lambda model: model.num_features),
+]
+
+
+@pytest.mark.parametrize("build,size,expected,channels", REAL_MODELS)
+def test_real_models_are_read_as_their_code_lays_them_out(build, size, expected, channels):
+    model = build().eval()
+    inputs = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        decided, maps, copies = engine_read(model, inputs, list(expected))
+    for layer, layout in expected.items():
+        prefix, grid = _vit_tokens(model, size) if layout == "NLC" else (0, None)
+        assert decided[layer] == OutputLayout(layout, grid, prefix), (layer, decided[layer])
+        assert torch.equal(maps[layer], by_hand(copies[layer], layout, prefix, grid)), layer
+        if layout == "NHWC":
+            assert maps[layer].shape[1] == channels(model), layer  # the units are the model's channels
+
+
+def test_real_models_refuse_layers_that_run_twice_or_have_one_position():
     models = pytest.importorskip("torchvision.models", reason="torchvision is not installed")
     inputs = torch.randn(2, 3, 224, 224)
-    swin = models.swin_t().eval()
+    resnet = models.resnet18(weights=None).eval()
     with torch.no_grad():
-        layouts = check_layers(swin, inputs, ["features.7", "norm", "permute"])
-        assert [value.layout for value in layouts.values()] == ["NHWC", "NHWC", "NCHW"]
-        resnet = models.resnet18().eval()
         with pytest.raises(ld.DissectionError, match=r"'layer4.0.relu' ran 2 times.*'layer4.0'"):
             check_layers(resnet, inputs, ["layer4.0.relu"])
         with pytest.raises(ld.DissectionError, match="single spatial position"):
             check_layers(resnet, inputs, ["avgpool"])
-        convnext = models.convnext_tiny().eval()
-        layouts = check_layers(convnext, inputs, ["features.7", "features.7.2.block.3"])
-        assert [value.layout for value in layouts.values()] == ["NCHW", "NHWC"]
-        vit = models.vit_b_16().eval()
-        layouts = check_layers(vit, inputs, ["encoder.layers.encoder_layer_11"])
-        assert layouts["encoder.layers.encoder_layer_11"] == OutputLayout("NLC", (14, 14), 1)
 
 
-def test_timm_models_layouts_and_grids():
+def test_real_vit_attention_internals_are_refused():
     timm = pytest.importorskip("timm", reason="timm is not installed")
+    vit = timm.create_model("vit_little_patch16_reg4_gap_256", pretrained=False, dynamic_img_size=True).eval()
+    with torch.no_grad(), pytest.raises(ld.DissectionError, match=r"'blocks.0.attn.q_norm' \(Identity\) returns "
+                                                                   r"shape \(2, 5, 74, 64\).*token outputs"):
+        check_layers(vit, torch.randn(2, 3, 112, 160), ["blocks.0.attn.q_norm"])
+
+
+def test_torchvision_vit_takes_square_inputs_only():
+    """torchvision's VisionTransformer asserts its `image_size` (an int) on every input: a rectangular grid cannot
+    happen there, so only timm's ViTs are tried on 224 x 320 (above)."""
+    models = pytest.importorskip("torchvision.models", reason="torchvision is not installed")
+    vit = models.vit_b_16(weights=None, image_size=64).eval()  # 4 x 4 patches: cheap
     with torch.no_grad():
-        swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
-        layouts = check_layers(swin, torch.randn(2, 3, 224, 224), ["layers.3", "norm"])
-        assert [value.layout for value in layouts.values()] == ["NHWC", "NHWC"]
-        vit = timm.create_model("vit_small_patch16_224", pretrained=False, dynamic_img_size=True, reg_tokens=4,
-                                num_classes=0).eval()
-        layouts = check_layers(vit, torch.randn(2, 3, 224, 320), ["blocks.11"])
-        assert layouts["blocks.11"] == OutputLayout("NLC", (14, 20), 5)
+        with pytest.raises(AssertionError):
+            vit(torch.randn(1, 3, 64, 96))
+        layouts = check_layers(vit, torch.randn(2, 3, 64, 64), ["encoder.layers.encoder_layer_11"])
+    assert layouts["encoder.layers.encoder_layer_11"] == OutputLayout("NLC", (4, 4), 1)
+
+
+@pytest.fixture
+def synthetic_probe(tmp_path):
+    def make(size):
+        root = ld.synthetic.make_synthetic_broden(tmp_path / "broden", num_images=4, image_size=64)
+        return ld.ProbeSet(root, image_size=size, cache_dir=False)
+    return make
+
+
+@pytest.mark.parametrize("build,size,layers", [
+    (_torchvision("swin_t"), (112, 112), ["features.7", "norm"]),
+    (_timm("vit_little_patch16_reg4_gap_256", dynamic_img_size=True), (112, 160), ["blocks.11"]),
+], ids=["tv-swin_t-112x112", "timm-vit_little_patch16_reg4_gap_256-112x160"])
+def test_dissect_end_to_end_on_a_real_channels_last_model_and_a_rectangular_vit(synthetic_probe, build, size,
+                                                                                 layers):
+    torch.manual_seed(0)
+    model = build().eval()
+    probe = synthetic_probe(size)
+    result = ld.dissect(model, probe, layers, quantile=QUANTILE)  # one batch, as the reference's
+    for layer in layers:
+        recorded = result.settings["layer_outputs"][layer]
+        output = hooked_output(model, probe, layer)
+        if recorded["layout"] == "NLC":
+            prefix, grid = _vit_tokens(model, size)
+            assert recorded == {"layout": "NLC", "grid": list(grid), "prefix_tokens": prefix}
+            maps = tokens_by_hand(output, prefix, grid)
+        else:
+            assert recorded == {"layout": "NHWC"}
+            maps = nhwc_by_hand(output)
+        reference = ld.dissect_activations({layer: maps}, probe, quantile=QUANTILE)[layer]
+        assert_same_numbers(result[layer], reference)

@@ -11,11 +11,12 @@ A layer's output is one of three layouts:
 The layout of a 4-D output is known from the model or stated (`layouts={"features.7": "NHWC"}`),
 never guessed from its shape alone (`decide_layout`): a module's own type tells it where its
 definition does (a convolution, a batch norm, a pooling: NCHW; `nn.Linear` and `nn.LayerNorm`
-acting on the last axis, a `Permute` to `(0, 2, 3, 1)`: NHWC; a `LayerNorm2d`: NCHW); any other
+acting on the last axis, a `Permute` to `(0, 2, 3, 1)`: NHWC; a `LayerNorm2d`: NCHW; a timm patch
+embedding that does not flatten, by its `output_fmt`); any other
 module (a block, a stage, an activation, a dropout) has the layout of the latest output of the same
 shape that a module of known layout produced before it finished in the forward pass (inside it or
-before it). What nothing explains is read as NCHW in a model without channels-last outputs, and
-refused otherwise, with an error that says how to state it.
+before it). What nothing explains is read as NCHW in a model without channels-last or token outputs,
+and refused otherwise, with an error that says how to state it.
 
 The grid of a token output (`decide_grid`) is stated (`grid=(h, w)`), or the model's patch grid
 (timm's `patch_embed.grid_size`, from the input size when `dynamic_img_size` is set; torchvision's
@@ -159,6 +160,11 @@ def own_layout(module: nn.Module, shape: Sequence[int]) -> Layout | None:
     name = type(module).__name__
     if name == "LayerNorm2d":  # timm's and torchvision's: a LayerNorm over the channels of NCHW input
         return "NCHW"
+    fmt = getattr(module, "output_fmt", None)  # timm's PatchEmbed: Format.NHWC under dynamic_img_size
+    if fmt is not None and getattr(module, "flatten", None) is False:
+        fmt = str(getattr(fmt, "value", fmt))
+        if fmt in ("NCHW", "NHWC"):
+            return "NHWC" if fmt == "NHWC" else "NCHW"
     if name == "Permute":  # torchvision.ops.misc.Permute
         dims = [int(d) for d in getattr(module, "dims", ())]
         return "NHWC" if dims == [0, 2, 3, 1] else "NCHW" if dims == [0, 3, 1, 2] else None
@@ -225,7 +231,7 @@ def decide_layout(layer: str, shape: tuple[int, ...], stated: Layout | None, mod
 
     Raises:
         DissectionError: a stated layout that does not fit the shape, or an output whose layout
-            nothing in the model tells, in a model with channels-last outputs.
+            nothing in the model tells, in a model with channels-last or token outputs.
     """
     if stated is not None:
         if stated == "NLC":
@@ -244,10 +250,19 @@ def decide_layout(layer: str, shape: tuple[int, ...], stated: Layout | None, mod
     permuted_known = any(event.shape == permuted and event.layout == "NCHW" for event in events)
     if inherited is not None and not (channels_last and _symmetric(shape)):
         return inherited
-    if not channels_last and not (permuted_known and shape[1] != shape[3]):
+    tokens = next((event.shape for event in events
+                   if event.shape is not None and len(event.shape) == 3 and event.shape[0] == shape[0]), None)
+    if not channels_last and tokens is None and not (permuted_known and shape[1] != shape[3]):
         return "NCHW"
-    why = ("the model has channels-last outputs" if channels_last
-           else f"its last axis could be the {shape[3]} channels of an output of shape {permuted}")
+    reasons = []
+    if channels_last:
+        reasons.append("the model has channels-last outputs")
+    if tokens is not None:
+        reasons.append(f"the model has token outputs (N, T, K), e.g. of shape {tokens}, and a 4-D output that no "
+                       "module of known layout explains may be attention (N, heads, T, d) rather than maps")
+    if not reasons:
+        reasons.append(f"its last axis could be the {shape[3]} channels of an output of shape {permuted}")
+    why = "; ".join(reasons)
     raise DissectionError(
         f"layer {layer!r} ({type(module).__name__}) returns shape {shape}, and nothing in the model tells whether "
         f"it is (N, K, h, w) or channels-last (N, h, w, K): {why}. State it: layouts={{{layer!r}: 'NHWC'}} when "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +175,21 @@ def test_a_compiled_run_with_the_callback_ends_bit_identical_to_the_run_without_
     history = callbacks[0].dissector.history
     assert sorted({entry.step for entry in history}) == [0, 2, 4, 6, 8]
     assert sorted({entry.layer for entry in history}) == ["model.2", "model.5"]  # named without _orig_mod
+
+
+def test_dissecting_a_model_never_compiled_does_not_import_dynamo(tmp_path):
+    """No model is compiled before torch._dynamo is imported, so an uncompiled dissection never imports it
+    (over a second and a half on a CPU, paid by the first dissection of every process that did)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import random_broden
+
+    root = random_broden(tmp_path / "broden", num_images=6, image_size=32)
+    script = (f"import sys, torch\nimport lightning_dissect as ld\n"
+              f"model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))\n"
+              f"ld.dissect(model.eval(), ld.ProbeSet({str(root)!r}, cache_dir=False), ['0', '2'])\n"
+              f"print(sorted(name for name in sys.modules if name.startswith('torch._dynamo')))\n")
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).parent.parent)
+    assert output.stdout.strip().splitlines()[-1] == "[]"

@@ -14,6 +14,7 @@ them changes) and `plain_name` names layers as the original model does.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,11 +24,14 @@ ORIG_MOD = "_orig_mod"
 
 
 def _optimized_module_type() -> type[nn.Module] | None:
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-    except ImportError:  # a torch without Dynamo
-        return None
-    return OptimizedModule
+    """Dynamo's `OptimizedModule`, or None where Dynamo was never imported: then no module is one.
+
+    Importing `torch._dynamo` takes over a second and a half on a CPU; a model compiled with
+    `torch.compile` has imported it already, so an uncompiled run never pays for it.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    optimized = getattr(eval_frame, "OptimizedModule", None)
+    return optimized if isinstance(optimized, type) else None
 
 
 def plain_name(name: str) -> str:

@@ -10,6 +10,8 @@ size, as the released Broden does: 224 px images, 112 px label maps):
 - `CityscapesConcepts`: Cityscapes' fine semantic labels through `torchvision.datasets.Cityscapes`.
 - `COCOConcepts`: COCO-format annotation files (COCO-Stuff, instances; RLE or polygons) through
   `pycocotools` (`pip install lightning-dissect[coco]`); one category per file, e.g. things and stuff.
+- `COCOPanopticConcepts`: COCO panoptic (a JSON file and PNG segment maps, read as panopticapi defines
+  them); things and stuff as two categories. No dependency.
 
 torchvision and pycocotools are imported when an adapter that needs them is made. Images are
 resized bilinearly (antialiased) to `image_size`, label maps by nearest neighbour to
@@ -39,7 +41,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lightning_dissect.concept_source import ConceptDataset, DatasetError, relative_files
 
-__all__ = ["COCOConcepts", "CityscapesConcepts", "ImageMaskFolder", "VOCSegmentationConcepts"]
+__all__ = ["COCOConcepts", "COCOPanopticConcepts", "CityscapesConcepts", "ImageMaskFolder", "VOCSegmentationConcepts"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -608,4 +610,140 @@ class COCOConcepts(ConceptDataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, dict[str, Any]]:
         image = _open_image(self.images_folder / self._file_name(i), self.where(i))
+        return self.resize.item(image, self._labels(i, image), self.where(i))
+
+
+# ---------------------------------------------------------------------- COCO panoptic (JSON + PNG segments)
+
+
+class COCOPanopticConcepts(ConceptDataset):
+    """COCO panoptic annotations: a JSON file and a folder of PNG segment maps (no extra dependency).
+
+    pycocotools does not read the panoptic format; its reference reader (cocodataset/panopticapi) is a
+    JSON file and `rgb2id`: a PNG pixel `(R, G, B)` belongs to segment `R + 256 G + 256^2 B`, 0 being no
+    segment, and each annotation's `segments_info` gives every segment's `category_id`. That is all this
+    adapter reads (json and PIL). The COCO categories, in id order, are the labels; things (`isthing` 1)
+    are category "object" and stuff (`isthing` 0) category "stuff", one label map each (panoptic segments
+    never overlap). The items are the annotations' images in id order; both categories are annotated on
+    every image that has an annotation, crowd segments labelled like the others.
+
+    Args:
+        images: the folder of the images (`file_name` of the JSON's images).
+        annotations: the panoptic JSON file (`panoptic_val2017.json`).
+        segments: the folder of its PNG files (`panoptic_val2017/`; default: the JSON's name without `.json`
+            beside it).
+        image_size, segmentation_size: the size of every item (see `ImageMaskFolder`).
+        exclude: COCO category names left out (their pixels: no label).
+        split: the split of every item.
+
+    Raises:
+        DatasetError: a missing folder or file, an unreadable annotation file, or (per item, naming it) a
+            segment map of the wrong size, a segment id not in `segments_info`, a category id not in the
+            JSON's categories.
+    """
+
+    root: Path
+    CATEGORIES = {1: "object", 0: "stuff"}  # isthing -> the category, in the order categories are listed
+
+    def __init__(self, images: str | Path, annotations: str | Path, segments: str | Path | None = None,
+                 image_size: int | tuple[int, int] | None = 224, segmentation_size: int | tuple[int, int] | None = None,
+                 exclude: Sequence[str] = (), split: str = "val") -> None:
+        self.resize = _Resize(image_size, segmentation_size)
+        self.images_folder = Path(images).expanduser().absolute()
+        self.annotation_file = Path(annotations).expanduser().absolute()
+        self.segments_folder = (Path(segments).expanduser().absolute() if segments is not None
+                                else self.annotation_file.with_suffix(""))
+        for what, folder in (("images", self.images_folder), ("segments", self.segments_folder)):
+            if not folder.is_dir():
+                raise DatasetError(f"the {what} folder {folder} does not exist")
+        if not self.annotation_file.is_file():
+            raise DatasetError(f"the annotation file {self.annotation_file} does not exist")
+        self.exclude = sorted(set(exclude))
+        self._split = split
+        try:
+            content = json.loads(self.annotation_file.read_text(encoding="utf-8"))
+            images_by_id = {entry["id"]: entry for entry in content["images"]}
+            self.annotations = {entry["image_id"]: entry for entry in content["annotations"]}
+            categories = sorted(content["categories"], key=lambda c: c["id"])
+            self.category_of = {c["id"]: self.CATEGORIES[int(bool(c.get("isthing", 1)))] for c in categories}
+            names = {c["id"]: str(c["name"]) for c in categories}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise DatasetError(f"the annotation file {self.annotation_file} is not a COCO panoptic annotation file "
+                               f"({error!r})") from None
+        self.label_names = ["-"]
+        self.numbers: dict[int, int] = {}  # COCO category id -> label number (excluded: 0)
+        for category_id, name in names.items():
+            if name in self.exclude:
+                self.numbers[category_id] = 0
+            else:
+                self.numbers[category_id] = len(self.label_names)
+                self.label_names.append(name)
+        self.categories = [name for name in self.CATEGORIES.values() if name in self.category_of.values()]
+        self.image_ids = sorted(image_id for image_id in self.annotations if image_id in images_by_id)
+        if not self.image_ids:
+            raise DatasetError(f"the annotation file {self.annotation_file} annotates no image it lists")
+        self.file_names = {image_id: images_by_id[image_id]["file_name"] for image_id in self.image_ids}
+        self.root = Path(os.path.commonpath([self.images_folder, self.segments_folder, self.annotation_file.parent]))
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __repr__(self) -> str:
+        return f"COCOPanopticConcepts({str(self.images_folder)!r}, {len(self)} images)"
+
+    def _segment_file(self, i: int) -> Path:
+        return self.segments_folder / self.annotations[self.image_ids[i]]["file_name"]
+
+    def where(self, i: int) -> str:
+        return (f"item {i} (image id {self.image_ids[i]}, {self.images_folder / self.file_names[self.image_ids[i]]}) "
+                f"of {self!r}")
+
+    def split(self, i: int) -> str:
+        return self._split
+
+    def name(self, i: int) -> str:
+        return os.path.splitext(self.file_names[self.image_ids[i]])[0]
+
+    def files(self, i: int) -> list[str]:
+        return relative_files(self.root, [self.images_folder / self.file_names[self.image_ids[i]],
+                                          self._segment_file(i)])
+
+    def fingerprint(self) -> str:
+        return _fingerprint({"adapter": "COCO panoptic", **self.resize.state(), "exclude": self.exclude,
+                             "split": self._split, "annotations": _file_sha256(self.annotation_file),
+                             "segments": str(self.segments_folder)})
+
+    def _labels(self, i: int, image: Image.Image) -> dict[str, Any]:
+        where, path = self.where(i), self._segment_file(i)
+        with _open_image(path, where) as segments_image:
+            if segments_image.mode != "RGB":
+                raise DatasetError(f"{where}: segment map {path} is of mode {segments_image.mode}; a panoptic PNG is "
+                                   f"RGB (segment id R + 256 G + 256^2 B)")
+            try:
+                rgb = np.array(segments_image, dtype=np.int64)
+            except (OSError, ValueError) as error:
+                raise DatasetError(f"{where}: segment map {path} cannot be decoded ({error})") from None
+        ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]  # panopticapi's rgb2id
+        _check_size(ids, image, where, f"segment map {path.name}")
+        maps = {category: np.zeros(ids.shape, np.int32) for category in self.categories}
+        listed = set()
+        for segment in self.annotations[self.image_ids[i]].get("segments_info", []):
+            category_id = segment.get("category_id")
+            if category_id not in self.numbers:
+                raise DatasetError(f"{where}: segment {segment.get('id')} in {self.annotation_file.name} has "
+                                   f"category_id {category_id}, not one of its categories")
+            listed.add(segment.get("id"))
+            maps[self.category_of[category_id]][ids == segment.get("id")] = self.numbers[category_id]
+        unlisted = sorted(set(np.unique(ids).tolist()) - listed - {0})
+        if unlisted:
+            raise DatasetError(f"{where}: segment map {path} holds segment id(s) "
+                               f"{', '.join(map(str, unlisted[:10]))} that its segments_info does not list")
+        return {category: [label_map] for category, label_map in maps.items()}
+
+    def labels(self, i: int) -> dict[str, Any]:
+        with _open_image(self.images_folder / self.file_names[self.image_ids[i]], self.where(i)) as image:
+            return self.resize.maps(self._labels(i, image), image)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, dict[str, Any]]:
+        image = _open_image(self.images_folder / self.file_names[self.image_ids[i]], self.where(i))
         return self.resize.item(image, self._labels(i, image), self.where(i))

@@ -1,7 +1,8 @@
 """The dataset adapters, each on a tiny dataset written here in its format: the probe built from it gives the
 dissection of its Broden copy, a planted unit finds its concept, the copy keeps every label, bad files are named.
 
-torchvision (VOC, Cityscapes) and pycocotools (COCO) are optional: their tests are skipped without them.
+torchvision (VOC, Cityscapes) and pycocotools (COCO) are optional: their tests are skipped without them; COCO
+panoptic needs neither.
 """
 
 from __future__ import annotations
@@ -377,6 +378,90 @@ def test_a_bad_annotation_or_image_of_coco_is_named(problem, match, tmp_path):
     files = write_coco(tmp_path / "coco", images, {"object": things}, {"object": COCO_THINGS})
     with pytest.raises(DatasetError, match=match):
         ld.ProbeSet.from_dataset(coco_dataset(tmp_path / "coco", files), cache_dir=False, workers=1)
+
+
+
+# ---------------------------------------------------------------------- COCO panoptic (JSON + PNG segments)
+
+PANOPTIC_CATEGORIES = [{**c, "isthing": 1} for c in COCO_THINGS] + [{**c, "isthing": 0} for c in COCO_STUFF]
+
+
+def save_segments(path: Path, ids: np.ndarray) -> None:
+    """A panoptic PNG: segment id `R + 256 G + 256^2 B`, written channel by channel here (panopticapi's id2rgb)."""
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 256**2 % 256], axis=-1).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb, mode="RGB").save(path)
+
+
+def write_panoptic(root: Path, images: list, segments: list[np.ndarray], infos: list[list[tuple[int, int]]],
+                   categories: list[dict] = PANOPTIC_CATEGORIES) -> Path:
+    """A COCO panoptic dataset: images, per image a segment-id map and its `(segment id, category_id)` list."""
+    entries, annotations = [], []
+    for i, (image, ids, info) in enumerate(zip(images, segments, infos)):
+        name = f"{i + 1:012d}"
+        save_image(root / "val2017" / f"{name}.jpg", image, "JPEG")
+        save_segments(root / "annotations" / "panoptic_val2017" / f"{name}.png", ids)
+        entries.append({"id": 100 + i, "file_name": f"{name}.jpg", "height": ids.shape[0], "width": ids.shape[1]})
+        annotations.append({"image_id": 100 + i, "file_name": f"{name}.png", "segments_info": [
+            {"id": segment, "category_id": category, "iscrowd": 0, "area": 1, "bbox": [0, 0, 1, 1]}
+            for segment, category in info]})
+    path = root / "annotations" / "panoptic_val2017.json"
+    path.write_text(json.dumps({"images": entries, "annotations": annotations, "categories": categories}))
+    return path
+
+
+def panoptic_dataset(root: Path) -> ld.ConceptDataset:
+    from lightning_dissect.datasets import COCOPanopticConcepts
+
+    return COCOPanopticConcepts(root / "val2017", root / "annotations" / "panoptic_val2017.json", image_size=SIZE,
+                                exclude=["other"])
+
+
+def test_coco_panoptic_things_and_stuff_from_png_segments(tmp_path):
+    scenes = Scenes([0, 3], target=1)  # a person (the planted region) and cars
+    rng = np.random.default_rng(11)
+    segments, infos, truth = [], [], []
+    for i, labels in enumerate(scenes.maps):
+        person, car = labels == 1, labels == 3
+        left = np.zeros_like(car)
+        left[:, : HALF // 2] = True
+        grass = blocks(rng, [0, 1]).astype(bool) & (labels == 0)
+        other = (labels == 0) & ~grass & (i % 2 == 1)  # excluded: no label
+        # segment ids over 255 and 65535 use the G and B channels; two cars are two segments of one category
+        ids = np.select([person, car & left, car & ~left, grass, other], [70000 + i, 300, 301, 5, 9], 0)
+        segments.append(full(ids))
+        infos.append([(70000 + i, 1), (300, 3), (301, 3), (5, 149), (9, 183)])
+        truth.append({"object": [np.select([person, car], [1, 2], 0)], "stuff": [np.where(grass, 5, 0)]})
+    write_panoptic(tmp_path / "coco", scenes.images, segments, infos)
+    dataset = panoptic_dataset(tmp_path / "coco")
+    assert dataset.label_names == ["-", "person", "car", "dog", "banner", "grass"]
+    assert dataset.categories == ["object", "stuff"]
+    check_adapter(dataset, truth, "person", scenes.inside, tmp_path)
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("map of the wrong size", r"item 1 \(image id 101, .*000000000002.jpg\).*segment map 000000000002.png is 30x32"),
+    ("segment not listed", r"item 1 \(image id 101, .*000000000002.jpg\).*holds segment id\(s\) 7 that its "
+                           r"segments_info does not list"),
+    ("label not in the list", r"item 1 \(image id 101, .*000000000002.jpg\).*segment 7 .*has category_id 99, not "
+                              r"one of its categories"),
+    ("image that does not decode", r"item 1 \(image id 101, .*000000000002.jpg\).*cannot be decoded"),
+])
+def test_a_bad_segment_map_or_image_of_coco_panoptic_is_named(problem, match, tmp_path):
+    images, masks, _ = good_folder_files()
+    segments = [np.where(m == 1, 7, 0) for m in masks]
+    infos = [[(7, 1)] for _ in masks]
+    if problem == "map of the wrong size":
+        segments[1] = segments[1][:30]
+    elif problem == "segment not listed":
+        infos[1] = []
+    elif problem == "label not in the list":
+        infos[1] = [(7, 99)]
+    else:
+        images[1] = b"\xff\xd8 not a jpeg"
+    write_panoptic(tmp_path / "coco", images, segments, infos)
+    with pytest.raises(DatasetError, match=match):
+        ld.ProbeSet.from_dataset(panoptic_dataset(tmp_path / "coco"), cache_dir=False, workers=1)
 
 
 def test_missing_optional_readers_are_named_with_the_way_to_install_them(monkeypatch, tmp_path):

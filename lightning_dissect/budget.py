@@ -2,12 +2,12 @@
 
 - `OverheadBudget` (`max_overhead`, default 5%): everything the callback does (dissections, figures,
   files) stays within a fraction of the fit's wall time. It sizes the probe once, before the first
-  dissection, and then skips scheduled dissections that would not fit, the earliest first; the
-  first and the last dissection of a run always happen.
+  dissection, and then skips scheduled dissections that would not fit, the earliest first (the
+  step-0 dissection too, in a run too short to afford it); the last dissection of a run always happens.
 - `FigureBudget` (`figure_budget`, default 2%): within that, drawing unit strips and figures may
   take at most a fraction of the wall time since the first dissection. The next drawing is expected
   to take as long as the last one; a dissection whose drawing would exceed it logs its scalars,
-  tables and files but no figures. The first and the last dissection always draw.
+  tables and files but no figures. The run's first and last dissections always draw.
 - `max_seconds`: the probe is sized once so that one dissection takes about that long (the smaller
   of this and the overhead budget's size).
 """
@@ -84,11 +84,15 @@ class OverheadBudget:
       dissection), an estimate of a training step and the number of steps. The size is kept for the
       whole run, so numbers at different steps stay comparable; it is never below `smallest`
       (thresholds need enough values to be stable), and then dissections are skipped instead.
-    - `keep`: whether a scheduled dissection fits, measured: the seconds spent so far and the mean
-      seconds of a dissection against `max_overhead` of the fit's projected wall time (the training
-      rate measured so far, to the last step). What does not fit is skipped, the earliest scheduled
-      dissections first (log-spaced schedules lose their dense early steps); the first and the last
-      dissection of a run are never skipped.
+    - `keep`: whether a scheduled dissection fits, measured: the seconds spent so far, the mean
+      seconds of a dissection and the seconds of the last drawing (figures and strips) against
+      `max_overhead` of the fit's projected wall time (the training rate measured so far, to the last
+      step). Counted are this dissection, every later one, and the drawings still due: the last
+      dissection's, and this one's when it is the run's first (both always draw). Before any
+      dissection is measured, one costs what the calibration predicts (`expected_seconds`) and a
+      drawing as much as a dissection. What does not fit is skipped, the earliest scheduled dissections
+      first (log-spaced schedules lose their dense early steps, and a short run its step 0); the last
+      dissection of a run is never skipped (the caller does not ask).
 
     Args:
         max_overhead: the fraction of the fit's wall time, e.g. 0.05; None: no budget.
@@ -105,7 +109,9 @@ class OverheadBudget:
         self.started: float | None = None  # the fit's start
         self.own_seconds = 0.0  # everything the callback did
         self.dissections = 0
-        self.dissection_seconds = 0.0  # of those, whole dissections (engine, files, figures)
+        self.dissection_seconds = 0.0  # of those, the dissections' own (engine, files), drawings left out
+        self.last_drawing: float | None = None  # the seconds of the last drawing (figures and strips)
+        self.expected_seconds: float | None = None  # one dissection, until one is measured (the calibration's)
         self.step_seconds: float | None = None  # the plan's estimate of a training step, until steps are measured
 
     def start(self) -> None:
@@ -113,12 +119,15 @@ class OverheadBudget:
         if self.started is None:
             self.started = self.clock()
 
-    def spent(self, seconds: float, dissection: bool = True) -> None:
-        """Add the callback's own seconds; `dissection`: they were one whole dissection."""
+    def spent(self, seconds: float, dissection: bool = True, drawing: float = 0.0) -> None:
+        """Add the callback's own seconds; `dissection`: they were one whole dissection; `drawing`: of
+        them, the seconds its figures and strips took (0: nothing drawn)."""
         self.own_seconds += seconds
         if dissection:
             self.dissections += 1
-            self.dissection_seconds += seconds
+            self.dissection_seconds += seconds - drawing
+        if drawing > 0:
+            self.last_drawing = drawing
 
     @property
     def share(self) -> float:
@@ -152,27 +161,56 @@ class OverheadBudget:
         size = math.floor(own / (max(dissections, 1) * seconds_per_image))
         return max(min(smallest, largest), min(size, largest))
 
-    def keep(self, steps_done: int, total_steps: float, later: int) -> bool:
-        """Whether the dissection due now fits the budget (see the class docstring).
-
-        Args:
-            steps_done: training steps taken so far (the step of this dissection, > 0).
-            total_steps: the run's training steps (inf: unknown: the fit so far is the measure).
-            later: how many scheduled dissections come after this one, the last dissection of the run
-                included.
-        """
-        if self.max_overhead is None or self.started is None or self.dissections == 0 or steps_done <= 0:
-            return True
-        elapsed = self.clock() - self.started
-        training = max(elapsed - self.own_seconds, 0.0)
+    def _fit_training_seconds(self, steps_done: int, total_steps: float) -> float:
+        """The fit's training seconds (the callback's left out), projected to its last step."""
+        assert self.started is not None
+        training = max(self.clock() - self.started - self.own_seconds, 0.0)
         if math.isfinite(total_steps) and total_steps > steps_done:
             if steps_done < MEASURED_AFTER_STEPS and self.step_seconds is not None:
                 # The first steps are slow (data loaders starting, caches warming): their rate would promise
                 # a long fit and spend the budget on the earliest dissections. Until then, the plan's estimate.
-                training = self.step_seconds * total_steps
-            else:
-                training *= total_steps / steps_done  # the whole fit at the rate measured so far
-        own = self.max_overhead / (1 - self.max_overhead) * training
-        per_dissection = self.dissection_seconds / self.dissections
-        affordable = math.floor((own - self.own_seconds) / per_dissection)  # this one, the later ones, the last
-        return later + 1 <= affordable
+                return self.step_seconds * total_steps
+            if steps_done > 0:
+                return training * total_steps / steps_done  # the whole fit at the rate measured so far
+        return training
+
+    def _costs(self) -> tuple[float, float] | None:
+        """`(a dissection's seconds, a drawing's seconds)`: measured, or the calibration's estimate."""
+        per = self.dissection_seconds / self.dissections if self.dissections else self.expected_seconds
+        if per is None:
+            return None
+        return per, self.last_drawing if self.last_drawing is not None else per
+
+    def keep(self, steps_done: int, total_steps: float, later: int, first: bool = False) -> bool:
+        """Whether the dissection due now fits the budget (see the class docstring).
+
+        Args:
+            steps_done: training steps taken so far (the step of this dissection).
+            total_steps: the run's training steps (inf: unknown: the fit so far is the measure).
+            later: how many scheduled dissections come after this one, the last dissection of the run
+                included.
+            first: no dissection of the run happened yet (this one would draw).
+        """
+        costs = self._costs()
+        if self.max_overhead is None or self.started is None or costs is None:
+            return True
+        per, drawing = costs
+        own = self.max_overhead / (1 - self.max_overhead) * self._fit_training_seconds(steps_done, total_steps)
+        needed = (later + 1) * per + (2 if first and later else 1) * drawing  # the last one's drawing, this one's
+        return self.own_seconds + needed <= own
+
+    def expected(self, scheduled: int, total_steps: float) -> tuple[int, float] | None:
+        """At the plan (before the first dissection): how many of `scheduled` dissections the budget is
+        expected to afford (at least the last), and their share of the fit; None: not known."""
+        costs = self._costs()
+        if self.step_seconds is None or not math.isfinite(total_steps) or costs is None:
+            return None
+        per, drawing = costs
+        training = self.step_seconds * total_steps
+        count = max(scheduled, 1)
+        if self.max_overhead is not None:
+            own = self.max_overhead / (1 - self.max_overhead) * training
+            while count > 1 and self.own_seconds + count * per + 2 * drawing > own:
+                count -= 1
+        spent = self.own_seconds + count * per + min(count, 2) * drawing
+        return count, spent / (training + spent)

@@ -255,7 +255,8 @@ class DissectionHooks:
         skipped = f"; skipped steps {self.dissector.skipped} (max_overhead)" if self.dissector.skipped else ""
         if self.dissector.unwritten:
             skipped += f"; no files for steps {self.dissector.unwritten} ({self._context.dirpath} not writable)"
-        self._context.info(f"DissectionCallback: {budget.dissections} dissections took {budget.own_seconds:.1f} s "
+        count = f"{budget.dissections} dissection{'' if budget.dissections == 1 else 's'}"
+        self._context.info(f"DissectionCallback: {count} took {budget.own_seconds:.1f} s "
                            f"in all, {100 * budget.share:.1f}% of the fit{skipped}")
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:

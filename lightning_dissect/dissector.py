@@ -11,7 +11,8 @@ Before the first dissection of a run, `plan` decides once what the whole run is 
 probe's images at the model's input size and a probe size that keeps the callback's cost within
 `max_overhead` of the fit (`budget.py`); every dissection of the run then uses that probe, so the
 numbers at different steps are comparable. A dissection the budget cannot afford is skipped, the
-earliest first; the first one and the last one (`finish`, the final model) always happen.
+earliest first (in a run too short to afford it, also the one at step 0); the last one (`finish`,
+the final model) always happens.
 
 A dissection never changes the training run: the model is evaluated under `frozen()` (eval mode,
 no gradients, every submodule's `training` flag restored) and the Python, NumPy and torch (CPU and
@@ -319,12 +320,17 @@ class Dissector:
         if planned is not None and planned < len(probe):
             probe = probe.subset(planned)
         self.probe, self._planned_size = probe, len(probe)
+        if self._seconds_per_image is not None:
+            self.budget.expected_seconds = self._seconds_per_image * len(probe)
         where = ("the size of the training images" if size is not None and self.image_size is None
                  else "image_size" if self.image_size is not None else "the probe's own size")
-        expected = (f"{scheduled} dissections expected, " if scheduled is not None else "") + (
-            f"about {100 * self._expected_share(total_steps, step_seconds, scheduled):.1f}% of the fit"
-            if self._seconds_per_image is not None and step_seconds and math.isfinite(total_steps) and scheduled
-            else "cost not estimated")
+        outlook = self.budget.expected(scheduled, total_steps) if scheduled else None
+        if outlook is None or not scheduled:
+            expected = (f"{scheduled} dissections expected, " if scheduled is not None else "") + "cost not estimated"
+        else:
+            count, share = outlook
+            expected = (f"{count} of {scheduled} scheduled dissections expected" if count < scheduled
+                        else f"{count} dissections expected") + f", about {100 * share:.1f}% of the fit"
         budget = (f"max_overhead={self.budget.max_overhead}" if self.budget.max_overhead is not None
                   else "no overhead budget")
         context.info(f"DissectionCallback: probe of {len(probe)} of {len(loaded)} images at "
@@ -350,12 +356,6 @@ class Dissector:
         if self.max_seconds is not None:
             size = min(size, max(smallest, math.floor(self.max_seconds / self._seconds_per_image)))
         return size
-
-    def _expected_share(self, total_steps: float, step_seconds: float | None, scheduled: int | None) -> float:
-        assert self._seconds_per_image is not None and self.probe is not None
-        own = (scheduled or 0) * self._seconds_per_image * len(self.probe)
-        training = (step_seconds or 0.0) * total_steps
-        return own / (training + own) if training + own > 0 else 0.0
 
     def setup(self, model: nn.Module, context: RunContext | None = None, probe: ProbeSet | None = None) -> list[str]:
         """Choose or check the layers with one probe batch, and return them.
@@ -414,7 +414,7 @@ class Dissector:
         self.budget.start()
         if self.probe is None:
             self.plan(model, context)  # outside the try: configuration errors always raise
-        if self.history and not self._affordable(step, context):
+        if not self._affordable(step, context):
             self.skipped.append(step)
             return None
         return self._run_or_warn(model, step, epoch, context, final=False)
@@ -436,7 +436,8 @@ class Dissector:
                 started = time.perf_counter()
                 self._keep_and_show(model, self.probe, last, context, figures=True, final=True, again=True)
                 self._last_final = True
-                self.budget.spent(time.perf_counter() - started, dissection=False)
+                seconds = time.perf_counter() - started
+                self.budget.spent(seconds, dissection=False, drawing=seconds)
             return None
         if self.probe is None:
             self.plan(model, context)
@@ -455,7 +456,7 @@ class Dissector:
         later = sum(1 for planned_step in planned if planned_step > step)
         if self.at_end and (not planned or planned[-1] < context.total_steps):
             later += 1  # the final dissection
-        keep = self.budget.keep(step, context.total_steps, later)
+        keep = self.budget.keep(step, context.total_steps, later, first=not self.history)
         return slowest(context.synchronizer or default_synchronizer(), float(not keep)) == 0.0
 
     def _run_or_warn(self, model: nn.Module, step: int, epoch: int | None, context: RunContext,
@@ -491,10 +492,11 @@ class Dissector:
             dissection.settings["input_size"] = list(self.input_size or ())
             seconds = slowest(synchronizer, time.perf_counter() - started)  # the same on every rank
             report = self._record(dissection, step, epoch, seconds)
+            drawing = 0.0
             if context.is_global_zero:
-                self._keep_and_show(model, probe, report, context, figures=first or final, final=final)
+                drawing = self._keep_and_show(model, probe, report, context, figures=first or final, final=final)
             self._last_report, self._last_final = report, final
-        self.budget.spent(time.perf_counter() - started)
+        self.budget.spent(time.perf_counter() - started, drawing=drawing)
         if first:
             self._warn_if_unstable(dissection, context)
         context.info(f"DissectionCallback: step {step}, {seconds:.1f} s: " + "; ".join(
@@ -544,10 +546,11 @@ class Dissector:
                                 iou_threshold=any_layer.iou_threshold, switched=switched)
 
     def _keep_and_show(self, model: nn.Module, probe: ProbeSet, report: DissectionReport, context: RunContext,
-                       figures: bool, final: bool, again: bool = False) -> None:
+                       figures: bool, final: bool, again: bool = False) -> float:
         """On rank zero: the strips (when the figure budget allows, or `figures`), the files, and the loggers.
 
         `again`: the report was kept and shown already; only its strips and figures are added.
+        Returns the seconds the drawing took (strips, figures and showing them; 0 when nothing was drawn).
         """
         figures = self.figure_budget.due() or figures
         drawing = time.perf_counter()
@@ -556,8 +559,11 @@ class Dissector:
         if context.dirpath is not None and not again:
             self._write_files(RunFolder(context.dirpath), report, context)
         context.loggers.show(report, figures, self.on_error, context.warn, scalars=not again)
-        if figures:
-            self.figure_budget.spent(time.perf_counter() - drawing)
+        if not figures:
+            return 0.0
+        seconds = time.perf_counter() - drawing
+        self.figure_budget.spent(seconds)
+        return seconds
 
     def _write_files(self, folder: RunFolder, report: DissectionReport, context: RunContext) -> None:
         """The dissection's files and the history. A folder that cannot be written (read-only, full) warns

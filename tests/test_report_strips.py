@@ -328,3 +328,28 @@ def test_category_counts_figure_explains_a_category_with_unique_concepts_and_no_
     assert legend == ["detectors (in the category of their label)", "unique concepts (best labels with IoU > 0.04)"]
     footnote = " ".join(text.get_text() for text in figure.texts)
     assert "a category can have unique concepts and no detector" in footnote
+
+
+def test_strip_media_of_several_layers_runs_the_model_once_a_batch_and_draws_what_each_layer_alone_draws(
+        random_dataset):
+    """Every layer's top images in one forward pass (not one per layer); each strip equals the strip of
+    its layer drawn alone (`unit_strips`, the model run for that layer only), rotation included."""
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3, stride=2, padding=1))
+    rotation = {"seed": 3, "alpha": 0.5}
+    result = ld.dissect(model, probe, ["0", "2"], rotation=rotation, quantile=0.1, top_k=3)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, inputs: calls.append(inputs[0].shape[0]))
+    try:
+        media = strip_media(model, probe, result, units_per_layer=3, batch_size=64)
+    finally:
+        handle.remove()
+    union = {int(p) for name in ("0", "2") for u in select_units(result[name], 3)
+             for p in result[name].top_images[u][:5].tolist()}
+    assert calls == [len(union)]  # one pass over the union of both layers' top images
+    for name in ("0", "2"):
+        alone = unit_strips(model, probe, result[name], select_units(result[name], 3), num_images=5,
+                            rotation=rotation)
+        for unit, strip in alone.items():
+            np.testing.assert_array_equal(media[f"dissect/{name}/strips/unit_{unit}"], strip.image)

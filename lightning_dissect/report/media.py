@@ -32,7 +32,7 @@ from torch import nn
 from lightning_dissect.history import concept_changes
 from lightning_dissect.io import atomic_write
 from lightning_dissect.report.bargraph import bar_graph, iou_histogram
-from lightning_dissect.report.strips import UnitStrip, unit_strips
+from lightning_dissect.report.strips import UnitStrip, layers_activation_maps, unit_strips
 
 if TYPE_CHECKING:
     from lightning_dissect.engine.dissect import DissectionNumbers, LayerNumbers
@@ -118,7 +118,7 @@ def strip_media(
     """
     if units_per_layer < 0:
         raise ValueError(f"units_per_layer={units_per_layer!r} must be a non-negative integer")
-    media = {}
+    chosen: dict[str, tuple[list[int], dict[int, str]]] = {}
     for name, layer_result in dissection.items():
         notes: dict[int, str] = {}
         if switched is not None:
@@ -132,13 +132,26 @@ def strip_media(
         else:
             changed = []
         units = select_units(layer_result, units_per_layer, changed, max_switched)
-        if not units or layer_result.top_images.numel() == 0:
-            continue
+        if units and layer_result.top_images.numel() > 0:
+            chosen[name] = (units, notes)
+    layouts = dissection.settings.get("layer_outputs") or {}
+    maps: dict[str, dict[int, Any]] = {}
+    if activations is None and model is not None and chosen:
+        # Every layer's top images in one forward pass (not one per layer).
+        positions = {name: [int(p) for u in units for p in dissection[name].top_images[u][:num_images].tolist()]
+                     for name, (units, _) in chosen.items()}
+        running = {key: value for key, value in options.items() if key in ("device", "batch_size", "forward_context")}
+        maps = layers_activation_maps(model, probe, positions, rotation=dissection.settings.get("rotation"),
+                                      prefix_tokens=dissection.settings.get("prefix_tokens"),
+                                      layouts={name: layouts.get(name) for name in chosen}, **running)
+    media = {}
+    for name, (units, notes) in chosen.items():
+        layer_result = dissection[name]
         strips = unit_strips(
             model, probe, layer_result, units, num_images=num_images, notes=notes,
             rotation=dissection.settings.get("rotation"), prefix_tokens=dissection.settings.get("prefix_tokens"),
-            layout=(dissection.settings.get("layer_outputs") or {}).get(name),
-            activations=activations[name] if activations is not None else None, **options,
+            layout=layouts.get(name), activations=activations[name] if activations is not None else None,
+            maps=maps.get(name), **options,
         )
         if directory is not None:
             save_strips(strips, directory)

@@ -125,24 +125,61 @@ def activation_maps(
         float32 `(len(positions), K, h, w)` on the CPU.
     """
     layer = plain_name(layer)
+    maps = layers_activation_maps(model, probe, {layer: positions}, rotation=rotation, prefix_tokens=prefix_tokens,
+                                  layouts={layer: layout}, device=device, batch_size=batch_size,
+                                  forward_context=forward_context)[layer]
+    if not maps:
+        return torch.zeros(0, 0, 0, 0)
+    return torch.stack([maps[int(p)] for p in positions])
+
+
+def layers_activation_maps(
+    model: nn.Module,
+    probe: ProbeSet,
+    positions: Mapping[str, Sequence[int]],
+    *,
+    rotation: Rotation | Mapping[str, Any] | torch.Tensor | None = None,
+    prefix_tokens: int | None = None,
+    layouts: Mapping[str, OutputLayout | Mapping[str, Any] | str | None] | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> dict[str, dict[int, torch.Tensor]]:
+    """`activation_maps` of several layers in one forward pass over the union of their positions.
+
+    Args:
+        positions: layer -> the probe positions whose maps it needs.
+        layouts: layer -> the layout the dissection read it with (see `activation_maps`).
+
+    Returns:
+        layer -> {position: float32 `(K, h, w)` on the CPU}, for the positions asked of that layer.
+    """
+    wanted = {plain_name(layer): sorted({int(p) for p in given}) for layer, given in positions.items()}
+    layouts = {plain_name(layer): layout for layer, layout in (layouts or {}).items()}
+    every = sorted({p for given in wanted.values() for p in given})
+    needed_by = {layer: set(given) for layer, given in wanted.items()}
     rotation = as_rotation(rotation)
     context = forward_context or contextlib.nullcontext
-    positions = [int(p) for p in positions]
-    parts = []
+    maps: dict[str, dict[int, torch.Tensor]] = {layer: {} for layer in wanted}
+    if not every:
+        return maps
     with uncompiled(model) as plain, frozen(plain):
-        modules = resolve_layers(plain, [layer])
+        modules = resolve_layers(plain, list(wanted))
         device = torch.device(device) if device is not None else model_device(plain)
-        for start in range(0, len(positions), batch_size):
-            batch = positions[start : start + batch_size]
+        for start in range(0, len(every), batch_size):
+            batch = every[start : start + batch_size]
             with LayerCapture(modules) as capture, context():
-                output = capture.run(plain, cast_to_model(probe.model_input(batch, device), plain))[layer]
-            maps = as_unit_maps(output, layer, layout, prefix_tokens)
-            if rotation is not None:
-                maps = rotate_units(maps, rotation.resolve(maps.shape[1]))
-            parts.append(maps.cpu())
-    if not parts:
-        return torch.zeros(0, 0, 0, 0)
-    return torch.cat(parts)
+                outputs = capture.run(plain, cast_to_model(probe.model_input(batch, device), plain))
+            for layer, needed in needed_by.items():
+                rows = [i for i, p in enumerate(batch) if p in needed]
+                if not rows:
+                    continue
+                layer_maps = as_unit_maps(outputs[layer], layer, layouts.get(layer), prefix_tokens)[rows]
+                if rotation is not None:
+                    layer_maps = rotate_units(layer_maps, rotation.resolve(layer_maps.shape[1]))
+                layer_maps = layer_maps.cpu()
+                maps[layer].update({batch[i]: layer_maps[j] for j, i in enumerate(rows)})
+    return maps
 
 
 def draw_mask(image: np.ndarray, mask: np.ndarray, dim: float = DIM, border: int = 1,
@@ -327,6 +364,7 @@ def unit_strips(
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
     notes: Mapping[int, str] | None = None,
     dim: float = DIM,
+    maps: Mapping[int, torch.Tensor] | None = None,
 ) -> dict[int, UnitStrip]:
     """The strips of `units` of one dissected layer.
 
@@ -346,6 +384,9 @@ def unit_strips(
         activations: `(N, K, h, w)`, `(N, h, w, K)` or `(N, T, K)` activations of the layer
             in probe order (read with `layout`), instead of running the model.
         num_images: how many top images per strip (default: all the dissection kept).
+        maps: probe position -> raw `(K, h, w)` maps of the layer, rotated as in the dissection
+            (`layers_activation_maps`), holding every top image of `units`: neither the model
+            nor `activations` is read.
 
     Returns:
         unit -> `UnitStrip`.
@@ -367,7 +408,13 @@ def unit_strips(
     if positions and max(positions) >= len(probe):
         raise ValueError(f"layer {layer_result.layer!r} names probe position {max(positions)} but the probe has "
                          f"{len(probe)} images: pass the probe set the layer was dissected on")
-    if activations is not None:
+    if maps is not None:
+        missing = [p for p in positions if p not in maps]
+        if missing:
+            raise ValueError(f"maps= lacks probe position(s) {missing[:10]} of the top images of layer "
+                             f"{layer_result.layer!r}")
+        raw = torch.stack([maps[p] for p in positions]) if positions else torch.zeros(0, 0, 0, 0)
+    elif activations is not None:
         index = torch.tensor(positions, dtype=torch.long, device=activations.device)
         raw = as_unit_maps(activations[index], layer_result.layer, layout, prefix_tokens).cpu()
         rotation = as_rotation(rotation)
@@ -382,9 +429,9 @@ def unit_strips(
     if positions and raw.shape[1] != layer_result.num_units:
         raise DissectionError(f"layer {layer_result.layer!r} now has {raw.shape[1]} units, the dissection "
                               f"{layer_result.num_units}")
-    maps = {p: raw[i] for i, p in enumerate(positions)}
-    _warn_if_changed(layer_result, units, maps, num_images)
-    return strips_from_maps(probe, layer_result, units, maps, num_images=num_images, dim=dim, notes=notes)
+    by_position = {p: raw[i] for i, p in enumerate(positions)}
+    _warn_if_changed(layer_result, units, by_position, num_images)
+    return strips_from_maps(probe, layer_result, units, by_position, num_images=num_images, dim=dim, notes=notes)
 
 
 def _nearest(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:

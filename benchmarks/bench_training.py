@@ -97,6 +97,9 @@ def fit(case: str, with_callback: bool, output: str, cache_dir: str | None, step
     result: dict[str, Any] = {"seconds": seconds}
     if callbacks:
         dissector = callbacks[0].dissector
+        budget = dissector.budget
+        result.update(dissection=budget.dissection_seconds / max(budget.dissections, 1),
+                      drawing=budget.last_drawing or 0.0)
         result.update(own=dissector.budget.own_seconds, steps=sorted({entry.step for entry in dissector.history}),
                       skipped=list(dissector.skipped), probe=len(dissector.probe) if dissector.probe else 0)
     return result
@@ -118,9 +121,10 @@ def measure(case: str, repeats: int, cache_dir: str | None, steps: int | None) -
          " / ".join(f"{run['seconds']:.1f}" for run in runs[True]), f"{100 * (best['seconds'] / without - 1):.1f}%"],
     ])
     print()
-    print_table(["fit with the callback", "callback's own seconds", "of that fit", "probe", "dissected steps",
-                 "skipped by the budget"],
-                [[f"run {number + 1}", run["own"], f"{100 * run['own'] / run['seconds']:.1f}%", run["probe"],
+    print_table(["fit with the callback", "callback's own seconds", "of that fit", "a dissection s",
+                 "last drawing s", "probe", "dissected steps", "skipped by the budget"],
+                [[f"run {number + 1}", run["own"], f"{100 * run['own'] / run['seconds']:.1f}%",
+                  f"{run['dissection']:.2f}", f"{run['drawing']:.2f}", run["probe"],
                   " ".join(map(str, run["steps"])), " ".join(map(str, run["skipped"])) or "-"]
                  for number, run in enumerate(runs[True])])
 

@@ -70,6 +70,10 @@ def validate_max_seconds(max_seconds: float | None) -> None:
         raise ValueError(f"max_seconds={max_seconds!r} must be a positive number of seconds or None")
 
 
+# Before a drawing (figures and strips) is measured, one is expected to take this many dissections: the
+# first and the final drawing took 1.3 to 4 times a dissection in bench_training's runs (docs/performance.md).
+DRAWING_PER_DISSECTION = 2.0
+
 # Training steps after which the measured rate, not the plan's estimate, projects the fit's length.
 MEASURED_AFTER_STEPS = 20
 
@@ -90,7 +94,7 @@ class OverheadBudget:
       step). Counted are this dissection, every later one, and the drawings still due: the last
       dissection's, and this one's when it is the run's first (both always draw). Before any
       dissection is measured, one costs what the calibration predicts (`expected_seconds`) and a
-      drawing as much as a dissection. What does not fit is skipped, the earliest scheduled dissections
+      drawing `DRAWING_PER_DISSECTION` dissections. What does not fit is skipped, the earliest scheduled dissections
       first (log-spaced schedules lose their dense early steps, and a short run its step 0); the last
       dissection of a run is never skipped (the caller does not ask).
 
@@ -179,7 +183,7 @@ class OverheadBudget:
         per = self.dissection_seconds / self.dissections if self.dissections else self.expected_seconds
         if per is None:
             return None
-        return per, self.last_drawing if self.last_drawing is not None else per
+        return per, self.last_drawing if self.last_drawing is not None else DRAWING_PER_DISSECTION * per
 
     def keep(self, steps_done: int, total_steps: float, later: int, first: bool = False) -> bool:
         """Whether the dissection due now fits the budget (see the class docstring).

@@ -63,38 +63,39 @@ def simulated_run(budget: OverheadBudget, now: list[float], steps: int, step_sec
 def test_budget_skips_the_earliest_scheduled_dissections_and_keeps_the_latest():
     """300 steps of 0.27 s: 81 s of training, 5% of the fit is 4.263 s (0.05 / 0.95 of 81 s). Dissections
     of 0.5 s (the calibration's estimate before one is measured); the first and the last draw for 0.3 s
-    (estimated as a dissection, 0.5 s, until one is measured). Worked out by hand, for this dissection,
+    (estimated as two dissections, 1.0 s, until one is measured). Worked out by hand, for this dissection,
     the later ones (the final included) and the drawings due:
-    step 0: 10 x 0.5 + 2 x 0.5 = 6.0 > 4.263, skipped; step 1: 9 x 0.5 + 1.0 = 5.5; step 2: 5.0; step 4:
-    4.5, skipped; step 9: 6 x 0.5 + 1.0 = 4.0, kept (0.8 s spent). Step 20 (from now on the measured rate
-    projects the same 81 s): 0.8 + 5 x 0.5 + 0.3 = 3.6, kept; so are 44, 97 and 213 (3.6 each time), and
-    the final one: 3.6 s in all."""
+    step 0: 10 x 0.5 + 2 x 1.0 = 7.0 > 4.263, skipped; step 1: 9 x 0.5 + 2.0 = 6.5; step 2: 6.0; step 4:
+    5.5; step 9: 5.0; step 20 (from now on the measured rate projects the same 81 s): 4.5, skipped;
+    step 44: 4 x 0.5 + 2.0 = 4.0, kept (0.8 s spent). Step 97: 0.8 + 3 x 0.5 + 0.3 (the drawing now
+    measured) = 2.6, kept; so is 213 (2.6), and the final one: 2.6 s in all."""
     now = [0.0]
     budget = OverheadBudget(0.05, clock=lambda: now[0])
     assert budget.plan_probe_size(0.0025, 0.27, 300, dissections=10, largest=200, smallest=200) == 200
     budget.expected_seconds = 0.0025 * 200
-    # The plan's outlook: n dissections and two drawings within 4.263 s: n x 0.5 + 1.0 <= 4.263, n = 6.
-    assert budget.expected(10, 300) == (6, pytest.approx((6 * 0.5 + 2 * 0.5) / (81 + 6 * 0.5 + 2 * 0.5)))
-    assert simulated_run(budget, now, 300, lambda step: 0.27) == [9, 20, 44, 97, 213, 300]
-    assert budget.own_seconds == pytest.approx(3.6) and budget.share == pytest.approx(3.6 / (81 + 3.6))
+    # The plan's outlook: n dissections and two drawings within 4.263 s: n x 0.5 + 2.0 <= 4.263, n = 4.
+    assert budget.expected(10, 300) == (4, pytest.approx((4 * 0.5 + 2 * 1.0) / (81 + 4 * 0.5 + 2 * 1.0)))
+    assert simulated_run(budget, now, 300, lambda step: 0.27) == [44, 97, 213, 300]
+    assert budget.own_seconds == pytest.approx(2.6) and budget.share == pytest.approx(2.6 / (81 + 2.6))
     # Ten times longer: 5% of 810 s affords every scheduled dissection, step 0 first.
     now = [0.0]
     long = OverheadBudget(0.05, clock=lambda: now[0])
     long.plan_probe_size(0.0025, 0.27, 3000, dissections=12, largest=200, smallest=200)
     long.expected_seconds = 0.5
-    assert long.expected(12, 3000) == (12, pytest.approx((12 * 0.5 + 2 * 0.5) / (810 + 12 * 0.5 + 2 * 0.5)))
+    assert long.expected(12, 3000) == (12, pytest.approx((12 * 0.5 + 2 * 1.0) / (810 + 12 * 0.5 + 2 * 1.0)))
     assert simulated_run(long, now, 3000, lambda step: 0.27) == log_spaced().planned_steps(3000) + [3000]
 
 
 def test_slow_first_steps_do_not_spend_the_budget_on_the_earliest_dissections():
     """The first training step takes 5 s (loaders starting), the others 0.27 s. Projected from the first
     step the fit would last 1500 s and every early dissection would fit; the plan's estimate of a step
-    (0.27 s) projects until step 20, so the earliest are skipped as with a steady rate."""
+    (0.27 s) projects until step 20, so steps 0 to 9 are skipped as with a steady rate. From step 20 the
+    measured rate, the slow step included, projects 152 s: 5% of it affords step 20 as well."""
     now = [0.0]
     budget = OverheadBudget(0.05, clock=lambda: now[0])
     budget.plan_probe_size(0.0025, 0.27, 300, dissections=10, largest=200, smallest=200)
     budget.expected_seconds = 0.5
-    assert simulated_run(budget, now, 300, lambda step: 5.0 if step == 1 else 0.27) == [9, 20, 44, 97, 213, 300]
+    assert simulated_run(budget, now, 300, lambda step: 5.0 if step == 1 else 0.27) == [20, 44, 97, 213, 300]
 
 
 # ---------------------------------------------------------------------- real runs

@@ -12,8 +12,9 @@ with, ...), and the best (shortest) fit of each kind compared:
   the callback's defaults otherwise.
 
 Besides the wall times, the callback's own accounted time (`Dissector.budget.own_seconds`:
-calibration, dissections, figures, files) is printed against the fit, with the steps it dissected
-and those the budget skipped.
+calibration, dissections, figures, files) is printed against the fit, with the wall time of all its
+hooks as the trainer calls them (measured from outside: everything the callback costs), the steps it
+dissected and those the budget skipped.
 
     python -m benchmarks.bench_training                  # both cases, 3 runs of each kind (about 20 minutes)
     python -m benchmarks.bench_training --case user --repeats 2
@@ -61,6 +62,28 @@ def user_module() -> Any:
     return ThreeConv()
 
 
+def time_hooks(callback: Any) -> dict[str, float]:
+    """Wrap every Lightning hook of `callback` (this instance only) to add up its wall time: all the time the
+    trainer spends in the callback, whatever the callback itself accounts for."""
+    from lightning.pytorch import Callback
+
+    seconds: dict[str, float] = {}
+
+    def timer(name: str, hook: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
+        return timed
+
+    for name in dir(Callback):
+        if name.startswith("on_") or name in ("setup", "teardown", "state_dict", "load_state_dict"):
+            setattr(callback, name, timer(name, getattr(callback, name)))
+    return seconds
+
+
 def fit(case: str, with_callback: bool, output: str, cache_dir: str | None, steps: int | None) -> dict[str, Any]:
     """One fit; its wall time and, with the callback, what the callback accounted for."""
     from lightning.pytorch import Trainer, seed_everything
@@ -91,11 +114,13 @@ def fit(case: str, with_callback: bool, output: str, cache_dir: str | None, step
         logger = TensorBoardLogger(output, name="emergence")
         trainer = make_trainer(steps or 1000, root_dir=output, callbacks=callbacks, logger=logger)
         loaders = (train_loader, val_loader)
+    hooks = time_hooks(callbacks[0]) if callbacks else {}
     started = time.perf_counter()
     trainer.fit(module, *loaders)
     seconds = time.perf_counter() - started
     result: dict[str, Any] = {"seconds": seconds}
     if callbacks:
+        result["hooks"] = sum(hooks.values())
         dissector = callbacks[0].dissector
         budget = dissector.budget
         result.update(dissection=budget.dissection_seconds / max(budget.dissections, 1),
@@ -121,9 +146,10 @@ def measure(case: str, repeats: int, cache_dir: str | None, steps: int | None) -
          " / ".join(f"{run['seconds']:.1f}" for run in runs[True]), f"{100 * (best['seconds'] / without - 1):.1f}%"],
     ])
     print()
-    print_table(["fit with the callback", "callback's own seconds", "of that fit", "a dissection s",
-                 "last drawing s", "probe", "dissected steps", "skipped by the budget"],
+    print_table(["fit with the callback", "callback's own seconds", "of that fit", "in its hooks (all)",
+                 "a dissection s", "last drawing s", "probe", "dissected steps", "skipped by the budget"],
                 [[f"run {number + 1}", run["own"], f"{100 * run['own'] / run['seconds']:.1f}%",
+                  f"{run['hooks']:.2f} s, {100 * run['hooks'] / run['seconds']:.1f}%",
                   f"{run['dissection']:.2f}", f"{run['drawing']:.2f}", run["probe"],
                   " ".join(map(str, run["steps"])), " ".join(map(str, run["skipped"])) or "-"]
                  for number, run in enumerate(runs[True])])

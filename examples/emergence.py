@@ -46,8 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="blocks of the CNN to dissect")
     parser.add_argument("--probe-size", type=int, default=300, help="validation images in the probe")
     parser.add_argument("--factor", type=float, default=2.2, help="spacing of the log-spaced dissection steps")
-    parser.add_argument("--max-overhead", type=fraction_or_none, default=0.05,
-                        help="the callback's share of the training time (default 0.05; 'none': every scheduled step)")
+    parser.add_argument("--max-overhead", type=fraction_or_none, default=None,
+                        help="the callback's share of the training time (default none: every scheduled step, "
+                             "as the analysis needs; the callback's own default is 0.05)")
     parser.add_argument("--task", default="background", help="the synthetic task to learn")
     parser.add_argument("--seed", type=int, default=0, help="seed of the run")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the synthetic dataset is cached")

@@ -54,8 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layers", nargs="+", default=["model.conv3", "model.conv4"],
                         help="layers to dissect (modules of the LightningModule)")
     parser.add_argument("--max-overhead", type=lambda text: None if text.lower() == "none" else float(text),
-                        default=0.05,
-                        help="the callback's share of the training time (default 0.05; 'none': every scheduled step)")
+                        default=None,
+                        help="the callback's share of the training time (default none: every scheduled step, "
+                             "as the analysis needs; the callback's own default is 0.05)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the synthetic dataset is cached")
     parser.add_argument("--no-progress", dest="progress", action="store_false")

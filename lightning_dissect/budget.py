@@ -70,9 +70,10 @@ def validate_max_seconds(max_seconds: float | None) -> None:
         raise ValueError(f"max_seconds={max_seconds!r} must be a positive number of seconds or None")
 
 
-# Before a drawing (figures and strips) is measured, one is expected to take this many dissections: the
-# first and the final drawing took 1.3 to 4 times a dissection in bench_training's runs (docs/performance.md).
-DRAWING_PER_DISSECTION = 2.0
+# Before a drawing (figures and strips) is measured, one is expected to take this many dissections: drawings
+# do not shrink with the probe as dissections do, and took 1.4 to 1.8 times a dissection in bench_training's
+# one-layer run, 5 to 6 times in its four-layer run of a small CNN (docs/performance.md); the larger holds.
+DRAWING_PER_DISSECTION = 6.0
 
 # Training steps after which the measured rate, not the plan's estimate, projects the fit's length.
 MEASURED_AFTER_STEPS = 20
@@ -94,22 +95,26 @@ class OverheadBudget:
       step). Counted are this dissection, every later one, and the drawings still due: the last
       dissection's, and this one's when it is the run's first (both always draw). Before any
       dissection is measured, one costs what the calibration predicts (`expected_seconds`) and a
-      drawing `DRAWING_PER_DISSECTION` dissections. What does not fit is skipped, the earliest scheduled dissections
-      first (log-spaced schedules lose their dense early steps, and a short run its step 0); the last
-      dissection of a run is never skipped (the caller does not ask).
+      drawing `drawing_per_dissection` dissections (`DRAWING_PER_DISSECTION`). What does not fit
+      is skipped, the earliest scheduled dissections first (log-spaced schedules lose their dense
+      early steps, and a short run its step 0); the last dissection of a run is never skipped (the
+      caller does not ask).
 
     Args:
         max_overhead: the fraction of the fit's wall time, e.g. 0.05; None: no budget.
         clock: seconds (default `time.perf_counter`), replaceable in tests.
+        drawing_per_dissection: a drawing's seconds in dissections, until one is measured.
     """
 
-    def __init__(self, max_overhead: float | None, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, max_overhead: float | None, clock: Callable[[], float] = time.perf_counter,
+                 drawing_per_dissection: float = DRAWING_PER_DISSECTION) -> None:
         if max_overhead is not None and (isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float))
                                          or not 0 < max_overhead < 1):
             raise ValueError(f"max_overhead={max_overhead!r} must be a fraction of the fit's wall time in (0, 1), "
                              "e.g. 0.05, or None (every scheduled dissection on the whole probe)")
         self.max_overhead = max_overhead
         self.clock = clock
+        self.drawing_per_dissection = drawing_per_dissection
         self.started: float | None = None  # the fit's start
         self.own_seconds = 0.0  # everything the callback did
         self.dissections = 0
@@ -183,7 +188,7 @@ class OverheadBudget:
         per = self.dissection_seconds / self.dissections if self.dissections else self.expected_seconds
         if per is None:
             return None
-        return per, self.last_drawing if self.last_drawing is not None else DRAWING_PER_DISSECTION * per
+        return per, self.last_drawing if self.last_drawing is not None else self.drawing_per_dissection * per
 
     def keep(self, steps_done: int, total_steps: float, later: int, first: bool = False) -> bool:
         """Whether the dissection due now fits the budget (see the class docstring).

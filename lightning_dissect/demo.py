@@ -213,7 +213,7 @@ def emergence_run(output: str | os.PathLike, steps: int = 600, num_images: int =
                   probe_size: int | None = None, task: str = "background", width: int = 32, seed: int = 0,
                   layers: Sequence[str] = ("model.conv3", "model.conv4"), batch_size: int = 32,
                   factor: float = 2.2, cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                  max_overhead: float | None = 0.05, echo: Callable[[str], None] = lambda message: None) -> dict:
+                  max_overhead: float | None = None, echo: Callable[[str], None] = lambda message: None) -> dict:
     """Train :class:`SmallCNN` from scratch with `DissectionCallback` and draw the emergence figures.
 
     What `lightning-dissect demo` and `examples/emergence.py` run: the synthetic dataset (generated
@@ -235,7 +235,9 @@ def emergence_run(output: str | os.PathLike, steps: int = 600, num_images: int =
         factor: spacing of the log-spaced dissection steps.
         cache_dir: the dataset cache (default `$LIGHTNING_DISSECT_CACHE` or `~/.cache/lightning_dissect`).
         progress: show progress bars (on a terminal only: `progress.show_progress`).
-        max_overhead: the callback's cost budget (`DissectionCallback`); None dissects at every scheduled step.
+        max_overhead: the callback's cost budget (`DissectionCallback`); None (here the default: the run is
+            about its dissections) dissects at every scheduled step. A run of a minute on a CPU affords
+            only its final dissection within the callback's default 5%.
         echo: called with each progress message.
 
     Returns:

@@ -70,7 +70,7 @@ def test_budget_skips_the_earliest_scheduled_dissections_and_keeps_the_latest():
     step 44: 4 x 0.5 + 2.0 = 4.0, kept (0.8 s spent). Step 97: 0.8 + 3 x 0.5 + 0.3 (the drawing now
     measured) = 2.6, kept; so is 213 (2.6), and the final one: 2.6 s in all."""
     now = [0.0]
-    budget = OverheadBudget(0.05, clock=lambda: now[0])
+    budget = OverheadBudget(0.05, clock=lambda: now[0], drawing_per_dissection=2.0)
     assert budget.plan_probe_size(0.0025, 0.27, 300, dissections=10, largest=200, smallest=200) == 200
     budget.expected_seconds = 0.0025 * 200
     # The plan's outlook: n dissections and two drawings within 4.263 s: n x 0.5 + 2.0 <= 4.263, n = 4.
@@ -79,11 +79,17 @@ def test_budget_skips_the_earliest_scheduled_dissections_and_keeps_the_latest():
     assert budget.own_seconds == pytest.approx(2.6) and budget.share == pytest.approx(2.6 / (81 + 2.6))
     # Ten times longer: 5% of 810 s affords every scheduled dissection, step 0 first.
     now = [0.0]
-    long = OverheadBudget(0.05, clock=lambda: now[0])
+    long = OverheadBudget(0.05, clock=lambda: now[0], drawing_per_dissection=2.0)
     long.plan_probe_size(0.0025, 0.27, 3000, dissections=12, largest=200, smallest=200)
     long.expected_seconds = 0.5
     assert long.expected(12, 3000) == (12, pytest.approx((12 * 0.5 + 2 * 1.0) / (810 + 12 * 0.5 + 2 * 1.0)))
     assert simulated_run(long, now, 3000, lambda step: 0.27) == log_spaced().planned_steps(3000) + [3000]
+    # By default a drawing is expected to take DRAWING_PER_DISSECTION (6) dissections, 3.0 s: within the
+    # 4.263 s of the 300-step fit, only the final dissection (0.5 s and its drawing).
+    default = OverheadBudget(0.05)
+    default.plan_probe_size(0.0025, 0.27, 300, dissections=10, largest=200, smallest=200)
+    default.expected_seconds = 0.5
+    assert default.expected(10, 300) == (1, pytest.approx((0.5 + 3.0) / (81 + 0.5 + 3.0)))
 
 
 def test_slow_first_steps_do_not_spend_the_budget_on_the_earliest_dissections():
@@ -92,7 +98,7 @@ def test_slow_first_steps_do_not_spend_the_budget_on_the_earliest_dissections():
     (0.27 s) projects until step 20, so steps 0 to 9 are skipped as with a steady rate. From step 20 the
     measured rate, the slow step included, projects 152 s: 5% of it affords step 20 as well."""
     now = [0.0]
-    budget = OverheadBudget(0.05, clock=lambda: now[0])
+    budget = OverheadBudget(0.05, clock=lambda: now[0], drawing_per_dissection=2.0)
     budget.plan_probe_size(0.0025, 0.27, 300, dissections=10, largest=200, smallest=200)
     budget.expected_seconds = 0.5
     assert simulated_run(budget, now, 300, lambda step: 5.0 if step == 1 else 0.27) == [20, 44, 97, 213, 300]

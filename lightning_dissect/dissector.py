@@ -281,7 +281,7 @@ class Dissector:
         """Decide, once per run, the probe the run is dissected on, and choose or check the layers.
 
         The probe's images go to the model at `input_size` (unless `image_size` was given); with a
-        budget (`max_overhead`, `max_seconds`), one calibration dissection of a probe batch measures
+        budget (`max_overhead`, `max_seconds`), one calibration dissection of half a probe batch measures
         the seconds per probe image, and the probe is cut to the size the budget affords (a subset of
         the same draw), never below `MIN_PROBE_SIZE` images. The decision is logged in one line.
         A resumed run (`load_state_dict`) keeps the size it had. Called by the first `maybe_run`
@@ -306,6 +306,7 @@ class Dissector:
         if self.probe is not None:
             return self.probe
         context = context or self.context
+        started, spent = time.perf_counter(), self.budget.own_seconds
         loaded = self.load_probe(context.info)
         if self.image_size is not None:
             size: tuple[int, int] | None = (self.image_size, self.image_size)
@@ -335,13 +336,16 @@ class Dissector:
                   else "no overhead budget")
         context.info(f"DissectionCallback: probe of {len(probe)} of {len(loaded)} images at "
                      f"{self.input_size[0]}x{self.input_size[1]} ({where}); {expected} ({budget})")
+        # The plan's own time (the probe loaded and resized, the layers chosen and checked) is the callback's
+        # too; the calibration in it was counted already.
+        self.budget.spent(time.perf_counter() - started - (self.budget.own_seconds - spent), dissection=False)
         return probe
 
     def _afford(self, model: nn.Module, context: RunContext, probe: ProbeSet, total_steps: float,
                 step_seconds: float | None, scheduled: int | None) -> int:
-        """The probe size the budget affords, from a calibration dissection of one probe batch."""
+        """The probe size the budget affords, from a calibration dissection of half a probe batch."""
         assert self.layers is not None
-        calibration = probe.subset(min(len(probe), self.options["batch_size"]))
+        calibration = probe.subset(min(len(probe), max(1, self.options["batch_size"] // 2)))
         started = time.perf_counter()
         with guard(context.synchronizer or default_synchronizer()):
             self._dissect(model, calibration, self.layers, context)

@@ -353,3 +353,14 @@ def test_strip_media_of_several_layers_runs_the_model_once_a_batch_and_draws_wha
                             rotation=rotation)
         for unit, strip in alone.items():
             np.testing.assert_array_equal(media[f"dissect/{name}/strips/unit_{unit}"], strip.image)
+
+
+@pytest.mark.parametrize("scale, border", [(1, 1), (2, 1), (2, 2), (3, 3)])
+def test_draw_mask_at_a_scale_equals_drawing_on_the_enlarged_image(scale, border):
+    rng = np.random.default_rng(scale * 10 + border)
+    images = rng.integers(0, 256, (3, 9, 7, 3), dtype=np.uint8)
+    masks = rng.random((3, 9, 7)) < 0.2
+    enlarged = draw_mask(images.repeat(scale, 1).repeat(scale, 2), masks.repeat(scale, 1).repeat(scale, 2),
+                         border=border)
+    np.testing.assert_array_equal(draw_mask(images, masks, border=border, scale=scale), enlarged)
+    np.testing.assert_array_equal(draw_mask(images[1], masks[1], border=border, scale=scale), enlarged[1])

@@ -22,6 +22,7 @@ precomputed activations (`activations=`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -183,7 +184,7 @@ def layers_activation_maps(
 
 
 def draw_mask(image: np.ndarray, mask: np.ndarray, dim: float = DIM, border: int = 1,
-              border_color: tuple[int, int, int] = BORDER_COLOR) -> np.ndarray:
+              border_color: tuple[int, int, int] = BORDER_COLOR, scale: int = 1) -> np.ndarray:
     """An image with the pixels outside `mask` dimmed and the mask's outline drawn.
 
     The outline is drawn on the `border` pixels just *outside* the mask (a square
@@ -192,9 +193,12 @@ def draw_mask(image: np.ndarray, mask: np.ndarray, dim: float = DIM, border: int
     Args:
         image: uint8 `(..., H, W, 3)`: one image, or a stack of them.
         mask: bool `(..., H, W)`.
+        scale: enlarge image and mask by this whole factor (pixel replication) before the
+            outline is drawn; the dimming is done at the image's own size first, which gives
+            the same pixels as dimming the enlarged image.
 
     Returns:
-        uint8 `(..., H, W, 3)`.
+        uint8 `(..., scale H, scale W, 3)`.
     """
     dimmed = np.rint(np.arange(256) * dim).astype(np.uint8)
     tile = np.take(dimmed, image)
@@ -202,9 +206,17 @@ def draw_mask(image: np.ndarray, mask: np.ndarray, dim: float = DIM, border: int
     pixels, original = tile.reshape(-1, 3), np.ascontiguousarray(image).reshape(-1, 3)
     inside = np.flatnonzero(mask)
     pixels[inside] = original[inside]
+    if scale != 1:
+        tile, mask = _enlarge_rows_columns(tile, scale, -3), _enlarge_rows_columns(mask, scale, -2)
+        pixels = tile.reshape(-1, 3)
     if border > 0 and inside.size:
         pixels[np.flatnonzero(_dilate(mask, border) & ~mask)] = border_color
     return tile
+
+
+def _enlarge_rows_columns(array: np.ndarray, scale: int, rows: int) -> np.ndarray:
+    """Repeat each element `scale` times along axis `rows` (negative) and the axis after it."""
+    return array.repeat(scale, axis=rows).repeat(scale, axis=rows + 1)
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -230,11 +242,7 @@ def enlarge(pixels: np.ndarray, scale: int) -> np.ndarray:
     return pixels if scale == 1 else pixels.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
-def enlarge_stack(pixels: np.ndarray, scale: int) -> np.ndarray:
-    """`enlarge` every item of a stack (`(k, H, W, ...)` -> `(k, scale H, scale W, ...)`)."""
-    return pixels if scale == 1 else pixels.repeat(scale, axis=1).repeat(scale, axis=2)
-
-
+@functools.lru_cache(maxsize=8)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     # DejaVu Sans comes with matplotlib (a dependency), so captions do not depend on system fonts;
     # Pillow's default (Aileron since 10.1) sets words too tightly to read at caption sizes.
@@ -333,7 +341,7 @@ def strips_from_maps(
             counted = upsample_masks(raw, threshold, probe.segmentation_size).reshape(-1, *probe.segmentation_size)
             masks = _nearest(counted.numpy(), image_size)
             pixels = images[positions].permute(0, 2, 3, 1).numpy()
-            tiles = draw_mask(enlarge_stack(pixels, scale), enlarge_stack(masks, scale), dim, border)
+            tiles = draw_mask(pixels, masks, dim, border, scale=scale)
         else:
             masks = np.zeros((0, *image_size), dtype=bool)
             tiles = np.zeros((0, scale * image_size[0], scale * image_size[1], 3), dtype=np.uint8)

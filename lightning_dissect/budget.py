@@ -203,6 +203,8 @@ class OverheadBudget:
         costs = self._costs()
         if self.max_overhead is None or self.started is None or costs is None:
             return True
+        if steps_done <= 0 and (self.step_seconds is None or not math.isfinite(total_steps)):
+            return True  # before training, with no estimate of the fit's length: nothing to weigh it against
         per, drawing = costs
         own = self.max_overhead / (1 - self.max_overhead) * self._fit_training_seconds(steps_done, total_steps)
         needed = (later + 1) * per + (2 if first and later else 1) * drawing  # the last one's drawing, this one's

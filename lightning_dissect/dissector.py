@@ -331,7 +331,8 @@ class Dissector:
         else:
             count, share = outlook
             expected = (f"{count} of {scheduled} scheduled dissections expected" if count < scheduled
-                        else f"{count} dissections expected") + f", about {100 * share:.1f}% of the fit"
+                        else f"{count} dissections expected") + (" (the last, never skipped)" if count == 1 else "") + (
+                f", about {100 * share:.1f}% of the fit")
         budget = (f"max_overhead={self.budget.max_overhead}" if self.budget.max_overhead is not None
                   else "no overhead budget")
         context.info(f"DissectionCallback: probe of {len(probe)} of {len(loaded)} images at "

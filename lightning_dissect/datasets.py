@@ -691,12 +691,14 @@ class COCOPanopticConcepts(ConceptDataset):
     def __repr__(self) -> str:
         return f"COCOPanopticConcepts({str(self.images_folder)!r}, {len(self)} images)"
 
+    def _image_file(self, i: int) -> Path:
+        return self.images_folder / self.file_names[self.image_ids[i]]
+
     def _segment_file(self, i: int) -> Path:
         return self.segments_folder / self.annotations[self.image_ids[i]]["file_name"]
 
     def where(self, i: int) -> str:
-        return (f"item {i} (image id {self.image_ids[i]}, {self.images_folder / self.file_names[self.image_ids[i]]}) "
-                f"of {self!r}")
+        return f"item {i} (image id {self.image_ids[i]}, {self._image_file(i)}) of {self!r}"
 
     def split(self, i: int) -> str:
         return self._split
@@ -705,8 +707,7 @@ class COCOPanopticConcepts(ConceptDataset):
         return os.path.splitext(self.file_names[self.image_ids[i]])[0]
 
     def files(self, i: int) -> list[str]:
-        return relative_files(self.root, [self.images_folder / self.file_names[self.image_ids[i]],
-                                          self._segment_file(i)])
+        return relative_files(self.root, [self._image_file(i), self._segment_file(i)])
 
     def fingerprint(self) -> str:
         return _fingerprint({"adapter": "COCO panoptic", **self.resize.state(), "exclude": self.exclude,
@@ -741,9 +742,9 @@ class COCOPanopticConcepts(ConceptDataset):
         return {category: [label_map] for category, label_map in maps.items()}
 
     def labels(self, i: int) -> dict[str, Any]:
-        with _open_image(self.images_folder / self.file_names[self.image_ids[i]], self.where(i)) as image:
+        with _open_image(self._image_file(i), self.where(i)) as image:
             return self.resize.maps(self._labels(i, image), image)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, dict[str, Any]]:
-        image = _open_image(self.images_folder / self.file_names[self.image_ids[i]], self.where(i))
+        image = _open_image(self._image_file(i), self.where(i))
         return self.resize.item(image, self._labels(i, image), self.where(i))

@@ -326,7 +326,7 @@ class Dissector:
         where = ("the size of the training images" if size is not None and self.image_size is None
                  else "image_size" if self.image_size is not None else "the probe's own size")
         outlook = self.budget.expected(scheduled, total_steps) if scheduled else None
-        if outlook is None or not scheduled:
+        if outlook is None or scheduled is None:
             expected = (f"{scheduled} dissections expected, " if scheduled is not None else "") + "cost not estimated"
         else:
             count, share = outlook

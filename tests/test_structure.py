@@ -10,15 +10,17 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "lightning_dissect"
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def module_name(path: Path, root: Path = PACKAGE.parent) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> list[tuple[str, list[str], int]]:
-    """Every import in the file, at any depth (functions included): `(module, names, line)`."""
+def imports(path: Path, root: Path = PACKAGE.parent) -> list[tuple[str, list[str], int]]:
+    """Every import in the file, at any depth (functions included): `(module, names, line)`; `root` holds
+    the package folder (relative imports are resolved from the file's place under it)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    name = module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -110,10 +112,5 @@ def test_the_checks_see_imports_at_any_depth(tmp_path):
     source = tmp_path / "lightning_dissect" / "engine" / "x.py"
     source.parent.mkdir(parents=True)
     source.write_text("def f():\n    from lightning_dissect.callback import _private\n    from . import capture\n")
-    global PACKAGE
-    saved, PACKAGE = PACKAGE, tmp_path / "lightning_dissect"
-    try:
-        found = imports(source)
-    finally:
-        PACKAGE = saved
+    found = imports(source, root=tmp_path)
     assert found == [("lightning_dissect.callback", ["_private"], 2), ("lightning_dissect.engine", ["capture"], 3)]

@@ -23,12 +23,13 @@ def random_activations(n: int, units: int, size: int, seed: int, ties: bool = Fa
 
 
 def running_top(units: int, k: int, batches: list[torch.Tensor]) -> torch.Tensor:
-    """The engine's running top-k state after `batches` `(B, K, ...)`, from empty."""
+    """The engine's running top-k state after `batches` `(B, K, ...)`, from empty, sorted (the state
+    holds its values in no particular order)."""
     top, seen = torch.full((units, k), -float("inf")), 0
     for batch in batches:
         top = top_values_update(top, batch, seen)
         seen += batch[:, 0].numel()
-    return top
+    return top.sort(dim=1, descending=True).values
 
 
 @pytest.mark.parametrize("n,q", [(1, 0.005), (7, 0.005), (640, 0.005), (641, 0.1), (5000, 0.01), (333, 0.5)])
@@ -425,3 +426,17 @@ def test_masks_follow_the_layer_tensor_interpolation_for_many_units(random_datas
         expected = reference_dissection(acts, probe.broden, probe.rows, probe.categories, quantile, 0.04, "paper")
         assert torch.equal(result.intersection.double(), expected["intersection"])
         assert torch.equal(result.unit_area.double(), expected["unit_area"])
+
+
+def test_a_full_state_takes_a_batch_in_place_with_the_exact_top_k():
+    """Once k values were seen, the few values that enter replace the state's smallest in the state
+    itself (no second copy of a state that grows with the probe), and it holds the top k of all."""
+    g = torch.Generator().manual_seed(3)
+    first, second = (torch.randn(4, 5, 8, 8, generator=g) * 4).round() / 4, torch.randn(2, 5, 8, 8, generator=g)
+    k = 40
+    top = top_values_update(torch.full((5, k), -float("inf")), first, 0)
+    state = top.data_ptr()
+    top = top_values_update(top, second, 4 * 64)
+    assert top.data_ptr() == state
+    everything = torch.cat([first, second]).transpose(0, 1).flatten(1)
+    assert torch.equal(top.sort(dim=1, descending=True).values, everything.topk(k, dim=1).values)

@@ -156,10 +156,14 @@ def test_a_kernel_that_disagrees_with_the_tiles_falls_back_to_whole_maps(monkeyp
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 5), (4, 1), (7, 9)])
-def test_block_max_is_two_by_two_max_pooling(shape):
+def test_hot_blocks_are_two_by_two_max_pooling_above_the_bound(shape):
     maps = random_maps(2, 3, shape, seed=shape[1])
-    padded = torch.nn.functional.pad(maps, (0, 1, 0, 1), value=-float("inf"))
-    assert torch.equal(_fast_masks.block_max(maps), torch.nn.functional.max_pool2d(padded, kernel_size=2, stride=1))
+    pooled = torch.nn.functional.max_pool2d(torch.nn.functional.pad(maps, (0, 1, 0, 1), value=-float("inf")),
+                                            kernel_size=2, stride=1)
+    for near in maps.flatten().sort().values[::5]:
+        bound = torch.full((1, 3, 1, 1), float(near))
+        expected = (pooled > bound).view(-1).nonzero().squeeze(1)
+        assert torch.equal(_fast_masks.hot_blocks(maps, bound), expected)
 
 
 # ---------------------------------------------------------------- whole dissections against the dense method

@@ -50,6 +50,10 @@ CELL_BAND = 2.0**-16
 DECISION_BAND = 2.0**-16
 EXACT_WEIGHTS_BAND = 2.0**-19
 WEIGHT_TOLERANCE = 2.0**-20
+# How far a pixel inside a tile may, by rounding, exceed the largest of the tile's corner pixels, relative
+# to the largest |cell|: exactly never in real arithmetic (a bilinear function peaks at a corner of a box);
+# the float32 roundings and weights `1 - w1` that are off by an ulp reach about 20 ulps (2^-19); 2^-16 is ample.
+CORNER_SLACK = 2.0**-16
 # Keeps bands positive around a threshold of 0.
 TINY = 2.0**-126
 # Values held at once by one step (upsampled maps or tile pixels), in float32 elements.
@@ -90,19 +94,6 @@ def upsample_masks(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int
     upsampled = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
     # Against the float64 threshold, compared in float32: x > T <=> x > the largest float32 <= T.
     return upsampled.flatten(1) > float32_below(thresholds).unsqueeze(1)
-
-
-def banded_decision(values: torch.Tensor, thresholds: torch.Tensor, band: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decide float32 `values` `(n, m)` against float64 `thresholds` `(n,)` only outside `band` `(n,)`.
-
-    Returns:
-        `(above, unsure)`: bool `(n, m)`; `above` is decided (farther than `band` above the
-        threshold), `unsure` lies within `band` of it either way.
-    """
-    above = values > float32_above(thresholds + band).unsqueeze(1)
-    unsure = (values >= float32_below(thresholds - band).unsqueeze(1)) & ~above
-    return above, unsure
 
 
 # ---------------------------------------------------------------------------------------------- kernel probes
@@ -147,6 +138,10 @@ class Axis:
     weight0: torch.Tensor  # (bands, S) float32, NaN where padded: padded pixels compare False
     weight1: torch.Tensor  # (bands, S) float32
     bands_of_source: torch.Tensor  # (in_size, most bands per cell) long: the bands with source0 == cell, -1 pads
+    # (bands, 2) float32: weight0 and weight1 of each band's first and last output. The weights run
+    # monotonically along a band, so these are its extremes.
+    ends0: torch.Tensor
+    ends1: torch.Tensor
 
     @staticmethod
     def build(i0: torch.Tensor, i1: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, width: int,
@@ -170,8 +165,10 @@ class Axis:
         bands_of_source = torch.full((len(per_source), max(1, *map(len, per_source))), -1, dtype=torch.long)
         for cell, members in enumerate(per_source):
             bands_of_source[cell, : len(members)] = torch.tensor(members, dtype=torch.long)
+        last = torch.tensor([members[-1] for members in bands])
+        ends0, ends1 = torch.stack([w0[first], w0[last]], 1), torch.stack([w1[first], w1[last]], 1)
         return Axis(source0.to(device), i1[first].to(device), output.to(device), weight0.to(device),
-                    weight1.to(device), bands_of_source.to(device))
+                    weight1.to(device), bands_of_source.to(device), ends0.to(device), ends1.to(device))
 
 
 @dataclass
@@ -302,13 +299,16 @@ def layer_kernel(units: int, in_size: tuple[int, int], out_size: tuple[int, int]
 # ---------------------------------------------------------------------------------------------- mask pixels
 
 class MaskPass(NamedTuple):
-    """Mask pixels decided so far: `maps` `x * K + u` and `pixels` `row * sw + column` (one entry
-    per pixel), and the `unsure` maps (long, unique) whose pixels near the threshold are left to
-    the kernel; their entries in `maps` and `pixels` are replaced when they are settled."""
+    """Mask pixels decided so far, and the pixels left to the kernel.
+
+    `maps` `x * K + u` and `pixels` `row * sw + column`, one entry per decided mask pixel; `unsure_maps`
+    and `unsure_pixels` the same for the pixels within rounding reach of the threshold, which
+    `settle` decides with `F.interpolate`'s own values. The two sets are disjoint."""
 
     maps: torch.Tensor
     pixels: torch.Tensor
-    unsure: torch.Tensor
+    unsure_maps: torch.Tensor
+    unsure_pixels: torch.Tensor
 
 
 def fast_mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]
@@ -336,26 +336,52 @@ def fast_mask_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: 
 
 def settle(first: MaskPass, activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int],
            free: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace the pixels of `first`'s unsure maps by the kernel's own: the maps alone where the layout
-    does not matter (`free`), else their images' whole layer tensors."""
-    maps, pixels, unsure = first
-    if not unsure.shape[0]:
+    """`first`'s decided pixels and those of its unsure pixels that the kernel's own values put above
+    the threshold: each unsure pixel's value from `F.interpolate` of its map alone where the layout
+    does not matter (`free`), else of its image's whole layer tensor. A decided pixel lies farther
+    from the threshold than any rounding difference, so only the unsure ones need the kernel."""
+    maps, pixels, unsure_maps, unsure_pixels = first
+    if not unsure_maps.shape[0]:
         return maps, pixels
+    units = activations.shape[1]
+    values = kernel_values(activations, unsure_maps, unsure_pixels, size, free)
+    above = (values > float32_below(thresholds.index_select(0, unsure_maps % units))).nonzero().squeeze(1)
+    return (torch.cat([maps, unsure_maps.index_select(0, above)]),
+            torch.cat([pixels, unsure_pixels.index_select(0, above)]))
+
+
+def kernel_values(activations: torch.Tensor, maps: torch.Tensor, pixels: torch.Tensor, size: tuple[int, int],
+                  free: bool) -> torch.Tensor:
+    """`F.interpolate`'s own float32 value at each `(map, pixel)` of `activations` `(B, K, h, w)`: of the
+    map alone `(n, 1, h, w)` where `free` (the kernel gives every layout the same bits), else of the
+    image's whole layer tensor in the layout `layer_kernel` found to give its bits; a few maps or
+    images at a time."""
     batch, units, h, w = activations.shape
-    flagged = torch.zeros(batch * units, dtype=torch.bool, device=activations.device)
-    flagged[unsure] = True
-    keep = ~flagged[maps]
+    sh, sw = size
+    values = torch.empty(maps.shape[0], dtype=torch.float32, device=activations.device)
     if free:
-        exact_maps, exact_pixels, _ = map_by_map_pass(activations.view(-1, h, w)[unsure], thresholds[unsure % units],
-                                                      size, None)
-        exact_maps = unsure[exact_maps]
-    else:
-        images = (unsure // units).unique()
-        image_maps, exact_pixels = layer_tensor_pixels(activations[images], thresholds, size)
-        exact_maps = images[image_maps // units] * units + image_maps % units
-        wanted = flagged[exact_maps]
-        exact_maps, exact_pixels = exact_maps[wanted], exact_pixels[wanted]
-    return torch.cat([maps[keep], exact_maps]), torch.cat([pixels[keep], exact_pixels])
+        sources, owner = maps.unique(return_inverse=True)
+        step = max(1, CHUNK_ELEMENTS // (sh * sw))
+        single = activations.view(-1, 1, h, w)
+        for start in range(0, sources.shape[0], step):
+            upsampled = F.interpolate(single.index_select(0, sources[start : start + step]), size=size,
+                                      mode="bilinear", align_corners=False).view(-1)
+            wanted = ((owner >= start) & (owner < start + step)).nonzero().squeeze(1)
+            at = (owner.index_select(0, wanted) - start) * (sh * sw) + pixels.index_select(0, wanted)
+            values[wanted] = upsampled.index_select(0, at)
+        return values
+    kernel = layer_kernel(units, (h, w), size, activations.device)
+    images, owner = (maps // units).unique(return_inverse=True)
+    step = max(1, CHUNK_ELEMENTS // (units * sh * sw))
+    for start in range(0, images.shape[0], step):
+        chunk = activations.index_select(0, images[start : start + step])
+        if kernel == "channels_last":
+            chunk = chunk.contiguous(memory_format=torch.channels_last)
+        upsampled = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False)
+        wanted = ((owner >= start) & (owner < start + step)).nonzero().squeeze(1)
+        unit, pixel = maps.index_select(0, wanted) % units, pixels.index_select(0, wanted)
+        values[wanted] = upsampled[owner.index_select(0, wanted) - start, unit, pixel // sw, pixel % sw]
+    return values
 
 
 def layer_tensor_pixels(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]
@@ -401,7 +427,7 @@ def map_by_map_pass(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[in
         band: None, or the band relative to each map's largest |cell|.
 
     Returns:
-        A `MaskPass` whose `maps` index the first axis of `maps`.
+        A `MaskPass` whose maps index the first axis of `maps`.
     """
     flat = maps.view(maps.shape[0], -1)
     peak = flat.amax(dim=1).double()
@@ -409,28 +435,67 @@ def map_by_map_pass(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[in
     if band is not None:
         magnitude = torch.maximum(peak, -flat.amin(dim=1).double())  # (two reductions beat aminmax on CPU)
     chunk = max(1, CHUNK_ELEMENTS // (size[0] * size[1]))
-    out_maps, out_pixels, unsure_maps = [], [], []
+    out = Pieces()
     for start in range(0, candidates.shape[0], chunk):
         index = candidates[start : start + chunk]
         if band is None:
             which, pixel = upsample_masks(maps[index], thresholds[index], size).nonzero(as_tuple=True)
+            out.add(index[which], pixel)
         else:
             sources = maps.index_select(0, index).unsqueeze(1)
             upsampled = F.interpolate(sources, size=size, mode="bilinear", align_corners=False).flatten(1)
-            above, unsure = banded_decision(upsampled, thresholds[index], magnitude[index] * band + TINY)
-            unsure_maps.append(index[unsure.any(1)])
-            which, pixel = above.nonzero(as_tuple=True)
-        out_maps.append(index[which])
-        out_pixels.append(pixel)
-    empty = torch.zeros(0, dtype=torch.long, device=maps.device)
-    return MaskPass(torch.cat(out_maps) if out_maps else empty, torch.cat(out_pixels) if out_pixels else empty,
-                    torch.cat(unsure_maps) if unsure_maps else empty)
+            out.add_banded(upsampled, thresholds[index], magnitude[index] * band + TINY, index,
+                           torch.arange(size[0] * size[1], device=maps.device).view(1, -1),
+                           torch.zeros_like(index))
+    return out.result(maps.device)
+
+
+class Pieces:
+    """The mask pixels of a pass, gathered chunk by chunk: decided and unsure."""
+
+    def __init__(self) -> None:
+        self.maps: list[torch.Tensor] = []
+        self.pixels: list[torch.Tensor] = []
+        self.unsure_maps: list[torch.Tensor] = []
+        self.unsure_pixels: list[torch.Tensor] = []
+
+    def add(self, maps: torch.Tensor, pixels: torch.Tensor) -> None:
+        self.maps.append(maps)
+        self.pixels.append(pixels)
+
+    def add_banded(self, values: torch.Tensor, thresholds: torch.Tensor, band: torch.Tensor, owners: torch.Tensor,
+                   table: torch.Tensor, table_rows: torch.Tensor) -> None:
+        """Decide float32 `values` `(n, m)` against float64 `thresholds` `(n,)` only outside `band` `(n,)`:
+        a value farther than `band` above its threshold is a mask pixel, one within `band` of it either
+        way is unsure (NaN, a padded pixel, is neither). Row `i` holds pixels of map `owners[i]`, its
+        column `j` pixel `table[table_rows[i], j]`. Only the values within reach of the threshold
+        (few) are looked at twice."""
+        candidate = (values >= float32_below(thresholds - band).unsqueeze(1)).view(-1).nonzero().squeeze(1)
+        if not candidate.shape[0]:
+            return
+        width = values.shape[1]
+        row = candidate // width
+        above = values.view(-1).index_select(0, candidate) > float32_above(thresholds + band).index_select(0, row)
+        owner = owners.index_select(0, row)
+        pixel = table.view(-1).index_select(0, table_rows.index_select(0, row) * width + candidate % width)
+        decided = above.nonzero().squeeze(1)
+        self.add(owner.index_select(0, decided), pixel.index_select(0, decided))
+        if decided.shape[0] < candidate.shape[0]:
+            unsure = (~above).nonzero().squeeze(1)
+            self.unsure_maps.append(owner.index_select(0, unsure))
+            self.unsure_pixels.append(pixel.index_select(0, unsure))
+
+    def result(self, device: torch.device) -> MaskPass:
+        def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+        return MaskPass(joined(self.maps), joined(self.pixels), joined(self.unsure_maps), joined(self.unsure_pixels))
 
 
 def tile_pass(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int], plan: TilePlan
               ) -> MaskPass:
     """Mask pixels from the tiles next to a cell near the threshold, evaluated with the tile
-    arithmetic; pixels within the plan's band of the threshold leave their map unsure."""
+    arithmetic; pixels within the plan's band of the threshold are left unsure."""
     batch, units, h, w = activations.shape
     rows, cols = plan.rows, plan.cols
     near = thresholds - thresholds.abs() * CELL_BAND - TINY
@@ -439,7 +504,7 @@ def tile_pass(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[i
     # Tile (by, bx) reads cells {source0, source1} x {source0, source1} with source1 = source0 + 1 (or the
     # last cell): the 2 x 2 block at (source0[by], source0[bx]). Each tile reads one block, so the tiles
     # of the hot blocks are the hot tiles, each once.
-    block = (block_max(activations) > near).view(-1).nonzero().squeeze(1)
+    block = hot_blocks(activations, near)
     cell = block % (h * w)
     row_bands, col_bands = rows.bands_of_source[cell // w], cols.bands_of_source[cell % w]
     tiles_per_map = plan.pixels.shape[0]
@@ -447,8 +512,7 @@ def tile_pass(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[i
     real = (row_bands >= 0).unsqueeze(2) & (col_bands >= 0).unsqueeze(1)
     hot = ((block // (h * w)).view(-1, 1, 1) * tiles_per_map + local)[real]
     flat = activations.view(-1)
-    redo = torch.zeros(batch * units, dtype=torch.int32, device=activations.device)
-    out_maps, out_pixels = [], []
+    out = Pieces()
     step = max(1, CHUNK_ELEMENTS // plan.pixels.shape[1])
     for start in range(0, hot.shape[0], step):
         tile = hot[start : start + step]
@@ -457,29 +521,51 @@ def tile_pass(activations: torch.Tensor, thresholds: torch.Tensor, size: tuple[i
         base = map_index * (h * w)
         y0, y1 = base + rows.source0.index_select(0, by) * w, base + rows.source1.index_select(0, by) * w
         x0, x1 = cols.source0.index_select(0, bx), cols.source1.index_select(0, bx)
-        a00, a01, a10, a11 = (flat.index_select(0, index) for index in (y0 + x0, y0 + x1, y1 + x0, y1 + x1))
-        # The kernel's order of operations: along the row first, then across the two rows.
-        wx0, wx1 = cols.weight0.index_select(0, bx), cols.weight1.index_select(0, bx)
-        wy0, wy1 = rows.weight0.index_select(0, by).unsqueeze(2), rows.weight1.index_select(0, by).unsqueeze(2)
-        top = a00.unsqueeze(1) * wx0 + a01.unsqueeze(1) * wx1
-        bottom = a10.unsqueeze(1) * wx0 + a11.unsqueeze(1) * wx1
-        values = (top.unsqueeze(1) * wy0 + bottom.unsqueeze(1) * wy1).view(tile.shape[0], -1)
-        # Decided here only farther from T than any rounding difference; padded pixels are NaN: False.
-        band = torch.stack([a00, a01, a10, a11]).abs().amax(0).double() * plan.band + TINY
-        above, unsure = banded_decision(values, thresholds[map_index % units], band)
-        redo.index_add_(0, map_index, unsure.any(1).int())
-        which, position = above.nonzero(as_tuple=True)
-        out_maps.append(map_index.index_select(0, which))
-        out_pixels.append(plan.pixels.view(-1).index_select(0, local.index_select(0, which) * values.shape[1]
-                                                            + position))
-    empty = torch.zeros(0, dtype=torch.long, device=activations.device)
-    return MaskPass(torch.cat(out_maps) if out_maps else empty, torch.cat(out_pixels) if out_pixels else empty,
-                    redo.nonzero().squeeze(1))
+        cells = torch.stack([flat.index_select(0, index) for index in (y0 + x0, y0 + x1, y1 + x0, y1 + x1)])
+        threshold = thresholds.index_select(0, map_index % units)
+        # Decided only farther from T than any rounding difference: the band, relative to the largest |cell|.
+        magnitude = cells.abs().amax(0).double()
+        band = magnitude * plan.band + TINY
+        # A tile's pixels are bilinear in its row and column weights, so none exceeds the largest of its
+        # four corner pixels by more than rounding (CORNER_SLACK): a tile whose corners are all below
+        # T - band has no pixel to decide or leave unsure.
+        corners = _pixels(cells, cols.ends0.index_select(0, bx), cols.ends1.index_select(0, bx),
+                          rows.ends0.index_select(0, by), rows.ends1.index_select(0, by))
+        reach = corners.amax(dim=(1, 2)).double() + magnitude * CORNER_SLACK >= threshold - band
+        if not bool(reach.all()):
+            kept = reach.nonzero().squeeze(1)
+            cells = cells.index_select(1, kept)
+            threshold, band, map_index, local, by, bx = (
+                t.index_select(0, kept) for t in (threshold, band, map_index, local, by, bx))
+        values = _pixels(cells, cols.weight0.index_select(0, bx), cols.weight1.index_select(0, bx),
+                         rows.weight0.index_select(0, by), rows.weight1.index_select(0, by)).view(local.shape[0], -1)
+        # Padded pixels are NaN: never candidates.
+        out.add_banded(values, threshold, band, map_index, plan.pixels, local)
+    return out.result(activations.device)
 
 
-def block_max(activations: torch.Tensor) -> torch.Tensor:
-    """The largest of each cell's 2 x 2 block (the cell, its right, lower and lower-right
-    neighbours; past the last row or column, the cell's own row or column): 2 x 2 max pooling
-    with -inf padding, several times faster on CPU than `max_pool2d`."""
-    rows = torch.cat([torch.maximum(activations[:, :, :-1], activations[:, :, 1:]), activations[:, :, -1:]], dim=2)
-    return torch.cat([torch.maximum(rows[..., :-1], rows[..., 1:]), rows[..., -1:]], dim=3)
+def _pixels(cells: torch.Tensor, wx0: torch.Tensor, wx1: torch.Tensor, wy0: torch.Tensor, wy1: torch.Tensor
+            ) -> torch.Tensor:
+    """Bilinear pixels of tiles `(tiles, rows, columns)` from their cells `(4, tiles)` (`a00, a01, a10,
+    a11`) and weights `(tiles, columns)`, `(tiles, rows)`, in the kernel's order of operations: along
+    the row first, then across the two rows."""
+    a00, a01, a10, a11 = (cell.unsqueeze(1) for cell in cells)
+    top = a00 * wx0 + a01 * wx1
+    bottom = a10 * wx0 + a11 * wx1
+    return top.unsqueeze(1) * wy0.unsqueeze(2) + bottom.unsqueeze(1) * wy1.unsqueeze(2)
+
+
+def hot_blocks(activations: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
+    """The 2 x 2 blocks with a cell above `near`, as flat indices `map * h * w + row * w + column` of
+    their top-left cell, ascending: `max_pool2d` of `activations` `(B, K, h, w)` padded with -inf on
+    the right and bottom (a block past the last row or column reads the cell's own), compared with
+    `near` `(1, K, 1, 1)`. Cells above `near` are few, so the blocks come from them: each is in the
+    blocks at its own cell and at its upper, left and upper-left neighbours."""
+    h, w = activations.shape[-2:]
+    cell = (activations > near).view(-1).nonzero().squeeze(1)
+    place = cell % (h * w)
+    row, column = place // w, place % w
+    shift = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]], device=activations.device)
+    rows, columns = row.unsqueeze(1) - shift[:, 0], column.unsqueeze(1) - shift[:, 1]
+    blocks = ((cell - place).unsqueeze(1) + rows * w + columns)[(rows >= 0) & (columns >= 0)]
+    return blocks.unique()

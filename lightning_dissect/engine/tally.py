@@ -50,24 +50,34 @@ def count_masks(maps: torch.Tensor, pixels: torch.Tensor, label_maps: torch.Tens
     units, num_labels = num_units, label_category.shape[0]
     pixel_count = label_maps.shape[-2] * label_maps.shape[-1]
     area = torch.bincount(maps, minlength=batch * units).view(batch, units)
-    flat_labels = label_maps.reshape(batch, num_maps, pixel_count)
+    flat_labels = label_maps.reshape(-1)
+    # Where map m of image x keeps pixel p: x * M * pixels + m * pixels + p. The per-pixel arrays are int32
+    # where every index fits (half the memory traffic of int64); the counts are int64.
+    small = max(batch * num_maps * pixel_count, batch * units, units * num_labels) < 2**31
+    index_type = torch.int32 if small else torch.long
+    map_offsets = torch.arange(num_maps, device=maps.device, dtype=index_type) * pixel_count
     intersection = torch.zeros(units * num_labels, dtype=torch.long, device=maps.device)
     touched = torch.zeros(batch * units * num_categories, dtype=torch.bool, device=maps.device)
     # The mask pixels in chunks: the per-pixel labels below take about 20 * M bytes a pixel, and a batch's
     # mask pixels are many more in its worst batch than in a typical one (the worst of more batches is
     # worse): in chunks the memory is bounded whatever the probe's size. The sums are exact either way.
     for start in range(0, maps.shape[0], MASK_PIXEL_CHUNK):
-        chunk_maps, chunk_pixels = maps[start : start + MASK_PIXEL_CHUNK], pixels[start : start + MASK_PIXEL_CHUNK]
-        unit = chunk_maps % units
+        chunk_maps = maps[start : start + MASK_PIXEL_CHUNK].to(index_type)
+        chunk_pixels = pixels[start : start + MASK_PIXEL_CHUNK].to(index_type)
+        image = chunk_maps // units
+        unit = chunk_maps - image * units
         # (mask pixels, M): the M label maps at each mask pixel, gathered without reordering the batch.
-        labels = flat_labels[chunk_maps // units, :, chunk_pixels].long()
-        hit = labels > 0
-        intersection += torch.bincount((unit.unsqueeze(1) * num_labels + labels)[hit], minlength=units * num_labels)
+        at = (image * (num_maps * pixel_count) + chunk_pixels).unsqueeze(1) + map_offsets
+        labels = flat_labels.index_select(0, at.view(-1)).view(-1, num_maps).to(index_type)
+        # Label 0 (no label) lands in column 0, which is cleared below.
+        intersection += torch.bincount((unit.unsqueeze(1) * num_labels + labels).view(-1),
+                                       minlength=units * num_labels)
         if denominator == "lite":
             # lite: the mask must touch a pixel label of the category, or the image carry one image-level.
-            category = label_category[labels]
-            touched_at = (chunk_maps.unsqueeze(1) * num_categories + category)[category >= 0]
+            category = label_category[labels.long()]
+            touched_at = (chunk_maps.long().unsqueeze(1) * num_categories + category)[category >= 0]
             touched |= torch.bincount(touched_at, minlength=batch * units * num_categories) > 0
+    intersection.view(units, num_labels)[:, 0] = 0
     # An image-level label covers every pixel: the whole mask intersects it (padding 0 adds 0).
     image_level = image_labels.long().unsqueeze(1)  # (B, 1, L)
     cells = torch.arange(units, device=maps.device).view(1, units, 1) * num_labels + image_level

@@ -11,8 +11,11 @@ is a `torchmetrics.Metric` whose reduction across processes is that merge.
 The running top-k has a fast update (`top_values_update`): a bound on what can
 enter each unit's top `k` (the smallest kept value, or for a large first batch
 one taken from a strided sample), then only the values above it, packed per
-unit, go to `topk`. It keeps the same values as a plain `topk` of the state and
-the batch, which is what the reference path (`engine/reference.py`) runs.
+unit, go to `topk`, and once `k` values were seen they replace the state's
+smallest in place, so that the state is never held twice. It keeps the same
+values as a plain `topk` of the state and the batch, which is what the
+reference path (`engine/reference.py`) runs. The state holds its values in no
+particular order: it is the multiset of the `k` largest.
 """
 
 from __future__ import annotations
@@ -55,8 +58,9 @@ def quantile_from_top(top_values: torch.Tensor, num_values: int, quantile: float
     """The exact `1 - quantile` quantile of each unit from its largest values.
 
     Args:
-        top_values: `(K, m)` the largest values of each unit in descending
-            order, `m >= top_count(num_values, quantile)`.
+        top_values: `(K, m)` the `m` largest values of each unit, in any order,
+            `m >= top_count(num_values, quantile)`; where fewer than `m` values were seen, the
+            rest of the row holds `-inf`.
         num_values: `n`, the number of values of each unit in the whole probe set.
         quantile: `q`.
 
@@ -65,34 +69,39 @@ def quantile_from_top(top_values: torch.Tensor, num_values: int, quantile: float
         `torch.quantile(all_values.double(), 1 - q)` for every unit.
     """
     needed = top_count(num_values, quantile)
-    if top_values.shape[1] < needed:
-        raise ValueError(f"quantile needs the top {needed} values of each unit, got {top_values.shape[1]}")
+    kept = top_values.shape[1]
+    if kept < needed:
+        raise ValueError(f"quantile needs the top {needed} values of each unit, got {kept}")
     below, weight = quantile_rank(num_values, quantile)
     above = min(below + 1, num_values - 1) if weight > 0 else below
-    # Ascending index i is descending index n - 1 - i.
-    low = top_values[:, num_values - 1 - below].double()
-    high = top_values[:, num_values - 1 - above].double()
+    # Ascending index i of all n values is descending index n - 1 - i, which among the m kept values is
+    # ascending index m - n + i: the two order statistics are among the kept values' few smallest.
+    smallest = top_values.topk(kept - num_values + above + 1, dim=1, largest=False, sorted=True).values
+    low = smallest[:, kept - num_values + below].double()
+    high = smallest[:, kept - num_values + above].double()
     # torch.quantile interpolates with lerp; calling it gives the same bits.
     return torch.lerp(low, high, torch.full_like(low, weight))
 
 
 def top_values_update(top: torch.Tensor, maps: torch.Tensor, seen: int) -> torch.Tensor:
-    """The `k` largest values of each unit among `top` and a batch of maps, in descending order.
+    """The `k` largest values of each unit among `top` and a batch of maps, in no particular order.
 
     Exact whichever way it is computed: the same values as
     `torch.cat([top, maps.transpose(0, 1).reshape(K, -1)], 1).topk(k).values`, which is what
     the reference path runs. The fast path takes a bound that at least `k` values of each unit
     exceed (the smallest kept value once `k` values were seen, or for a large first batch a
     value from a strided sample of it) and sends only the values above it, packed per unit,
-    to `topk`, without copying the batch into unit order.
+    to `topk`, without copying the batch into unit order. Once `k` values were seen, the
+    entering values replace the state's smallest in `top` itself (`_merge_in_place`).
 
     Args:
-        top: `(K, k)` the state, descending; slots not filled yet hold `-inf`.
+        top: `(K, k)` the state, in any order; slots not filled yet hold `-inf`. May be
+            changed in place.
         maps: `(B, K, ...)` a batch, units on axis 1.
-        seen: how many values of each unit `top` has seen (its slots beyond `seen` are empty).
+        seen: how many values of each unit `top` has seen (`k - seen` of its slots are empty).
 
     Returns:
-        The new state, `(K, k)`.
+        The new state, `(K, k)`: `top` itself, or a new tensor.
     """
     k = top.shape[1]
     flat = maps.reshape(maps.shape[0], maps.shape[1], -1).to(top.dtype)
@@ -103,7 +112,7 @@ def top_values_update(top: torch.Tensor, maps: torch.Tensor, seen: int) -> torch
         if full:
             # Only values above a unit's smallest kept value can enter its top k (an equal one
             # would replace an equal one).
-            bound = top[:, -1]
+            bound = top.amin(dim=1)
         elif seen == 0 and batch * size >= 8 * k > 0:
             bound = _sample_bound(flat, k)
         if bound is not None:
@@ -127,6 +136,8 @@ def top_values_update(top: torch.Tensor, maps: torch.Tensor, seen: int) -> torch
                                 + earlier[run])
                     packed = torch.full((units, width), -math.inf, dtype=flat.dtype, device=flat.device)
                     packed[unit, position] = flat[image, unit, column]
+                    if full and width < k:
+                        return _merge_in_place(top, packed)
                     return _top(_with_state(top, packed, seen), k)
     rows = flat.transpose(0, 1).reshape(units, batch * size)
     return _top(_with_state(top, rows, seen), k)
@@ -152,16 +163,30 @@ def _sample_bound(flat: torch.Tensor, k: int) -> torch.Tensor:
     return sample.topk(rank, dim=1, sorted=False).values.amin(1)
 
 
+def _merge_in_place(top: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The top `k` of each row of `top` `(K, k)` and `candidates` `(K, w)` (`w < k`, padded with
+    `-inf`), written into `top`.
+
+    The `w` smallest of a row and its candidates give their `w` largest back to the same slots:
+    a dropped value is among the `w` smallest of those `2w`, so no larger than the largest of the
+    row's `w` smallest, which no kept slot is below. Memory: `(K, w)`, not the state again.
+    """
+    smallest = top.topk(candidates.shape[1], dim=1, largest=False, sorted=False)
+    merged = torch.cat([smallest.values, candidates], dim=1).topk(candidates.shape[1], dim=1, sorted=False).values
+    return top.scatter_(1, smallest.indices, merged)
+
+
 def _top(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The `k` largest entries of each row, in descending order."""
-    return values.topk(k, dim=1, largest=True, sorted=True).values
+    """The `k` largest entries of each row, in no particular order."""
+    return values.topk(k, dim=1, largest=True, sorted=False).values
 
 
 def merge_top_values(states: torch.Tensor) -> torch.Tensor:
     """The exact merge of running top-k states of disjoint shards: `(P, K, k)` stacked -> `(K, k)`.
 
     The top `k` of a union is the top `k` of the parts' top `k` (empty slots hold `-inf`
-    and sort last). Used by torchmetrics as `ActivationThresholds.top`'s `dist_reduce_fx`.
+    and sort last); the result is in no particular order, like each state. Used by
+    torchmetrics as `ActivationThresholds.top`'s `dist_reduce_fx`.
     """
     parts, units, k = states.shape
     return _top(states.permute(1, 0, 2).reshape(units, parts * k), k)
@@ -172,9 +197,10 @@ class ActivationThresholds(Metric):
 
     `T_u = torch.quantile(A[:, u].flatten().double(), 1 - q)` over every value of
     unit `u` seen, from a running top-k of `top_count(num_values, quantile)` values
-    per unit. Exact; memory `K x k` float32 values. Across processes the states
-    merge exactly (:func:`merge_top_values`), so a sharded run gives the
-    single-process thresholds bit for bit.
+    per unit, in no particular order. Exact; memory `K x k` float32 values,
+    updated in place. Across processes the states merge exactly
+    (:func:`merge_top_values`), so a sharded run gives the single-process
+    thresholds bit for bit.
 
     Args:
         num_units: `K`.

@@ -34,6 +34,13 @@ top-k threshold state adds per image (the one part of a dissection that must gro
     python -m benchmarks.bench_memory --probe --full                     # and 63305 (hours the first time)
     python -m benchmarks.bench_memory --probe --steps decode load dissect # memory only (minutes)
     python -m benchmarks.bench_memory --probe --library OLD_CHECKOUT --steps decode load   # another version
+
+The threshold state alone (`--thresholds`): `ActivationThresholds` of the targets' `layer3` and `layer4`
+shapes fed N images of random activations (no model, no probe: N = 63,305 in minutes), each N in a fresh
+process: the state's size, the peak above the process before, and the seconds.
+
+    python -m benchmarks.bench_memory --thresholds                        # N = 10000, 63305
+    python -m benchmarks.bench_memory --thresholds --library OLD_CHECKOUT # another version
 """
 
 from __future__ import annotations
@@ -196,6 +203,46 @@ def measure_time(config: dict) -> dict:
             "forwards": forwards, "dissections": dissections}
 
 
+def measure_thresholds(config: dict) -> dict:
+    """The exact-threshold state of `PROBE_LAYERS` over `n` images of random activations, batch by batch."""
+    from lightning_dissect.engine.thresholds import ActivationThresholds
+
+    n, batch = config["n"], 64
+    generator = torch.Generator().manual_seed(0)
+    maps = {name: torch.randn(batch, *shape, generator=generator).relu_() for name, shape in PROBE_LAYERS.items()}
+    metrics = {name: ActivationThresholds(k, n * h * w, 0.005) for name, (k, h, w) in PROBE_LAYERS.items()}
+    state = sum(metric.top.numel() * metric.top.element_size() for metric in metrics.values())
+    before = _reset_peak()
+    started = time.perf_counter()
+    for start in range(0, n, batch):
+        for name, metric in metrics.items():  # each batch a little different from the last
+            metric.update(maps[name][: min(batch, n - start)] * (1 + (start // batch % 7) * 1e-3))
+    return {"n": n, "state": state, "extra": _status("VmHWM") - before, "seconds": time.perf_counter() - started}
+
+
+def thresholds_sweep(sizes: list[int], library: str | None) -> None:
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [path for path in (library, str(repository_root()), os.environ.get("PYTHONPATH")) if path]),
+                       MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072"))
+    print(f"machine: {machine()}")
+    if library:
+        print(f"library measured: {library}")
+    rows, previous = [], None
+    for n in sizes:
+        command = [sys.executable, "-m", "benchmarks.bench_memory", "--probe-step", "thresholds", "--child",
+                   json.dumps({"n": n})]
+        output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment, cwd=library)
+        m = json.loads(output.stdout.strip().splitlines()[-1])
+        growth = "-" if previous is None else (f"{(m['extra'] - previous['extra']) / (n - previous['n']) / 1024:.2f} "
+                                               f"({(m['state'] - previous['state']) / (n - previous['n']) / 1024:.2f})")
+        rows.append([n, f"{m['state'] / 2**20:.1f}", f"{m['extra'] / 2**20:.1f}", f"{m['extra'] / m['state']:.1f}",
+                     growth, f"{m['seconds']:.1f}"])
+        previous = m
+        print(f"  N={n}: done", file=sys.stderr, flush=True)
+    print("\n### The exact-threshold state alone: layer3 + layer4 shapes, random activations, batch 64, q = 0.005\n")
+    print_table(["N", "state MiB", "peak extra MiB", "peak / state", "KiB / added image (state's)", "seconds"], rows)
+
+
 @dataclass(frozen=True)
 class ProbeStep:
     """One measurement of the probe sweep: run in a fresh process per N; `columns` read its result."""
@@ -228,6 +275,7 @@ PROBE_STEPS: dict[str, ProbeStep] = {
         "dissect peak extra MiB": lambda m: _mib(m["dissect_extra"]),
         "top-k state MiB": lambda m: f"{m['top_bytes'] / 2**20:.1f}",
     }),
+    "thresholds": ProbeStep(measure_thresholds, {}),  # run by --thresholds, not by the probe sweep
     "time": ProbeStep(measure_time, {
         "forward s": lambda m: f"{m['forward_seconds']:.1f}",
         "dissect (timed) s": lambda m: f"{m['dissect_time_seconds']:.1f}",
@@ -311,7 +359,9 @@ def main() -> None:
     parser.add_argument("--library", default=None, help="with --probe: measure the lightning_dissect package in "
                                                           "this folder (e.g. an older checkout)")
     parser.add_argument("--full", action="store_true", help="with --probe: also N = 63305, the released Broden's size")
-    parser.add_argument("--steps", nargs="+", choices=list(PROBE_STEPS), default=list(PROBE_STEPS),
+    parser.add_argument("--thresholds", action="store_true", help="the threshold state alone, N = 10000, 63305")
+    parser.add_argument("--steps", nargs="+", choices=[step for step in PROBE_STEPS if step != "thresholds"],
+                        default=[step for step in PROBE_STEPS if step != "thresholds"],
                         help="with --probe: the steps to run (decode always runs: the others read its cache)")
     parser.add_argument("--repeats", type=int, default=3, help="with --probe: forward/dissect pairs of the time step")
     parser.add_argument("--time-model", choices=["resnet18", "standin"], default="resnet18",
@@ -324,6 +374,9 @@ def main() -> None:
         config = json.loads(args.child)
         measure = PROBE_STEPS[args.probe_step].measure if args.probe_step else child
         print(json.dumps(measure(config)))
+        return
+    if args.thresholds:
+        thresholds_sweep(args.sizes or [10000, 63305], args.library)
         return
     if args.probe:
         sizes = args.sizes or [500, 3000, 10000] + ([63305] if args.full else [])

@@ -14,7 +14,10 @@ with, ...), and the best (shortest) fit of each kind compared:
 Besides the wall times, the callback's own accounted time (`Dissector.budget.own_seconds`:
 calibration, dissections, figures, files) is printed against the fit, with the wall time of all its
 hooks as the trainer calls them (measured from outside: everything the callback costs), the steps it
-dissected and those the budget skipped.
+dissected and those the budget skipped. Every fit also times its training steps (from the start of
+a batch to its end, other callbacks' hooks outside): the median step with and without the callback
+shows whether the callback slows training outside its hooks, which a fit's wall time, drifting by
+several percent from fit to fit on a shared machine, cannot show.
 
     python -m benchmarks.bench_training                  # both cases, 3 runs of each kind (about 20 minutes)
     python -m benchmarks.bench_training --case user --repeats 2
@@ -84,6 +87,36 @@ def time_hooks(callback: Any) -> dict[str, float]:
     return seconds
 
 
+def step_timer() -> Any:
+    """A callback timing every training step, from its first `on_train_batch_start` to its last
+    `on_train_batch_end` (put first and last in the callback list, so that the others' hooks fall outside)."""
+    from lightning.pytorch import Callback
+
+    class StepTimer(Callback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.started = 0.0
+            self.first, self.last = self._first(), self._last()
+
+        def _first(self) -> Callback:
+            timer = self
+
+            class First(Callback):
+                def on_train_batch_start(self, *args: Any) -> None:
+                    timer.started = time.perf_counter()
+            return First()
+
+        def _last(self) -> Callback:
+            timer = self
+
+            class Last(Callback):
+                def on_train_batch_end(self, *args: Any) -> None:
+                    timer.seconds.append(time.perf_counter() - timer.started)
+            return Last()
+
+    return StepTimer()
+
+
 def fit(case: str, with_callback: bool, output: str, cache_dir: str | None, steps: int | None) -> dict[str, Any]:
     """One fit; its wall time and, with the callback, what the callback accounted for."""
     from lightning.pytorch import Trainer, seed_everything
@@ -98,7 +131,8 @@ def fit(case: str, with_callback: bool, output: str, cache_dir: str | None, step
     train_loader, val_loader = synthetic_task_data(root, "background", batch_size=32, images=synthetic_images(root),
                                                    seed=0)
     seed_everything(0, verbose=False)
-    callbacks = []
+    timer = step_timer()
+    callbacks: list[Any] = []
     if case == "user":
         module = user_module()
         if with_callback:
@@ -115,10 +149,12 @@ def fit(case: str, with_callback: bool, output: str, cache_dir: str | None, step
         trainer = make_trainer(steps or 1000, root_dir=output, callbacks=callbacks, logger=logger)
         loaders = (train_loader, val_loader)
     hooks = time_hooks(callbacks[0]) if callbacks else {}
+    trainer.callbacks.insert(0, timer.first)  # type: ignore[attr-defined]
+    trainer.callbacks.append(timer.last)  # type: ignore[attr-defined]
     started = time.perf_counter()
     trainer.fit(module, *loaders)
     seconds = time.perf_counter() - started
-    result: dict[str, Any] = {"seconds": seconds}
+    result: dict[str, Any] = {"seconds": seconds, "step": float(torch.tensor(timer.seconds).median())}
     if callbacks:
         result["hooks"] = sum(hooks.values())
         dissector = callbacks[0].dissector
@@ -140,11 +176,19 @@ def measure(case: str, repeats: int, cache_dir: str | None, steps: int | None) -
     without = min(run["seconds"] for run in runs[False])
     best = min(runs[True], key=lambda run: run["seconds"])
     print(f"\n### `{case}`: {repeats} fits of each kind, interleaved; the best of each (target: overhead <= 5%)\n")
-    print_table(["fit", "seconds (best)", "all runs", "overhead"], [
-        ["without the callback", without, " / ".join(f"{run['seconds']:.1f}" for run in runs[False]), "-"],
+    print_table(["fit", "seconds (best)", "all runs", "overhead", "median training step ms (all runs)"], [
+        ["without the callback", without, " / ".join(f"{run['seconds']:.1f}" for run in runs[False]), "-",
+         " / ".join(f"{1000 * run['step']:.1f}" for run in runs[False])],
         ["with DissectionCallback (defaults)", best["seconds"],
-         " / ".join(f"{run['seconds']:.1f}" for run in runs[True]), f"{100 * (best['seconds'] / without - 1):.1f}%"],
+         " / ".join(f"{run['seconds']:.1f}" for run in runs[True]), f"{100 * (best['seconds'] / without - 1):.1f}%",
+         " / ".join(f"{1000 * run['step']:.1f}" for run in runs[True])],
     ])
+    pairs = [f"{100 * (with_['seconds'] / without_['seconds'] - 1):+.1f}%" for without_, with_ in zip(runs[False],
+                                                                                                     runs[True])]
+    steps_ratio = (torch.tensor([run["step"] for run in runs[True]]).median()
+                   / torch.tensor([run["step"] for run in runs[False]]).median())
+    print(f"\npairs (without, then with): {', '.join(pairs)}; median training step with / without the callback: "
+          f"{float(steps_ratio):.3f}")
     print()
     print_table(["fit with the callback", "callback's own seconds", "of that fit", "in its hooks (all)",
                  "a dissection s", "last drawing s", "probe", "dissected steps", "skipped by the budget"],

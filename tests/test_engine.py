@@ -440,3 +440,23 @@ def test_a_full_state_takes_a_batch_in_place_with_the_exact_top_k():
     assert top.data_ptr() == state
     everything = torch.cat([first, second]).transpose(0, 1).flatten(1)
     assert torch.equal(top.sort(dim=1, descending=True).values, everything.topk(k, dim=1).values)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_a_state_larger_than_a_batch_fills_and_merges_in_place(ties):
+    """With k above a batch's values per unit (large probes), batches first fill the empty slots, then
+    merge into the full state, always in the state itself, keeping the exact top k."""
+    g = torch.Generator().manual_seed(int(ties))
+    batches = [torch.randn(2, 3, 8, 8, generator=g) for _ in range(7)]
+    if ties:
+        batches = [(batch * 2).round() / 2 for batch in batches]
+    k, seen = 300, 0
+    top = torch.full((3, k), -float("inf"))
+    state = top.data_ptr()
+    for batch in batches:
+        top = top_values_update(top, batch, seen)
+        seen += batch[:, 0].numel()
+        assert top.data_ptr() == state
+        everything = torch.cat(batches[: seen // 128]).transpose(0, 1).flatten(1)
+        expected = everything.topk(min(k, everything.shape[1]), dim=1).values
+        assert torch.equal(top.sort(dim=1, descending=True).values[:, : expected.shape[1]], expected)

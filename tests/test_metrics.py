@@ -126,6 +126,18 @@ def test_thresholds_metric_forward_accumulates_like_update():
     assert torch.equal(by_forward.compute(), by_update.compute())
 
 
+def test_thresholds_metric_forward_merges_states_that_are_not_full_yet():
+    """torchmetrics' forward merges the running state with each batch's; with k above the values seen
+    so far, the merged states still have empty slots, which later batches fill."""
+    maps = coarse_maps(30, 2, 3, seed=8)  # 9 values per image and unit; q = 0.1 of 270 needs the top 28
+    by_update, by_forward = ActivationThresholds(2, 270, 0.1), ActivationThresholds(2, 270, 0.1)
+    for batch, _ in batches(maps, 1):
+        by_update.update(batch)
+        by_forward(batch)
+    assert torch.equal(by_forward.compute(), by_update.compute())
+    assert torch.equal(by_update.compute(), dense_thresholds(maps, 0.1))
+
+
 def test_thresholds_metric_refuses_maps_of_another_layer():
     with pytest.raises(ValueError, match=r"expected \(B, 3, \.\.\.\)"):
         ActivationThresholds(3, 100).update(torch.zeros(2, 4, 5, 5))

@@ -11,11 +11,13 @@ is a `torchmetrics.Metric` whose reduction across processes is that merge.
 The running top-k has a fast update (`top_values_update`): a bound on what can
 enter each unit's top `k` (the smallest kept value, or for a large first batch
 one taken from a strided sample), then only the values above it, packed per
-unit, go to `topk`, and once `k` values were seen they replace the state's
-smallest in place, so that the state is never held twice. It keeps the same
-values as a plain `topk` of the state and the batch, which is what the
-reference path (`engine/reference.py`) runs. The state holds its values in no
-particular order: it is the multiset of the `k` largest.
+unit, go to `topk`. The state is written in place: until it holds `k` values
+the batches fill its empty slots as they come, and after that the entering
+values and the state's smallest give the largest of them back to the same
+slots, so the state, which grows with the probe, is never held twice. It keeps
+the same values as a plain `topk` of the state and the batch, which is what the
+reference path (`engine/reference.py`) runs. The state holds the `k` largest
+values in no particular order, its empty slots (`-inf`) last.
 """
 
 from __future__ import annotations
@@ -91,12 +93,13 @@ def top_values_update(top: torch.Tensor, maps: torch.Tensor, seen: int) -> torch
     the reference path runs. The fast path takes a bound that at least `k` values of each unit
     exceed (the smallest kept value once `k` values were seen, or for a large first batch a
     value from a strided sample of it) and sends only the values above it, packed per unit,
-    to `topk`, without copying the batch into unit order. Once `k` values were seen, the
-    entering values replace the state's smallest in `top` itself (`_merge_in_place`).
+    to `topk`, without copying the batch into unit order. The state is updated in `top` itself
+    where it can: its empty slots take the batch's values as they are, and once it is full the
+    entering values replace its smallest (`_merge_in_place`).
 
     Args:
-        top: `(K, k)` the state, in any order; slots not filled yet hold `-inf`. May be
-            changed in place.
+        top: `(K, k)` the state: its values in any order, the `k - seen` slots not filled yet
+            (`-inf`) last. May be changed in place.
         maps: `(B, K, ...)` a batch, units on axis 1.
         seen: how many values of each unit `top` has seen (`k - seen` of its slots are empty).
 
@@ -140,6 +143,17 @@ def top_values_update(top: torch.Tensor, maps: torch.Tensor, seen: int) -> torch
                         return _merge_in_place(top, packed)
                     return _top(_with_state(top, packed, seen), k)
     rows = flat.transpose(0, 1).reshape(units, batch * size)
+    if not use_reference() and k > 0:
+        if seen < k:
+            # The empty slots take the batch's first values as they are; the rest is merged.
+            take = min(k - seen, rows.shape[1])
+            top[:, seen : seen + take] = rows[:, :take]
+            rows = rows[:, take:]
+            if not rows.shape[1]:
+                return top
+            seen = k
+        if rows.shape[1] < k:
+            return _merge_in_place(top, rows)
     return _top(_with_state(top, rows, seen), k)
 
 
@@ -177,16 +191,16 @@ def _merge_in_place(top: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor
 
 
 def _top(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The `k` largest entries of each row, in no particular order."""
-    return values.topk(k, dim=1, largest=True, sorted=False).values
+    """The `k` largest entries of each row, in descending order (a state's empty slots last)."""
+    return values.topk(k, dim=1, largest=True, sorted=True).values
 
 
 def merge_top_values(states: torch.Tensor) -> torch.Tensor:
     """The exact merge of running top-k states of disjoint shards: `(P, K, k)` stacked -> `(K, k)`.
 
     The top `k` of a union is the top `k` of the parts' top `k` (empty slots hold `-inf`
-    and sort last); the result is in no particular order, like each state. Used by
-    torchmetrics as `ActivationThresholds.top`'s `dist_reduce_fx`.
+    and sort last, where a state keeps them). Used by torchmetrics as
+    `ActivationThresholds.top`'s `dist_reduce_fx`.
     """
     parts, units, k = states.shape
     return _top(states.permute(1, 0, 2).reshape(units, parts * k), k)
@@ -197,8 +211,8 @@ class ActivationThresholds(Metric):
 
     `T_u = torch.quantile(A[:, u].flatten().double(), 1 - q)` over every value of
     unit `u` seen, from a running top-k of `top_count(num_values, quantile)` values
-    per unit, in no particular order. Exact; memory `K x k` float32 values,
-    updated in place. Across processes the states merge exactly
+    per unit, in no particular order (empty slots last). Exact; memory `K x k`
+    float32 values, updated in place. Across processes the states merge exactly
     (:func:`merge_top_values`), so a sharded run gives the single-process
     thresholds bit for bit.
 

@@ -154,8 +154,10 @@ def main() -> None:
     rows = [row("plain forward pass, torch.no_grad()", forward),
             row("ld.dissect, activations kept between passes (default)", dissected)]
     if not args.quick:
-        rows.append(row("ld.dissect, activation_cache_bytes=0 (model runs twice)",
+        rows.append(row("ld.dissect, activation_cache_bytes=0 (spilled to a temporary file, the default beyond it)",
                         dissect(activation_cache_bytes=0)[0]))
+        rows.append(row("ld.dissect, activation_cache_bytes=0, activation_spill=False (model runs twice)",
+                        dissect(activation_cache_bytes=0, activation_spill=False)[0]))
     rows.append(row("engine alone: ld.dissect_activations on captured outputs", engine))
     print(f"\n### Target 1: dissection vs forward pass ({len(probe)} images, best of {args.repeats} forward "
           f"passes and {args.repeats} dissections, alternating; target <= 1.25 on CPU, 1.10 on CUDA)\n")

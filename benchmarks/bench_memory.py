@@ -25,7 +25,8 @@ for decoding also the largest worker process's peak (`getrusage(RUSAGE_CHILDREN)
   bounded by the threshold state), the probe read batch by batch from the cache;
 - `time`: `ld.dissect` of a ResNet-18-shaped CNN (`--time-model`) against a plain `torch.no_grad()` forward
   pass over the same probe read from the same cache (`ProbeSet.stream`, as the dissection reads it),
-  interleaved, best of `--repeats`; the default activation budget (2 GiB: what does not fit is run again).
+  interleaved, best of `--repeats`; the default activation budget (2 GiB in memory, the batches beyond it
+  spilled to a temporary file: `activation_spill=True`).
 
 Between two sizes the tables give the memory each peak adds per added image, against the bytes the
 top-k threshold state adds per image (the one part of a dissection that must grow with N).
@@ -191,15 +192,17 @@ def measure_time(config: dict) -> dict:
     probe = ld.ProbeSet(ld.Broden(config["root"]), cache_dir=config["probe_cache"])
     model = (ResNet18Shaped() if config["time_model"] == "resnet18" else StandIn()).to(device).eval()
     forward_seconds(model, probe.subset(min(len(probe), 128)), 64, device)  # warm-up
-    forwards, dissections, cached = [], [], True
+    forwards, dissections, kept = [], [], ""
     for _ in range(config["repeats"]):
         forwards.append(forward_seconds(model, probe, 64, device))
         started = time.perf_counter()
         result = ld.dissect(model, probe, list(PROBE_LAYERS), batch_size=64, device=device)
         synchronize(device)
         dissections.append(time.perf_counter() - started)
-        cached = result.settings["activations_cached"]
-    return {"forward_seconds": min(forwards), "dissect_time_seconds": min(dissections), "all_cached": cached,
+        spilled, recomputed = result.settings["activations_spilled"], result.settings["activations_recomputed"]
+        batches = -(-len(probe) // 64)
+        kept = f"{batches - spilled - recomputed} / {spilled} / {recomputed}"
+    return {"forward_seconds": min(forwards), "dissect_time_seconds": min(dissections), "kept": kept,
             "forwards": forwards, "dissections": dissections}
 
 
@@ -280,7 +283,7 @@ PROBE_STEPS: dict[str, ProbeStep] = {
         "forward s": lambda m: f"{m['forward_seconds']:.1f}",
         "dissect (timed) s": lambda m: f"{m['dissect_time_seconds']:.1f}",
         "x forward": lambda m: f"{m['dissect_time_seconds'] / m['forward_seconds']:.3f}",
-        "activations kept": lambda m: "all" if m["all_cached"] else "part",
+        "batches in memory / spilled / run again": lambda m: m["kept"],
     }),
 }
 

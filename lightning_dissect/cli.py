@@ -227,6 +227,12 @@ def add_dissect_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto",
                         help="where the model runs: cpu, cuda, cuda:1, ... (default: auto, the first CUDA device "
                              "where there is one, else the CPU)")
+    parser.add_argument("--spill-dir", type=Path, default=None,
+                        help="folder for the temporary file that holds the layers' outputs beyond 2 GiB between "
+                             "the two passes (default: the system's temporary folder, TMPDIR); it has no name "
+                             "and is gone when the dissection ends")
+    parser.add_argument("--no-spill", dest="spill", action="store_false",
+                        help="run the model again for the outputs beyond 2 GiB instead of writing them to disk")
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="write the JSON and the CSVs only, not the HTML report with a strip per unit")
     parser.add_argument("-o", "--out", "--output", dest="output", type=Path, default=Path("dissection"),
@@ -392,6 +398,10 @@ def check_dissect_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--quantile {args.quantile} must be in (0, 1), e.g. 0.005 for the top 0.5%")
     if not 0 <= args.iou_threshold < 1:
         raise UsageError(f"--iou-threshold {args.iou_threshold} must be in [0, 1), e.g. 0.04")
+    if args.spill_dir is not None and not args.spill:
+        raise UsageError("--spill-dir and --no-spill contradict each other: give one")
+    if args.spill_dir is not None and not args.spill_dir.is_dir():
+        raise UsageError(f"--spill-dir {args.spill_dir}: not an existing folder")
 
 
 def run_dissect(args: argparse.Namespace) -> int:
@@ -417,7 +427,8 @@ def run_dissect(args: argparse.Namespace) -> int:
           file=sys.stderr)
     dissection = ld.dissect(model.to(device), probe, layers, quantile=args.quantile,
                             iou_threshold=args.iou_threshold, denominator=args.denominator,
-                            batch_size=args.batch_size, device=device, progress=show_progress())
+                            batch_size=args.batch_size, device=device, progress=show_progress(),
+                            activation_spill=args.spill_dir if args.spill_dir is not None else args.spill)
     args.output.mkdir(parents=True, exist_ok=True)
     dissection.to_json(args.output / "dissection.json")
     for layer, result in dissection.items():

@@ -136,13 +136,19 @@ class _Recorder:
 def test_the_engine_reads_images_then_labels_batch_by_batch_and_never_the_whole_probe(probes, monkeypatch):
     recorder = _Recorder(monkeypatch)
     probe = probes["streamed"]
-    ld.dissect(model(), probe, LAYERS, quantile=0.05, batch_size=6, activation_cache_bytes=BUDGETS["two batches"])
+    ld.dissect(model(), probe, LAYERS, quantile=0.05, batch_size=6, activation_cache_bytes=BUDGETS["two batches"],
+               activation_spill=False)
     batches = [list(range(start, min(start + 6, len(probe)))) for start in range(0, len(probe), 6)]
     assert recorder.streams == [
         {"batches": batches, "images": True, "labels": False},       # pass one: the model's inputs
         {"batches": batches[:2], "images": False, "labels": True},   # pass two, activations kept: labels
         {"batches": batches[2:], "images": True, "labels": True},    # the rest: the model runs again
     ]
+    recorder.streams.clear()
+    # The activations beyond the budget spilled to disk (the default): pass two reads labels only.
+    ld.dissect(model(), probe, LAYERS, quantile=0.05, batch_size=6, activation_cache_bytes=BUDGETS["two batches"])
+    assert recorder.streams == [{"batches": batches, "images": True, "labels": False},
+                                {"batches": batches, "images": False, "labels": True}]
     recorder.streams.clear()
     activations = {"stem": torch.randn(len(probe), 2, 4, 4, generator=torch.Generator().manual_seed(0))}
     ld.dissect_activations(activations, probe, batch_size=6)
@@ -163,8 +169,8 @@ def test_a_dissection_that_fails_midway_stops_reading_ahead(probes, failing_pass
             raise RuntimeError("out of memory, say")
 
     net.head.register_forward_hook(fail_at_the_third_batch)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        ld.dissect(net, probes["streamed"], LAYERS, batch_size=6, activation_cache_bytes=0)
+    with pytest.raises(RuntimeError, match="out of memory"):  # not spilled: pass two runs the model again
+        ld.dissect(net, probes["streamed"], LAYERS, batch_size=6, activation_cache_bytes=0, activation_spill=False)
     assert prefetch_threads() == []
 
 

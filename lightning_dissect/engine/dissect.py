@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -52,6 +54,7 @@ from lightning_dissect.engine.layouts import (
 )
 from lightning_dissect.engine.rotation import Rotation, as_rotation, rotate_units
 from lightning_dissect.engine.scores import category_best, iou, summarize, unit_labels
+from lightning_dissect.engine.spill import ActivationSpill, spill_folder
 from lightning_dissect.engine.sync import Synchronizer, default_synchronizer, rank_zero_buffers, sync_states
 from lightning_dissect.engine.tally import DENOMINATORS, Denominator, IoUTally
 from lightning_dissect.engine.thresholds import ActivationThresholds, quantile_from_top
@@ -275,8 +278,8 @@ class LayerState:
         units, height, width = shape
         self.rotation = options.rotation.resolve(units).to(device) if options.rotation is not None else None
         # The engine syncs explicitly, through its synchronizer, once per pass.
-        self.thresholds = ActivationThresholds(units, num_images * height * width, options.quantile,
-                                               sync_on_compute=False).to(device)
+        self.thresholds: ActivationThresholds | None = ActivationThresholds(
+            units, num_images * height * width, options.quantile, sync_on_compute=False).to(device)
         self.top_images = TopImages(units, options.top_k, sync_on_compute=False).to(device)
         self.tally: IoUTally | None = None
 
@@ -301,15 +304,19 @@ class LayerState:
         if not torch.isfinite(maps.sum()) and not torch.isfinite(maps).all():
             raise DissectionError(f"layer {self.name!r} produced non-finite activations (NaN or inf) on probe images "
                                   f"{positions[0]}..{positions[-1]}")
+        assert self.thresholds is not None, "pass one ends with start_tally"
         self.thresholds.update(maps)
         self.top_images.update(maps, index)
         return maps
 
     def start_tally(self, synchronizer: Synchronizer, label_category: torch.Tensor, num_categories: int) -> None:
         """Between the passes: read out the thresholds over every process and set up the tally."""
+        assert self.thresholds is not None, "start_tally runs once"
         sync_states(self.thresholds, synchronizer)
         # The states' readout, as `compute` gives it but keeping the (K,) shape of a single unit.
         thresholds = quantile_from_top(self.thresholds.top, int(self.thresholds.seen), self.options.quantile)
+        # The top-k state, the one part that grows with the probe, is not needed in pass two.
+        self.thresholds = None
         self.tally = IoUTally(thresholds, label_category, num_categories, self.options.denominator,
                               sync_on_compute=False).to(thresholds.device)
 
@@ -362,11 +369,12 @@ def _read(probe: Probe, batches: list[list[int]], device: torch.device, images: 
 
 
 def _run(activations: Activations, probe: Probe, options: Options, *, device: torch.device,
-         synchronizer: Synchronizer, activation_cache_bytes: int, progress: bool,
+         synchronizer: Synchronizer, activation_cache_bytes: int, activation_spill: Path | None, progress: bool,
          layer_outputs: Mapping[str, OutputLayout], images: bool = True) -> DissectionNumbers:
     """The two passes over this process's shard of the probe set; `activations(positions, inputs)`
     gives every layer's raw `(B, K, h, w)` for a batch (`inputs`: its model input, read only when
-    `images`).
+    `images`). The batches beyond `activation_cache_bytes` are spilled to a file in `activation_spill`
+    (None: not spilled, run again).
 
     The probe is read batch by batch through `probe.stream`: pass one reads the images, pass two
     the label tensors (and the images of the batches whose activations were not kept). Of the
@@ -378,10 +386,14 @@ def _run(activations: Activations, probe: Probe, options: Options, *, device: to
     label_category, label_area = probe.label_category.to(device), probe.label_area.to(device)
     bar = _progress(len(batches) * 2, progress)
     layers: dict[str, LayerState] = {}
-    # The first batches' unit maps, up to the budget; pass two runs the model again only for the rest.
-    cache: list[dict[str, torch.Tensor] | None] = []
+    # Pass two needs pass one's unit maps again: the first batches' stay in memory up to the budget, the
+    # next ones go to the spill file while the disk takes them, and only the rest are computed again.
+    cache: list[dict[str, torch.Tensor]] = []
     cached_bytes = 0
-    with contextlib.closing(_read(probe, batches, device, images=images, labels=False)) as first_pass:
+    with contextlib.ExitStack() as resources:
+        spill = resources.enter_context(ActivationSpill(activation_spill)) if activation_spill is not None else None
+        first_pass = resources.enter_context(contextlib.closing(
+            _read(probe, batches, device, images=images, labels=False)))
         for number, (batch, inputs, _) in enumerate(first_pass):
             raw = activations(batch, inputs)
             if not layers:
@@ -394,25 +406,31 @@ def _run(activations: Activations, probe: Probe, options: Options, *, device: to
             if len(cache) == number and cached_bytes + batch_bytes <= activation_cache_bytes:
                 cache.append(maps)
                 cached_bytes += batch_bytes
+            elif spill is not None:
+                spill.put(number, maps)
             del maps
             bar.update(1)
-    if not layers:
-        raise DissectionError("the probe set is empty: nothing to dissect")
+        if not layers:
+            raise DissectionError("the probe set is empty: nothing to dissect")
 
-    for layer in layers.values():
-        layer.start_tally(synchronizer, label_category, len(probe.categories))
-    kept = len(cache)
-    # The kept batches need their labels only; the others their images too, to run the model again.
-    with contextlib.ExitStack() as streams:
-        first_part = streams.enter_context(contextlib.closing(
-            _read(probe, batches[:kept], device, images=False, labels=True)))
-        second_part = streams.enter_context(contextlib.closing(
-            _read(probe, batches[kept:], device, images=images, labels=True)))
+        for layer in layers.values():
+            layer.start_tally(synchronizer, label_category, len(probe.categories))
+        kept = len(cache)
+        # Once a batch did not fit the spill none after it was written: the rest is one run of batches.
+        stored = kept + (len(spill) if spill is not None else 0)
+        assert spill is None or all(number in spill for number in range(kept, stored))
+        # The stored batches need their labels only; the others their images too, to run the model again.
+        first_part = resources.enter_context(contextlib.closing(
+            _read(probe, batches[:stored], device, images=False, labels=True)))
+        second_part = resources.enter_context(contextlib.closing(
+            _read(probe, batches[stored:], device, images=images, labels=True)))
         for number, (batch, inputs, labels) in enumerate(itertools.chain(first_part, second_part)):
             assert labels is not None
-            cached = cache[number] if number < kept else None
-            if cached is not None:
-                maps, cache[number] = cached, None  # freed as soon as it is tallied
+            if number < kept:
+                maps, cache[number] = cache[number], {}  # freed as soon as it is tallied
+            elif number < stored:
+                assert spill is not None
+                maps = spill.get(number, device)
             else:
                 maps = {name: layers[name].unit_maps(value) for name, value in activations(batch, inputs).items()}
             for name, value in maps.items():
@@ -425,6 +443,7 @@ def _run(activations: Activations, probe: Probe, options: Options, *, device: to
     numbers = {name: layer.numbers(synchronizer, probe, whole) for name, layer in layers.items()}
     settings = dict(options.settings(probe, list(layers), layer_outputs), seconds=time.perf_counter() - started,
                     activations_cached=len(cache) == len(batches),
+                    activations_spilled=stored - kept, activations_recomputed=len(batches) - stored,
                     unit_maps={name: list(layer.shape) for name, layer in layers.items()})
     return DissectionNumbers(numbers, settings)
 
@@ -461,6 +480,7 @@ def dissect(
     grid: Grid | Mapping[str, Grid] | None = None,
     top_k: int = 10,
     activation_cache_bytes: int = DEFAULT_ACTIVATION_CACHE_BYTES,
+    activation_spill: bool | str | os.PathLike = True,
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
     progress: bool = False,
     synchronizer: Synchronizer | None = None,
@@ -501,8 +521,14 @@ def dissect(
             (timm `patch_embed.grid_size`, torchvision `patch_size` and the input size).
         top_k: how many top-activating images to keep per unit.
         activation_cache_bytes: keep activations between the passes up to this
-            size (the first batches); the model runs again only for the batches
-            beyond it. 0 bounds memory by the threshold state alone.
+            size (the first batches). 0 bounds memory by the threshold state alone.
+        activation_spill: where the activations of the batches beyond `activation_cache_bytes`
+            wait for pass two: True (default) a temporary file in the system's temporary folder
+            (`TMPDIR`), a folder path one there, False none (the model runs again for those
+            batches). The file has no name and is gone when the dissection ends; a batch is
+            written only while the disk keeps `engine.spill.SPILL_RESERVE_BYTES` (2 GiB) free, and
+            the batches the disk did not take are run again. `settings["activations_spilled"]` and
+            `["activations_recomputed"]` count the batches of each kind.
         forward_context: a context manager factory wrapped around every forward
             (for example the trainer's precision context).
         progress: show a progress bar.
@@ -526,6 +552,7 @@ def dissect(
     options = Options(quantile, iou_threshold, denominator, batch_size, as_rotation(rotation),
                       prefix_tokens=prefix_tokens, top_k=top_k, layouts=validate_layouts(layouts) or None,
                       grid=grid)
+    spill_to = spill_folder(activation_spill)
     synchronizer = synchronizer or default_synchronizer()
     context = forward_context or contextlib.nullcontext
     # A compiled model (or submodule) runs as its original: its compiled code, cache and guards are untouched.
@@ -552,8 +579,8 @@ def dissect(
                     outputs_read.update(check_layers(plain, first, names, options.prefix_tokens,
                                                      layouts=options.layouts, grid=options.grid))
             return _run(layer_activations, probe, options, device=run_on, synchronizer=synchronizer,
-                        activation_cache_bytes=activation_cache_bytes, progress=progress,
-                        layer_outputs=outputs_read)
+                        activation_cache_bytes=activation_cache_bytes, activation_spill=spill_to,
+                        progress=progress, layer_outputs=outputs_read)
 
 
 def dissect_activations(
@@ -610,7 +637,7 @@ def dissect_activations(
         return {name: as_unit_maps(activations[name][index].to(run_on), name, outputs_read[name]) for name in names}
 
     return _run(batch_activations, probe, options, device=run_on, synchronizer=synchronizer or default_synchronizer(),
-                activation_cache_bytes=0, progress=progress, layer_outputs=outputs_read,
+                activation_cache_bytes=0, activation_spill=None, progress=progress, layer_outputs=outputs_read,
                 images=False)
 
 

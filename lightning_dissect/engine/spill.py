@@ -1,0 +1,164 @@
+"""`ActivationSpill`: the unit maps of the batches beyond the memory budget, on disk between the passes.
+
+Pass two of a dissection needs every batch's unit maps again, exactly as pass one saw them (the
+thresholds were read from those values). The first batches stay in memory up to
+`activation_cache_bytes`; the rest are written here, raw, to one anonymous temporary file (unlinked
+at once, so nothing is left behind when the process ends, however it ends), and read back in order.
+Reading a batch back costs far less than running the model again for it, keeps memory bounded by
+one batch, and gives pass two pass one's very bits (a second forward pass need not: cuDNN may
+choose another algorithm).
+
+The disk is not filled: a batch is written only while the folder's disk keeps `reserve_bytes` free
+after it, and a write that fails (a full disk, a quota) is undone. A batch not written is run
+through the model again in pass two, as without a spill.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SPILL_RESERVE_BYTES = 2**31  # the free disk a spill leaves to everything else
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where one layer's unit maps of one batch lie in the file."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+
+
+class ActivationSpill:
+    """Batches of unit maps `{layer: tensor}` written to one temporary file and read back by number.
+
+    Args:
+        folder: an existing folder, where the temporary file is made.
+        reserve_bytes: write a batch only while its disk keeps this much free after it.
+
+    Example:
+        >>> import tempfile
+import warnings
+        >>> with ActivationSpill(tempfile.gettempdir()) as spill:
+        ...     spill.put(0, {"layer4": torch.ones(2, 3, 4, 4)})
+        ...     spill.get(0, "cpu")["layer4"].sum().item()
+        True
+        96.0
+    """
+
+    def __init__(self, folder: str | os.PathLike, reserve_bytes: int = SPILL_RESERVE_BYTES) -> None:
+        self.folder = Path(folder)
+        self.reserve_bytes = reserve_bytes
+        self.bytes_written = 0
+        self.full = False  # no more batches are written once one did not fit
+        self._batches: dict[int, dict[str, _Stored]] = {}
+        self._file: io.RawIOBase | None = None  # made by the first `put`: a probe that fits memory never writes
+
+    def __enter__(self) -> ActivationSpill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Give the file's disk space back (it has no name; closing it deletes it)."""
+        self._batches.clear()
+        if self._file is not None:
+            self._file.close()
+
+    def __len__(self) -> int:
+        """How many batches are stored."""
+        return len(self._batches)
+
+    def __contains__(self, number: int) -> bool:
+        return number in self._batches
+
+    def put(self, number: int, maps: dict[str, torch.Tensor]) -> bool:
+        """Write batch `number`'s maps; False (and nothing written) when the disk cannot take them."""
+        size = sum(value.numel() * value.element_size() for value in maps.values())
+        if self.full or shutil.disk_usage(self.folder).free - size < self.reserve_bytes:
+            self.full = True
+            return False
+        if self._file is None:
+            try:
+                self._file = tempfile.TemporaryFile(dir=self.folder, prefix="lightning-dissect-activations-",
+                                                    buffering=0)
+            except OSError as error:
+                warnings.warn(f"could not make the activation spill file in {self.folder} ({error}); the model runs "
+                              f"again for the batches beyond activation_cache_bytes. Pass activation_spill=FOLDER "
+                              f"to use another folder", RuntimeWarning, stacklevel=2)
+                self.full = True
+                return False
+        start, stored = self.bytes_written, {}
+        try:
+            for name, value in maps.items():
+                host = value.detach().to("cpu").contiguous()
+                _write_all(self._file, _bytes(host).numpy().data)
+                stored[name] = _Stored(self.bytes_written, tuple(host.shape), host.dtype,
+                                       host.numel() * host.element_size())
+                self.bytes_written += stored[name].nbytes
+        except OSError:  # a full disk or a quota: the partial batch is cut off, it will be run again
+            self._file.truncate(start)
+            self._file.seek(start)
+            self.bytes_written, self.full = start, True
+            return False
+        self._batches[number] = stored
+        return True
+
+    def get(self, number: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """Batch `number`'s maps on `device`, bit for bit as they were put."""
+        assert self._file is not None, "get of a batch that was not put"
+        maps = {}
+        for name, stored in self._batches.pop(number).items():
+            value = torch.empty(stored.shape, dtype=stored.dtype)
+            self._file.seek(stored.offset)
+            _read_all(self._file, _bytes(value).numpy().data, self.folder)
+            maps[name] = value.to(device)
+        return maps
+
+
+def _bytes(value: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as uint8, any dtype (bfloat16 has no NumPy type)."""
+    return value.reshape(-1).view(torch.uint8)
+
+
+def _write_all(file: io.RawIOBase, data: memoryview) -> None:
+    while data:  # a raw write may take only part of a large buffer
+        written = file.write(data)
+        if not written:
+            raise OSError("the activation spill file takes no more bytes")
+        data = data[written:]
+
+
+def _read_all(file: io.RawIOBase, buffer: memoryview, folder: Path) -> None:
+    while buffer:
+        read = file.readinto(buffer)
+        if not read:
+            raise OSError(f"the activation spill file in {folder} ended early: was it truncated by another process?")
+        buffer = buffer[read:]
+
+
+def spill_folder(activation_spill: bool | str | os.PathLike) -> Path | None:
+    """The folder `dissect(activation_spill=...)` names: True, the system's temporary folder
+    (`tempfile.gettempdir()`, `TMPDIR`); False, None (no spill: the model runs again).
+
+    Raises:
+        ValueError: a path that is not an existing folder.
+    """
+    if activation_spill is True:
+        return Path(tempfile.gettempdir())
+    if activation_spill is False:
+        return None
+    if not isinstance(activation_spill, (str, os.PathLike)) or not Path(activation_spill).is_dir():
+        raise ValueError(f"activation_spill={activation_spill!r} must be True (the system's temporary folder), "
+                         f"False (run the model again instead) or an existing folder")
+    return Path(activation_spill)

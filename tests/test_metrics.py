@@ -83,6 +83,32 @@ def test_thresholds_metric_reset_and_state_dict_round_trip(device):
     assert torch.equal(first.compute(), expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_threshold_state_is_held_once_however_the_metric_is_moved_and_reset(device):
+    """torchmetrics keeps every state's default for `reset`; `top`'s is one value, so the metric's tensors
+    hold the state's bytes once (plus a few), before and after `.to`, `reset` and updates."""
+    metric = ActivationThresholds(4, 50 * 9, 0.2).to(device)
+    state_bytes = metric.top.numel() * metric.top.element_size()
+
+    def held() -> int:
+        storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
+                    for tensor in (*metric._defaults.values(), metric.top, metric.seen)}
+        return sum(storages.values())
+
+    assert held() <= state_bytes + 64
+    maps = coarse_maps(50, 4, 3, seed=5).to(device)
+    for batch, _ in batches(maps, 8):
+        metric.update(batch)
+    expected = dense_thresholds(maps, 0.2)
+    assert torch.equal(metric.compute(), expected) and held() <= state_bytes + 64
+    metric.reset()  # a full, writable state again, not a view of the one default value
+    assert metric.top.is_contiguous() and bool(torch.isinf(metric.top).all()) and held() <= state_bytes + 64
+    for batch, _ in batches(maps, 8):
+        metric.update(batch)
+    assert torch.equal(metric.compute(), expected) and bool(torch.isinf(metric._defaults["top"]).all())
+    assert metric.half().top.dtype == torch.float32  # torchmetrics' guard: a state is moved, not cast
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_thresholds_merged_across_shards_equal_the_single_process_ones(world):
     maps = coarse_maps(17, 4, 3, seed=world)

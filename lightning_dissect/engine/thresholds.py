@@ -23,6 +23,7 @@ values in no particular order, its empty slots (`-inf`) last.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -195,6 +196,11 @@ def _top(values: torch.Tensor, k: int) -> torch.Tensor:
     return values.topk(k, dim=1, largest=True, sorted=True).values
 
 
+def _empty_top(top: torch.Tensor) -> torch.Tensor:
+    """An empty state like `top`: one `-inf` seen as its shape (`reset` clones it into a full state)."""
+    return torch.full((), -math.inf, dtype=top.dtype, device=top.device).expand(top.shape)
+
+
 def merge_top_values(states: torch.Tensor) -> torch.Tensor:
     """The exact merge of running top-k states of disjoint shards: `(P, K, k)` stacked -> `(K, k)`.
 
@@ -253,6 +259,19 @@ class ActivationThresholds(Metric):
         self.add_state("top", torch.full((num_units, self.k), -math.inf), dist_reduce_fx=merge_top_values,
                        persistent=True)
         self.add_state("seen", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum", persistent=True)
+        # torchmetrics keeps a copy of every state's default for `reset`: for `top`, the one state that
+        # grows with the probe, a full copy would hold it twice. One -inf seen as (K, k) resets the same.
+        self._defaults["top"] = _empty_top(self.top)
+
+    def _apply(self, fn: Callable, exclude_state: Sequence[str] = "") -> ActivationThresholds:
+        """`.to(device)` and the like (torchmetrics'), `top`'s default kept one value (not moved whole)."""
+        super()._apply(fn, exclude_state=(*exclude_state, "top"))  # applies to self, returns it
+        if "top" not in exclude_state:
+            moved = fn(self.top)
+            if moved.dtype == self.top.dtype:  # moved, not cast: the state stays float32 (as torchmetrics' guard)
+                self.top = moved
+                self._defaults["top"] = _empty_top(moved)
+        return self
 
     def update(self, maps: torch.Tensor) -> None:
         """Add a batch of activations `(B, K, h, w)` (any trailing shape; units on axis 1)."""

@@ -213,10 +213,10 @@ def measure_thresholds(config: dict) -> dict:
     n, batch = config["n"], 64
     generator = torch.Generator().manual_seed(0)
     maps = {name: torch.randn(batch, *shape, generator=generator).relu_() for name, shape in PROBE_LAYERS.items()}
+    before = _reset_peak()  # the metrics made after it: the peak counts the state and all its copies
+    started = time.perf_counter()
     metrics = {name: ActivationThresholds(k, n * h * w, 0.005) for name, (k, h, w) in PROBE_LAYERS.items()}
     state = sum(metric.top.numel() * metric.top.element_size() for metric in metrics.values())
-    before = _reset_peak()
-    started = time.perf_counter()
     for start in range(0, n, batch):
         for name, metric in metrics.items():  # each batch a little different from the last
             metric.update(maps[name][: min(batch, n - start)] * (1 + (start // batch % 7) * 1e-3))

@@ -47,7 +47,6 @@ class ActivationSpill:
 
     Example:
         >>> import tempfile
-import warnings
         >>> with ActivationSpill(tempfile.gettempdir()) as spill:
         ...     spill.put(0, {"layer4": torch.ones(2, 3, 4, 4)})
         ...     spill.get(0, "cpu")["layer4"].sum().item()

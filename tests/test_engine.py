@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -442,6 +448,79 @@ def test_a_full_state_takes_a_batch_in_place_with_the_exact_top_k():
     assert torch.equal(top.sort(dim=1, descending=True).values, everything.topk(k, dim=1).values)
 
 
+def assert_updated_in_place_with_the_exact_top_k(batches: list[torch.Tensor], k: int) -> None:
+    """Feed `batches` `(B, K, h, w)` to an empty state: after each, the state is the same tensor and
+    holds the top k of every value so far (the top `seen` while fewer than k were seen)."""
+    top, seen = torch.full((batches[0].shape[1], k), -float("inf")), 0
+    state = top.data_ptr()
+    for count, batch in enumerate(batches, 1):
+        top = top_values_update(top, batch, seen)
+        seen += batch[:, 0].numel()
+        assert top.data_ptr() == state
+        everything = torch.cat(batches[:count]).transpose(0, 1).flatten(1)
+        expected = everything.topk(min(k, everything.shape[1]), dim=1).values
+        assert torch.equal(top.sort(dim=1, descending=True).values[:, : expected.shape[1]], expected)
+
+
+@pytest.mark.parametrize("limit", [1, 40, 700])
+@pytest.mark.parametrize("k", [5, 90, 300])
+def test_an_update_split_by_units_keeps_the_exact_top_k_in_place(limit, k, monkeypatch):
+    """Steps with more than `UPDATE_VALUES` values to handle (a large first batch, the fill, the first
+    batches after the state fills, a wide packed block) are done a group of units at a time, down to one
+    unit: the state stays the same tensor and holds the top k of everything, ties included."""
+    from lightning_dissect.engine import thresholds
+
+    monkeypatch.setattr(thresholds, "UPDATE_VALUES", limit)
+    g = torch.Generator().manual_seed(k + limit)
+    batches = [(torch.randn(3, 7, 6, 6, generator=g) * 2).round() / 2 for _ in range(6)]
+    batches[3][:, 2] += 5  # one unit gets many entering values at once
+    with reference_path(False):
+        assert_updated_in_place_with_the_exact_top_k(batches, k)
+
+
+PEAK_OF_UPDATE = """
+import gc, json, sys
+import torch
+from lightning_dissect.engine.reference import reference_path
+from lightning_dissect.engine.thresholds import top_values_update
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+g = torch.Generator().manual_seed(0)
+top = torch.rand(256, 60_000, generator=g)  # a full state of 59 MiB
+batch = torch.rand(64, 256, 14, 14, generator=g)  # nearly all of it above the state's smallest values
+top_values_update(top[:, :20].clone(), batch[:2], 10**6)  # code and allocator pools once
+with reference_path(sys.argv[1] == "reference"):
+    gc.collect()
+    before = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # VmHWM := VmRSS
+    top = top_values_update(top, batch, 10**6)
+    print(json.dumps({"peak": status("VmHWM") - before, "state": top.numel() * 4}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_the_threshold_update_works_in_memory_bounded_whatever_the_state():
+    """A batch whose values nearly all enter a large full state (as right after it fills): the fast
+    update's peak above the state is a few MiB, not a copy of the state or of index tensors per value,
+    where the reference path (a top-k of the state and the batch) takes more than the state again."""
+    environment = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+                       MALLOC_MMAP_THRESHOLD_="131072")  # freed buffers leave the resident set
+
+    def measure(path: str) -> dict:
+        output = subprocess.run([sys.executable, "-c", PEAK_OF_UPDATE, path], env=environment,
+                                capture_output=True, text=True, check=True)
+        return json.loads(output.stdout)
+
+    fast, reference = measure("fast"), measure("reference")
+    assert reference["peak"] > reference["state"]  # the measurement sees the state held again...
+    assert fast["peak"] < 24 * 2**20  # ...and the fast path holds a bounded working set (measured: ~13 MiB)
+
+
 @pytest.mark.parametrize("ties", [False, True])
 def test_a_state_larger_than_a_batch_fills_and_merges_in_place(ties):
     """With k above a batch's values per unit (large probes), batches first fill the empty slots, then
@@ -450,13 +529,4 @@ def test_a_state_larger_than_a_batch_fills_and_merges_in_place(ties):
     batches = [torch.randn(2, 3, 8, 8, generator=g) for _ in range(7)]
     if ties:
         batches = [(batch * 2).round() / 2 for batch in batches]
-    k, seen = 300, 0
-    top = torch.full((3, k), -float("inf"))
-    state = top.data_ptr()
-    for batch in batches:
-        top = top_values_update(top, batch, seen)
-        seen += batch[:, 0].numel()
-        assert top.data_ptr() == state
-        everything = torch.cat(batches[: seen // 128]).transpose(0, 1).flatten(1)
-        expected = everything.topk(min(k, everything.shape[1]), dim=1).values
-        assert torch.equal(top.sort(dim=1, descending=True).values[:, : expected.shape[1]], expected)
+    assert_updated_in_place_with_the_exact_top_k(batches, k=300)

@@ -14,7 +14,9 @@ one taken from a strided sample), then only the values above it, packed per
 unit, go to `topk`. The state is written in place: until it holds `k` values
 the batches fill its empty slots as they come, and after that the entering
 values and the state's smallest give the largest of them back to the same
-slots, so the state, which grows with the probe, is never held twice. It keeps
+slots, so the state, which grows with the probe, is never held twice. A step
+with many values to handle (the first batches after the state fills) is split by
+units, so the update's own working set is bounded too (`UPDATE_VALUES`). It keeps
 the same values as a plain `topk` of the state and the batch, which is what the
 reference path (`engine/reference.py`) runs. The state holds the `k` largest
 values in no particular order, its empty slots (`-inf`) last.
@@ -30,6 +32,10 @@ import torch
 from torchmetrics import Metric
 
 from lightning_dissect.engine.reference import use_reference
+
+UPDATE_VALUES = 2**18
+"""The most values one step of the fast update handles at once (values above the bound, or a batch's
+rows): its working set, some tens of bytes a value, stays within a few tens of MiB whatever the probe."""
 
 
 def quantile_rank(num_values: int, quantile: float) -> tuple[int, float]:
@@ -94,68 +100,103 @@ def top_values_update(top: torch.Tensor, maps: torch.Tensor, seen: int) -> torch
     the reference path runs. The fast path takes a bound that at least `k` values of each unit
     exceed (the smallest kept value once `k` values were seen, or for a large first batch a
     value from a strided sample of it) and sends only the values above it, packed per unit,
-    to `topk`, without copying the batch into unit order. The state is updated in `top` itself
-    where it can: its empty slots take the batch's values as they are, and once it is full the
-    entering values replace its smallest (`_merge_in_place`).
+    to `topk`, without copying the batch into unit order. The state is updated in `top` itself:
+    its empty slots take the batch's values as they are, and once it is full the entering
+    values replace its smallest (`_merge_in_place`). A step with more than `UPDATE_VALUES`
+    values to handle (the first batches after the state fills, when many values still enter)
+    is split by units, so the working set stays bounded however large the state and the batch.
 
     Args:
         top: `(K, k)` the state: its values in any order, the `k - seen` slots not filled yet
-            (`-inf`) last. May be changed in place.
+            (`-inf`) last. Changed in place on the fast path.
         maps: `(B, K, ...)` a batch, units on axis 1.
         seen: how many values of each unit `top` has seen (`k - seen` of its slots are empty).
 
     Returns:
-        The new state, `(K, k)`: `top` itself, or a new tensor.
+        The new state, `(K, k)`: `top` itself on the fast path, a new tensor on the reference path.
     """
     k = top.shape[1]
     flat = maps.reshape(maps.shape[0], maps.shape[1], -1).to(top.dtype)
+    if use_reference() or k == 0:
+        rows = flat.transpose(0, 1).reshape(flat.shape[1], -1)
+        return _top(_with_state(top, rows, seen), k)
+    _update_in_place(top, flat, seen)
+    return top
+
+
+def _update_in_place(top: torch.Tensor, flat: torch.Tensor, seen: int) -> None:
+    """`top_values_update`'s fast path: `flat` `(B, K, m)` into `top` `(K, k)`, in place."""
     batch, units, size = flat.shape
-    if not use_reference():
-        full = seen >= k > 0
-        bound = None
-        if full:
-            # Only values above a unit's smallest kept value can enter its top k (an equal one
-            # would replace an equal one).
-            bound = top.amin(dim=1)
-        elif seen == 0 and batch * size >= 8 * k > 0:
-            bound = _sample_bound(flat, k)
-        if bound is not None:
-            image, unit, column = (flat > bound.view(1, units, 1)).nonzero(as_tuple=True)
-            # nonzero lists the values image by image, unit by unit: `runs` of one (image, unit) each.
-            runs = torch.bincount(image * units + unit, minlength=batch * units)
-            per_image = runs.view(batch, units)
-            counts = per_image.sum(0)
-            # A sampled bound counts only where every unit has k values above it.
-            if full or bool((counts >= k).all()):
-                if image.shape[0] == 0:
-                    return top
-                width = int(counts.max())
-                if width < batch * size // 2:
-                    # Usually few values pass: each unit's, packed left into a (K, width) block
-                    # padded with -inf, go to the top-k instead of the whole batch. A value's place
-                    # in its unit's row: the unit's values in earlier images, then its rank in its run.
-                    run = image * units + unit
-                    earlier = (per_image.cumsum(0) - per_image).view(-1)
-                    position = (torch.arange(run.shape[0], device=run.device) - (runs.cumsum(0) - runs)[run]
-                                + earlier[run])
-                    packed = torch.full((units, width), -math.inf, dtype=flat.dtype, device=flat.device)
-                    packed[unit, position] = flat[image, unit, column]
-                    if full and width < k:
-                        return _merge_in_place(top, packed)
-                    return _top(_with_state(top, packed, seen), k)
+    k = top.shape[1]
+    full = seen >= k
+    bound = None
+    if full:
+        # Only values above a unit's smallest kept value can enter its top k (an equal one
+        # would replace an equal one).
+        bound = top.amin(dim=1)
+    elif seen == 0 and batch * size >= 8 * k:
+        bound = _sample_bound(flat, k)
+    if bound is not None:
+        above = flat > bound.view(1, units, 1)
+        passing = int(above.count_nonzero())
+        if passing == 0 and full:
+            return
+        if units > 1 and passing > UPDATE_VALUES:
+            del above
+            return _split(top, flat, seen, passing)
+        # Usually few values pass: each unit's, packed left into a (K, width) block padded with -inf,
+        # go to the top-k instead of the whole batch.
+        image, unit, column = above.nonzero(as_tuple=True)
+        del above
+        # nonzero lists the values image by image, unit by unit: `runs` of one (image, unit) each.
+        run = image * units + unit
+        runs = torch.bincount(run, minlength=batch * units)
+        per_image = runs.view(batch, units)
+        counts = per_image.sum(0)
+        # A sampled bound counts only where every unit has k values above it.
+        if full or bool((counts >= k).all()):
+            width = int(counts.max())
+            if width < batch * size // 2:
+                if units > 1 and units * width > UPDATE_VALUES:
+                    del image, unit, column, run
+                    return _split(top, flat, seen, units * width)
+                # A value's place in its unit's row: the unit's values in earlier images, then its rank in its run.
+                earlier = (per_image.cumsum(0) - per_image).view(-1)
+                position = (torch.arange(run.shape[0], device=run.device) - (runs.cumsum(0) - runs)[run]
+                            + earlier[run])
+                packed = torch.full((units, width), -math.inf, dtype=flat.dtype, device=flat.device)
+                packed[unit, position] = flat[image, unit, column]
+                del image, unit, column, run, position, earlier
+                if full and width < k:
+                    _merge_in_place(top, packed)
+                else:
+                    top.copy_(_top(_with_state(top, packed, seen), k))
+                return
+        del image, unit, column, run
+    if units > 1 and units * batch * size > UPDATE_VALUES:
+        return _split(top, flat, seen, units * batch * size)
     rows = flat.transpose(0, 1).reshape(units, batch * size)
-    if not use_reference() and k > 0:
-        if seen < k:
-            # The empty slots take the batch's first values as they are; the rest is merged.
-            take = min(k - seen, rows.shape[1])
-            top[:, seen : seen + take] = rows[:, :take]
-            rows = rows[:, take:]
-            if not rows.shape[1]:
-                return top
-            seen = k
-        if rows.shape[1] < k:
-            return _merge_in_place(top, rows)
-    return _top(_with_state(top, rows, seen), k)
+    if seen < k:
+        # The empty slots take the batch's first values as they are; the rest is merged.
+        take = min(k - seen, rows.shape[1])
+        top[:, seen : seen + take] = rows[:, :take]
+        rows = rows[:, take:]
+        if not rows.shape[1]:
+            return
+        seen = k
+    if rows.shape[1] < k:
+        _merge_in_place(top, rows)
+    else:
+        top.copy_(_top(_with_state(top, rows, seen), k))
+
+
+def _split(top: torch.Tensor, flat: torch.Tensor, seen: int, values: int) -> None:
+    """`_update_in_place` on groups of units, about `UPDATE_VALUES` of the step's `values` each (exact:
+    every unit's top k is its own)."""
+    units = top.shape[0]
+    step = -(-units // min(units, -(-values // UPDATE_VALUES)))
+    for start in range(0, units, step):
+        _update_in_place(top[start : start + step], flat[:, start : start + step], seen)
 
 
 def _with_state(top: torch.Tensor, candidates: torch.Tensor, seen: int) -> torch.Tensor:

@@ -283,6 +283,10 @@ PROBE_STEPS: dict[str, ProbeStep] = {
         "forward s": lambda m: f"{m['forward_seconds']:.1f}",
         "dissect (timed) s": lambda m: f"{m['dissect_time_seconds']:.1f}",
         "x forward": lambda m: f"{m['dissect_time_seconds'] / m['forward_seconds']:.3f}",
+        # Each repeat's dissection against the forward pass just before it: a machine that drifts slowly
+        # moves both alike, so the pairs show the spread the best-of ratio hides.
+        "pairs x forward": lambda m: ", ".join(f"{dissect / forward:.3f}"
+                                               for forward, dissect in zip(m["forwards"], m["dissections"])),
         "batches in memory / spilled / run again": lambda m: m["kept"],
     }),
 }

@@ -26,7 +26,9 @@ for decoding also the largest worker process's peak (`getrusage(RUSAGE_CHILDREN)
 - `time`: `ld.dissect` of a ResNet-18-shaped CNN (`--time-model`) against a plain `torch.no_grad()` forward
   pass over the same probe read from the same cache (`ProbeSet.stream`, as the dissection reads it),
   interleaved, best of `--repeats`; the default activation budget (2 GiB in memory, the batches beyond it
-  spilled to a temporary file: `activation_spill=True`).
+  spilled to a temporary file: `activation_spill=True`). Also each dissection against its own forward
+  passes (`ForwardClock`: the model's time inside the dissection) and the engine's own milliseconds per
+  image: a machine whose speed drifts between two passes minutes apart moves these far less.
 
 Between two sizes the tables give the memory each peak adds per added image, against the bytes the
 top-k threshold state adds per image (the one part of a dissection that must grow with N).
@@ -186,24 +188,53 @@ def measure_dissect(config: dict) -> dict:
             "top_bytes": _top_bytes(len(probe)), "n": len(probe)}
 
 
+class ForwardClock:
+    """The seconds a model spends in its forward passes inside a dissection: from the model's forward
+    pre-hook to the output of `last`, the last dissected layer, where the engine stops the pass (or to
+    the model's output, for a pass that runs to the end). Registered before the dissection's own hooks,
+    so its hook on `last` runs first. On CUDA it measures launches, not the device's work."""
+
+    def __init__(self, model: nn.Module, last: nn.Module) -> None:
+        self.seconds, self._started = 0.0, None
+        self._handles = [model.register_forward_pre_hook(self._start), last.register_forward_hook(self._stop),
+                         model.register_forward_hook(self._stop)]
+
+    def _start(self, *_: object) -> None:
+        self._started = time.perf_counter()
+
+    def _stop(self, *_: object) -> None:
+        if self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def measure_time(config: dict) -> dict:
-    """`ld.dissect` against a plain forward pass over the same probe, interleaved, best of `repeats`."""
+    """`ld.dissect` against a plain forward pass over the same probe, interleaved, best of `repeats`;
+    and each dissection against its own forward passes (`ForwardClock`), which a drifting machine
+    moves far less than it moves two passes minutes apart."""
     device = torch.device(config["device"])
     probe = ld.ProbeSet(ld.Broden(config["root"]), cache_dir=config["probe_cache"])
     model = (ResNet18Shaped() if config["time_model"] == "resnet18" else StandIn()).to(device).eval()
     forward_seconds(model, probe.subset(min(len(probe), 128)), 64, device)  # warm-up
-    forwards, dissections, kept = [], [], ""
+    forwards, dissections, inside, kept = [], [], [], ""
     for _ in range(config["repeats"]):
         forwards.append(forward_seconds(model, probe, 64, device))
+        clock = ForwardClock(model, model.get_submodule(list(PROBE_LAYERS)[-1]))
         started = time.perf_counter()
         result = ld.dissect(model, probe, list(PROBE_LAYERS), batch_size=64, device=device)
         synchronize(device)
         dissections.append(time.perf_counter() - started)
+        clock.remove()
+        inside.append(clock.seconds)
         spilled, recomputed = result.settings["activations_spilled"], result.settings["activations_recomputed"]
         batches = -(-len(probe) // 64)
         kept = f"{batches - spilled - recomputed} / {spilled} / {recomputed}"
     return {"forward_seconds": min(forwards), "dissect_time_seconds": min(dissections), "kept": kept,
-            "forwards": forwards, "dissections": dissections}
+            "forwards": forwards, "dissections": dissections, "inside": inside, "n": len(probe)}
 
 
 def measure_thresholds(config: dict) -> dict:
@@ -287,6 +318,9 @@ PROBE_STEPS: dict[str, ProbeStep] = {
         # moves both alike, so the pairs show the spread the best-of ratio hides.
         "pairs x forward": lambda m: ", ".join(f"{dissect / forward:.3f}"
                                                for forward, dissect in zip(m["forwards"], m["dissections"])),
+        # The dissection's own work: its time outside the model's forward passes, per image (best repeat).
+        "engine ms / image": lambda m: f"{min(map(float.__sub__, m['dissections'], m['inside'])) / m['n'] * 1e3:.2f}",
+        "x its own forward": lambda m: ", ".join(f"{d / i:.3f}" for d, i in zip(m["dissections"], m["inside"])),
         "batches in memory / spilled / run again": lambda m: m["kept"],
     }),
 }

@@ -15,7 +15,13 @@ from torch import nn
 
 import lightning_dissect as ld
 from lightning_dissect.engine.reference import reference_path
-from lightning_dissect.engine.thresholds import ActivationThresholds, quantile_from_top, top_count, top_values_update
+from lightning_dissect.engine.thresholds import (
+    ActivationThresholds,
+    Frontier,
+    quantile_from_top,
+    top_count,
+    top_values_update,
+)
 from tests.conftest import write_broden
 from tests.reference import reference_dissection
 
@@ -530,3 +536,75 @@ def test_a_state_larger_than_a_batch_fills_and_merges_in_place(ties):
     if ties:
         batches = [(batch * 2).round() / 2 for batch in batches]
     assert_updated_in_place_with_the_exact_top_k(batches, k=300)
+
+
+class CountedFrontier(Frontier):
+    """A `Frontier` that counts its searches and the batches it took without one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.searches, self.taken = 0, 0
+
+    def find(self, top: torch.Tensor, width: int) -> None:
+        self.searches += 1
+        super().find(top, width)
+
+    def take(self, top: torch.Tensor, candidates: torch.Tensor) -> bool:
+        taken = super().take(top, candidates)
+        self.taken += taken
+        return taken
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_a_frontier_keeps_the_exact_top_k_batch_after_batch(ties, monkeypatch):
+    """With a `Frontier` a full state takes each batch's entering values in the slots of its smallest
+    values found by an earlier search, and searches again when they are used up: after every batch the
+    state is the same tensor and holds the top k of everything, ties included, whether the frontier is
+    a few slots per unit (used up again and again) or the whole state."""
+    from lightning_dissect.engine import thresholds
+
+    searches = {}
+    for slots in (4, 10**6):
+        monkeypatch.setattr(thresholds, "FRONTIER_VALUES", slots)
+        g = torch.Generator().manual_seed(int(ties))
+        batches = [torch.randn(4, 6, 5, 5, generator=g) * (1 + number / 10) for number in range(40)]
+        if ties:
+            batches = [(batch * 2).round() / 2 for batch in batches]
+        k = 120
+        top, seen, frontier = torch.full((6, k), -float("inf")), 0, CountedFrontier()
+        state = top.data_ptr()
+        with reference_path(False):
+            for count, batch in enumerate(batches, 1):
+                top = top_values_update(top, batch, seen, frontier)
+                seen += batch[:, 0].numel()
+                assert top.data_ptr() == state
+                everything = torch.cat(batches[:count]).transpose(0, 1).flatten(1)
+                expected = everything.topk(min(k, everything.shape[1]), dim=1).values
+                assert torch.equal(top.sort(dim=1, descending=True).values[:, : expected.shape[1]], expected)
+        assert frontier.taken > frontier.searches  # batches were taken without a search
+        searches[slots] = frontier.searches
+    assert searches[4] > searches[10**6]  # a few slots per unit are used up, and searched again
+
+
+def test_a_state_written_by_anything_else_is_searched_again():
+    """The frontier describes the state as the update last wrote it: a state replaced (as a sync or
+    `reset` does) or changed in place (`load_state_dict`) is searched again, and the thresholds stay exact."""
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(3, 4, 6, 6, generator=g) for _ in range(12)]
+    metric = ActivationThresholds(4, 12 * 3 * 36, 0.05)  # k = 82: full after the first batch
+    for batch in batches[:4]:
+        metric.update(batch)
+    # In place: the state's smallest values raised (as loading a checkpoint would write them).
+    metric.top.copy_(metric.top.clamp(min=1.0))
+    for batch in batches[4:8]:
+        metric.update(batch)
+    everything = torch.cat([torch.cat(batches[:4]).transpose(0, 1).flatten(1).clamp(min=1.0),
+                            torch.cat(batches[4:8]).transpose(0, 1).flatten(1)], 1)
+    assert torch.equal(metric.top.sort(dim=1, descending=True).values, everything.topk(metric.k, dim=1).values)
+    # Replaced: another tensor with other values (as a sync across processes gives).
+    metric.top = metric.top * 0.5
+    for batch in batches[8:]:
+        metric.update(batch)
+    everything = torch.cat([everything.topk(metric.k, dim=1).values * 0.5,
+                            torch.cat(batches[8:]).transpose(0, 1).flatten(1)], 1)
+    assert torch.equal(metric.top.sort(dim=1, descending=True).values, everything.topk(metric.k, dim=1).values)

@@ -14,7 +14,9 @@ one taken from a strided sample), then only the values above it, packed per
 unit, go to `topk`. The state is written in place: until it holds `k` values
 the batches fill its empty slots as they come, and after that the entering
 values and the state's smallest give the largest of them back to the same
-slots, so the state, which grows with the probe, is never held twice. A step
+slots, so the state, which grows with the probe, is never held twice; where
+those smallest values are is kept from one batch to the next (:class:`Frontier`),
+so a batch's update does not search the whole state. A step
 with many values to handle (the first batches after the state fills) is split by
 units, so the update's own working set is bounded too (`UPDATE_VALUES`). It keeps
 the same values as a plain `topk` of the state and the batch, which is what the
@@ -25,6 +27,7 @@ values in no particular order, its empty slots (`-inf`) last.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +39,70 @@ from lightning_dissect.engine.reference import use_reference
 UPDATE_VALUES = 2**18
 """The most values one step of the fast update handles at once (values above the bound, or a batch's
 rows): its working set, some tens of bytes a value, stays within a few tens of MiB whatever the probe."""
+FRONTIER_VALUES = 2**18
+"""How many of a full state's smallest values, over all units, a `Frontier` keeps at least (and four times a
+batch's entering values per unit, at most `4 * UPDATE_VALUES`): 3 MiB to 12 MiB whatever the probe."""
+
+
+class Frontier:
+    """Where a full state's smallest values are, kept from one update to the next.
+
+    Once the state is full, a batch's few entering values (`w` per unit) replace the `w` smallest of the
+    unit's `k` kept values. Finding those is a search of the whole state, `O(k)` per unit, and `k`
+    grows with the probe: every batch would cost more on a larger probe. A frontier is the result of
+    one such search kept for the next batches: per unit, the slots `slots` `(K, m)` of its `m`
+    smallest values when searched, a copy of the values in them (`values`, kept up to date: a batch
+    reads `m` values in a row, not `m` scattered over a state of hundreds of MiB), and `ceiling`
+    `(K,)`, the largest of the `m` when searched. No other slot holds
+    a value below `ceiling`, and no other slot is written while the frontier lasts, so as long as the
+    `w` smallest values in `slots` are `<= ceiling` they are the `w` smallest of the whole row: a batch
+    costs `O(m)`, and the state is searched again only when the entering values have used up the
+    frontier (`take` refuses) or the state was written by anything else (another tensor, or its
+    `_version` moved on).
+    """
+
+    def __init__(self) -> None:
+        self._state: weakref.ref[torch.Tensor] | None = None
+        self._version = -1
+        self.slots = torch.zeros(0, 0, dtype=torch.long)
+        self.values = self.ceiling = torch.zeros(0)
+
+    def __getstate__(self) -> dict:  # pickled or copied with its metric: found again on the next update
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def matches(self, top: torch.Tensor) -> bool:
+        """Whether this frontier was found on `top` and nothing has written to `top` since."""
+        return self._state is not None and self._state() is top and top._version == self._version
+
+    def find(self, top: torch.Tensor, width: int) -> None:
+        """Search `top` `(K, k)` (full) for its smallest values: room for four times `width` entering values
+        per unit, and `FRONTIER_VALUES` over all units where that is more."""
+        units, k = top.shape
+        smallest = top.topk(min(k, max(4 * width, FRONTIER_VALUES // units, 1)), dim=1, largest=False, sorted=False)
+        self.slots, self.values, self.ceiling = smallest.indices, smallest.values, smallest.values.amax(1)
+        self._state, self._version = weakref.ref(top), top._version
+
+    def bound(self, top: torch.Tensor) -> torch.Tensor:
+        """A value no larger than each unit's smallest kept value, `(K,)`: only values above it can enter."""
+        return torch.minimum(self.values.amin(1), self.ceiling)
+
+    def take(self, top: torch.Tensor, candidates: torch.Tensor) -> bool:
+        """`_merge_in_place(top, candidates)` searching the frontier only; False (nothing written) where the
+        `w` smallest values in the frontier may not be the row's `w` smallest."""
+        width = candidates.shape[1]
+        if width > self.slots.shape[1]:
+            return False
+        smallest = self.values.topk(width, dim=1, largest=False, sorted=False)
+        if not bool((smallest.values.amax(1) <= self.ceiling).all()):
+            return False
+        merged = torch.cat([smallest.values, candidates], dim=1).topk(width, dim=1, sorted=False).values
+        self.values.scatter_(1, smallest.indices, merged)
+        top.scatter_(1, self.slots.gather(1, smallest.indices), merged)
+        self._version = top._version
+        return True
 
 
 def quantile_rank(num_values: int, quantile: float) -> tuple[int, float]:
@@ -92,7 +159,8 @@ def quantile_from_top(top_values: torch.Tensor, num_values: int, quantile: float
     return torch.lerp(low, high, torch.full_like(low, weight))
 
 
-def top_values_update(top: torch.Tensor, maps: torch.Tensor, seen: int) -> torch.Tensor:
+def top_values_update(top: torch.Tensor, maps: torch.Tensor, seen: int, frontier: Frontier | None = None
+                      ) -> torch.Tensor:
     """The `k` largest values of each unit among `top` and a batch of maps, in no particular order.
 
     Exact whichever way it is computed: the same values as
@@ -102,15 +170,18 @@ def top_values_update(top: torch.Tensor, maps: torch.Tensor, seen: int) -> torch
     value from a strided sample of it) and sends only the values above it, packed per unit,
     to `topk`, without copying the batch into unit order. The state is updated in `top` itself:
     its empty slots take the batch's values as they are, and once it is full the entering
-    values replace its smallest (`_merge_in_place`). A step with more than `UPDATE_VALUES`
-    values to handle (the first batches after the state fills, when many values still enter)
-    is split by units, so the working set stays bounded however large the state and the batch.
+    values replace its smallest (`_merge_in_place`; with a `frontier`, found among the slots of the
+    smallest values a previous update found, so a batch costs the same however large the state). A
+    step with more than `UPDATE_VALUES` values to handle (the first batches after the state fills,
+    when many values still enter) is split by units, so the working set stays bounded however large
+    the state and the batch.
 
     Args:
         top: `(K, k)` the state: its values in any order, the `k - seen` slots not filled yet
             (`-inf`) last. Changed in place on the fast path.
         maps: `(B, K, ...)` a batch, units on axis 1.
         seen: how many values of each unit `top` has seen (`k - seen` of its slots are empty).
+        frontier: kept by the caller from one update of `top` to the next (`Frontier`), or None.
 
     Returns:
         The new state, `(K, k)`: `top` itself on the fast path, a new tensor on the reference path.
@@ -120,11 +191,11 @@ def top_values_update(top: torch.Tensor, maps: torch.Tensor, seen: int) -> torch
     if use_reference() or k == 0:
         rows = flat.transpose(0, 1).reshape(flat.shape[1], -1)
         return _top(_with_state(top, rows, seen), k)
-    _update_in_place(top, flat, seen)
+    _update_in_place(top, flat, seen, frontier)
     return top
 
 
-def _update_in_place(top: torch.Tensor, flat: torch.Tensor, seen: int) -> None:
+def _update_in_place(top: torch.Tensor, flat: torch.Tensor, seen: int, frontier: Frontier | None = None) -> None:
     """`top_values_update`'s fast path: `flat` `(B, K, m)` into `top` `(K, k)`, in place."""
     batch, units, size = flat.shape
     k = top.shape[1]
@@ -133,7 +204,7 @@ def _update_in_place(top: torch.Tensor, flat: torch.Tensor, seen: int) -> None:
     if full:
         # Only values above a unit's smallest kept value can enter its top k (an equal one
         # would replace an equal one).
-        bound = top.amin(dim=1)
+        bound = frontier.bound(top) if frontier is not None and frontier.matches(top) else top.amin(dim=1)
     elif seen == 0 and batch * size >= 8 * k:
         bound = _sample_bound(flat, k)
     if bound is not None:
@@ -167,7 +238,12 @@ def _update_in_place(top: torch.Tensor, flat: torch.Tensor, seen: int) -> None:
                 packed = torch.full((units, width), -math.inf, dtype=flat.dtype, device=flat.device)
                 packed[unit, position] = flat[image, unit, column]
                 del image, unit, column, run, position, earlier
-                if full and width < k:
+                if full and width < k and frontier is not None:
+                    if not (frontier.matches(top) and frontier.take(top, packed)):
+                        frontier.find(top, width)
+                        taken = frontier.take(top, packed)
+                        assert taken, "a frontier just found holds its rows' smallest values"
+                elif full and width < k:
                     _merge_in_place(top, packed)
                 else:
                     top.copy_(_top(_with_state(top, packed, seen), k))
@@ -303,6 +379,7 @@ class ActivationThresholds(Metric):
         # torchmetrics keeps a copy of every state's default for `reset`: for `top`, the one state that
         # grows with the probe, a full copy would hold it twice. One -inf seen as (K, k) resets the same.
         self._defaults["top"] = _empty_top(self.top)
+        self._frontier = Frontier()  # not a state: found again on the next update wherever `top` was replaced
 
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = "") -> ActivationThresholds:
         """`.to(device)` and the like (torchmetrics'), `top`'s default kept one value (not moved whole)."""
@@ -318,7 +395,7 @@ class ActivationThresholds(Metric):
         """Add a batch of activations `(B, K, h, w)` (any trailing shape; units on axis 1)."""
         if maps.ndim < 2 or maps.shape[1] != self.num_units:
             raise ValueError(f"maps has shape {tuple(maps.shape)}; expected (B, {self.num_units}, ...)")
-        self.top = top_values_update(self.top, maps, int(self.seen))
+        self.top = top_values_update(self.top, maps, int(self.seen), self._frontier)
         self.seen += maps[:, 0].numel()
 
     def compute(self) -> torch.Tensor:

@@ -564,8 +564,9 @@ def test_a_frontier_keeps_the_exact_top_k_batch_after_batch(ties, monkeypatch):
     from lightning_dissect.engine import thresholds
 
     searches = {}
-    for slots in (4, 10**6):
+    for slots, share in ((4, 4), (10**6, 1)):  # a few slots per unit (a quarter of the state); the whole state
         monkeypatch.setattr(thresholds, "FRONTIER_VALUES", slots)
+        monkeypatch.setattr(thresholds, "FRONTIER_SHARE", share)
         g = torch.Generator().manual_seed(int(ties))
         batches = [torch.randn(4, 6, 5, 5, generator=g) * (1 + number / 10) for number in range(40)]
         if ties:

@@ -40,8 +40,10 @@ UPDATE_VALUES = 2**18
 """The most values one step of the fast update handles at once (values above the bound, or a batch's
 rows): its working set, some tens of bytes a value, stays within a few tens of MiB whatever the probe."""
 FRONTIER_VALUES = 2**18
-"""How many of a full state's smallest values, over all units, a `Frontier` keeps at least (and four times a
-batch's entering values per unit, at most `4 * UPDATE_VALUES`): 3 MiB to 12 MiB whatever the probe."""
+"""How many of a full state's smallest values, over all units, a `Frontier` keeps where the state allows (or four
+times a batch's entering values per unit, where that is more): at most 8 MiB whatever the probe, and at most a
+`FRONTIER_SHARE` of the state's values (so an eighth of its bytes), unless a batch's entering values need more."""
+FRONTIER_SHARE = 32
 
 
 class Frontier:
@@ -64,7 +66,7 @@ class Frontier:
     def __init__(self) -> None:
         self._state: weakref.ref[torch.Tensor] | None = None
         self._version = -1
-        self.slots = torch.zeros(0, 0, dtype=torch.long)
+        self.slots = torch.zeros(0, 0, dtype=torch.int32)
         self.values = self.ceiling = torch.zeros(0)
 
     def __getstate__(self) -> dict:  # pickled or copied with its metric: found again on the next update
@@ -78,11 +80,14 @@ class Frontier:
         return self._state is not None and self._state() is top and top._version == self._version
 
     def find(self, top: torch.Tensor, width: int) -> None:
-        """Search `top` `(K, k)` (full) for its smallest values: room for four times `width` entering values
-        per unit, and `FRONTIER_VALUES` over all units where that is more."""
+        """Search `top` `(K, k)` (full) for its smallest values: `FRONTIER_VALUES` over all units or room for four
+        times `width` entering values per unit, at most a `FRONTIER_SHARE` of the state, at least `width`."""
         units, k = top.shape
-        smallest = top.topk(min(k, max(4 * width, FRONTIER_VALUES // units, 1)), dim=1, largest=False, sorted=False)
-        self.slots, self.values, self.ceiling = smallest.indices, smallest.values, smallest.values.amax(1)
+        size = min(k, max(width, 1, min(max(4 * width, FRONTIER_VALUES // units), k // FRONTIER_SHARE)))
+        smallest = top.topk(size, dim=1, largest=False, sorted=False)
+        # int32 slots: a state row is far shorter than 2^31 (the gathers index with int64).
+        self.slots, self.values = smallest.indices.int(), smallest.values
+        self.ceiling = smallest.values.amax(1)
         self._state, self._version = weakref.ref(top), top._version
 
     def bound(self, top: torch.Tensor) -> torch.Tensor:
@@ -100,7 +105,7 @@ class Frontier:
             return False
         merged = torch.cat([smallest.values, candidates], dim=1).topk(width, dim=1, sorted=False).values
         self.values.scatter_(1, smallest.indices, merged)
-        top.scatter_(1, self.slots.gather(1, smallest.indices), merged)
+        top.scatter_(1, self.slots.gather(1, smallest.indices).long(), merged)
         self._version = top._version
         return True
 

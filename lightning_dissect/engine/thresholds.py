@@ -42,7 +42,8 @@ rows): its working set, some tens of bytes a value, stays within a few tens of M
 FRONTIER_VALUES = 2**18
 """How many of a full state's smallest values, over all units, a `Frontier` keeps where the state allows (or four
 times a batch's entering values per unit, where that is more): at most 8 MiB whatever the probe, and at most a
-`FRONTIER_SHARE` of the state's values (so an eighth of its bytes), unless a batch's entering values need more."""
+`FRONTIER_SHARE` of the state's values (a sixteenth of its bytes: int32 slots, float32 copies), unless a batch's
+entering values need more (they are at most `UPDATE_VALUES` here: 2 MiB)."""
 FRONTIER_SHARE = 32
 
 
@@ -90,7 +91,7 @@ class Frontier:
         self.ceiling = smallest.values.amax(1)
         self._state, self._version = weakref.ref(top), top._version
 
-    def bound(self, top: torch.Tensor) -> torch.Tensor:
+    def bound(self) -> torch.Tensor:
         """A value no larger than each unit's smallest kept value, `(K,)`: only values above it can enter."""
         return torch.minimum(self.values.amin(1), self.ceiling)
 
@@ -176,7 +177,7 @@ def top_values_update(top: torch.Tensor, maps: torch.Tensor, seen: int, frontier
     to `topk`, without copying the batch into unit order. The state is updated in `top` itself:
     its empty slots take the batch's values as they are, and once it is full the entering
     values replace its smallest (`_merge_in_place`; with a `frontier`, found among the slots of the
-    smallest values a previous update found, so a batch costs the same however large the state). A
+    smallest values a previous update found, so most batches do not search the whole state). A
     step with more than `UPDATE_VALUES` values to handle (the first batches after the state fills,
     when many values still enter) is split by units, so the working set stays bounded however large
     the state and the batch.
@@ -209,7 +210,7 @@ def _update_in_place(top: torch.Tensor, flat: torch.Tensor, seen: int, frontier:
     if full:
         # Only values above a unit's smallest kept value can enter its top k (an equal one
         # would replace an equal one).
-        bound = frontier.bound(top) if frontier is not None and frontier.matches(top) else top.amin(dim=1)
+        bound = frontier.bound() if frontier is not None and frontier.matches(top) else top.amin(dim=1)
     elif seen == 0 and batch * size >= 8 * k:
         bound = _sample_bound(flat, k)
     if bound is not None:

@@ -16,7 +16,7 @@ the batches fill its empty slots as they come, and after that the entering
 values and the state's smallest give the largest of them back to the same
 slots, so the state, which grows with the probe, is never held twice; where
 those smallest values are is kept from one batch to the next (:class:`Frontier`),
-so a batch's update does not search the whole state. A step
+so most batches' updates do not search the whole state. A step
 with many values to handle (the first batches after the state fills) is split by
 units, so the update's own working set is bounded too (`UPDATE_VALUES`). It keeps
 the same values as a plain `topk` of the state and the batch, which is what the

@@ -29,15 +29,13 @@ import hashlib
 import json
 import operator
 import os
-import queue
 import shutil
 import tempfile
-import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -48,6 +46,7 @@ from lightning_dissect.cache import cache_root
 from lightning_dissect.concept_source import ConceptDataset, ConceptSource, DatasetError
 from lightning_dissect.dataset_source import DatasetSource
 from lightning_dissect.engine.labels import canonical_labels, category_presence, label_area
+from lightning_dissect.engine.prefetch import prefetched
 from lightning_dissect.probe_storage import (
     ArraySpec,
     ArrayWriter,
@@ -79,8 +78,6 @@ _CHUNK_IMAGES = 64
 _PER_IMAGE = ("images", "label_maps", "image_labels", "category_present", "image_level_present")
 _LABELS = ("label_maps", "image_labels", "category_present", "image_level_present")
 _warned: set[str] = set()
-
-T = TypeVar("T")
 
 
 class ImageTransform:
@@ -194,58 +191,6 @@ class _ChunkDecoder:
 
 
 # ---------------------------------------------------------------------- streaming
-
-
-class _Failure:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-_DONE = object()
-
-
-def prefetched(produce: Callable[[T], Any], items: Iterable[T], depth: int = 2) -> Iterator[Any]:
-    """`produce(item)` for each item, computed by a background thread up to `depth` items ahead.
-
-    An exception of `produce` is raised by the iterator, at the item that raised it. When the consumer
-    stops early (break, an exception, the iterator garbage-collected) the thread stops after the item
-    it is producing.
-    """
-    results: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                results.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in items:
-                if stop.is_set() or not put(produce(item)):
-                    return
-        except BaseException as error:  # handed to the consumer, raised there
-            put(_Failure(error))
-            return
-        put(_DONE)
-
-    thread = threading.Thread(target=work, name="probe-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            result = results.get()
-            if result is _DONE:
-                return
-            if isinstance(result, _Failure):
-                raise result.error
-            yield result
-    finally:
-        stop.set()
-        thread.join()
 
 
 class _DeviceCopier:
@@ -806,7 +751,7 @@ class ProbeSet:
         def read(positions: list[int]) -> tuple[list[int], dict[str, torch.Tensor], Any]:
             return (positions, *copier.send(self._read(names, positions, device, pin=copier.cuda)))
 
-        for positions, arrays, ready in prefetched(read, batches, depth=prefetch):
+        for positions, arrays, ready in prefetched(read, batches, depth=prefetch, name="probe-prefetch"):
             yield self._batch(positions, copier.receive(arrays, ready))
 
     def release(self) -> None:

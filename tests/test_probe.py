@@ -23,6 +23,7 @@ import torch
 import lightning_dissect as ld
 from lightning_dissect import probe as probe_module
 from lightning_dissect import probe_storage
+from lightning_dissect.engine.prefetch import prefetched
 from tests.conftest import random_broden, write_broden
 
 ARRAYS = ("images", "label_maps", "image_labels", "label_area", "category_present", "image_level_present")
@@ -577,7 +578,7 @@ def test_prefetched_reads_ahead_but_at_most_depth_items():
         produced.append(item)
         return item * 10
 
-    results = probe_module.prefetched(produce, range(100), depth=3)
+    results = prefetched(produce, range(100), depth=3)
     assert next(results) == 0
     time.sleep(0.3)
     assert len(produced) <= 1 + 3 + 1  # the item yielded, `depth` queued, one waiting to be queued

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 import warnings
 from types import SimpleNamespace
 
@@ -56,6 +58,39 @@ def test_batches_come_back_bit_for_bit_in_any_dtype_and_the_file_has_no_name(tmp
             same_bits({name: value.cpu() for name, value in maps.items()}, batch(number))
         assert len(spill) == 0
     assert spill.bytes_written == 4 * sum(value.numel() * value.element_size() for value in batch(0).values())
+
+
+def spill_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "spill-prefetch"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_read_ahead_gives_the_batches_in_order_reading_one_ahead_and_stops_when_closed(tmp_path, device,
+                                                                                       monkeypatch):
+    read: list[int] = []
+    real_get = ActivationSpill.get
+
+    def counted(spill, number, where):
+        read.append(number)
+        return real_get(spill, number, where)
+
+    monkeypatch.setattr(ActivationSpill, "get", counted)
+    with ActivationSpill(tmp_path) as spill:
+        for number in range(6):
+            assert spill.put(number, batch(number))
+        batches = spill.read_ahead(range(1, 6), device)
+        first = next(batches)
+        same_bits({name: value.cpu() for name, value in first.items()}, batch(1))
+        assert all(value.device.type == device for value in first.values())
+        time.sleep(0.2)
+        assert read == [1, 2, 3]  # the batch given, one queued, one read and waiting for room
+        assert len(spill_threads()) == 1
+        batches.close()
+        assert spill_threads() == []
+        assert len(spill) == 6 - len(read)
+        for number, maps in zip(range(4, 6), spill.read_ahead(range(4, 6), device)):
+            same_bits({name: value.cpu() for name, value in maps.items()}, batch(number))
+        assert spill_threads() == []
 
 
 def test_a_batch_the_disk_reserve_cannot_take_is_not_written_and_none_after_it(tmp_path, monkeypatch):
@@ -187,6 +222,7 @@ def test_a_dissection_that_fails_in_pass_two_closes_its_spill_file(probe, tmp_pa
         ld.dissect(model(), probe, LAYERS, batch_size=6, activation_cache_bytes=0,
                    activation_spill=tmp_path)
     assert len(opened) == 1 and opened[0]._file is not None and opened[0]._file.closed
+    assert spill_threads() == []  # the read-ahead stopped too
 
 
 def test_a_probe_that_fits_the_budget_never_touches_the_disk(probe, monkeypatch):

@@ -424,13 +424,16 @@ def _run(activations: Activations, probe: Probe, options: Options, *, device: to
             _read(probe, batches[:stored], device, images=False, labels=True)))
         second_part = resources.enter_context(contextlib.closing(
             _read(probe, batches[stored:], device, images=images, labels=True)))
+        # The spilled batches come back in order, the next one read from the disk while this one is tallied.
+        spilled = (resources.enter_context(contextlib.closing(spill.read_ahead(range(kept, stored), device)))
+                   if spill is not None and stored > kept else None)
         for number, (batch, inputs, labels) in enumerate(itertools.chain(first_part, second_part)):
             assert labels is not None
             if number < kept:
                 maps, cache[number] = cache[number], {}  # freed as soon as it is tallied
             elif number < stored:
-                assert spill is not None
-                maps = spill.get(number, device)
+                assert spilled is not None
+                maps = next(spilled)
             else:
                 maps = {name: layers[name].unit_maps(value) for name, value in activations(batch, inputs).items()}
             for name, value in maps.items():

@@ -3,10 +3,11 @@
 Pass two of a dissection needs every batch's unit maps again, exactly as pass one saw them (the
 thresholds were read from those values). The first batches stay in memory up to
 `activation_cache_bytes`; the rest are written here, raw, to one anonymous temporary file (unlinked
-at once, so nothing is left behind when the process ends, however it ends), and read back in order.
+at once, so nothing is left behind when the process ends, however it ends), and read back in order,
+the next batch by a background thread while pass two tallies the current one (`read_ahead`).
 Reading a batch back costs far less than running the model again for it, keeps memory bounded by
-one batch, and gives pass two pass one's very bits (a second forward pass need not: cuDNN may
-choose another algorithm).
+three batches (one tallied, one read ahead, one being read), and gives pass two pass one's very bits
+(a second forward pass need not: cuDNN may choose another algorithm).
 
 The disk is not filled: a batch is written only while the folder's disk keeps `reserve_bytes` free
 after it, and a write that fails (a full disk, a quota) is undone. A batch not written is run
@@ -15,15 +16,19 @@ through the model again in pass two, as without a spill.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from lightning_dissect.engine.prefetch import prefetched
 
 SPILL_RESERVE_BYTES = 2**31  # the free disk a spill leaves to everything else
 
@@ -123,6 +128,17 @@ class ActivationSpill:
             _read_all(self._file, _bytes(value).numpy().data, self.folder)
             maps[name] = value.to(device)
         return maps
+
+    def read_ahead(self, numbers: Iterable[int], device: torch.device | str
+                   ) -> Generator[dict[str, torch.Tensor], None, None]:
+        """`get(number, device)` for each of `numbers` in turn, the next batch read from the file by a
+        background thread while the caller works on the current one: the disk's reads (a spill larger than
+        the page cache is read back from the disk itself) overlap the caller's work instead of adding to it.
+        Close the iterator (or exhaust it) before the spill."""
+        with contextlib.closing(prefetched(lambda number: self.get(number, "cpu"), numbers, depth=1,
+                                           name="spill-prefetch")) as batches:
+            for maps in batches:
+                yield {name: value.to(device) for name, value in maps.items()}
 
 
 def _bytes(value: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,86 @@ def test_batches_come_back_bit_for_bit_in_any_dtype_and_the_file_has_no_name(tmp
 
 
 def spill_threads() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name == "spill-prefetch"]
+    return [thread for thread in threading.enumerate() if thread.name in ("spill-prefetch", "spill-write")]
+
+
+def wait_for(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_write_behind_puts_the_batches_in_order_one_behind_and_all_of_them_by_the_end(tmp_path, device,
+                                                                                      monkeypatch):
+    put: list[int] = []
+    go = threading.Event()
+    real_put = ActivationSpill.put
+
+    def held(spill, number, maps):
+        put.append(number)
+        go.wait(10)
+        return real_put(spill, number, maps)
+
+    monkeypatch.setattr(ActivationSpill, "put", held)
+    with ActivationSpill(tmp_path) as spill:
+        with spill.write_behind() as write:
+            write(0, {name: value.to(device) for name, value in batch(0).items()})
+            wait_for(lambda: put == [0])  # the thread writes batch 0: the caller goes on
+            write(1, batch(1))  # waits in the queue
+            third = threading.Thread(target=write, args=(2, batch(2)))
+            third.start()
+            third.join(0.2)
+            waited, threads = third.is_alive(), len(spill_threads())
+            go.set()
+            assert waited  # no room for a third batch while one is written and one waits
+            assert threads == 1
+            third.join()
+            for number in range(3, 6):
+                write(number, batch(number))
+        assert put == list(range(6)) and len(spill) == 6  # every batch written once the block ended
+        assert spill_threads() == []
+        for number in range(6):
+            same_bits(spill.get(number, "cpu"), batch(number))
+
+
+def test_a_write_behind_error_is_raised_in_the_caller_and_the_batches_after_it_are_not_written(tmp_path,
+                                                                                                 monkeypatch):
+    real_put = ActivationSpill.put
+
+    def fails_at_one(spill, number, maps):
+        if number == 1:
+            raise RuntimeError("a write that fails")
+        return real_put(spill, number, maps)
+
+    monkeypatch.setattr(ActivationSpill, "put", fails_at_one)
+    with ActivationSpill(tmp_path) as spill:
+        with pytest.raises(RuntimeError, match="a write that fails"):
+            with spill.write_behind() as write:
+                for number in range(4):
+                    write(number, batch(number))
+        assert spill_threads() == []
+        assert [number in spill for number in range(4)] == [True, False, False, False]
+        same_bits(spill.get(0, "cpu"), batch(0))
+
+
+def test_a_caller_error_stops_the_write_behind_leaving_the_queued_batch_unwritten(tmp_path, monkeypatch):
+    real_put = ActivationSpill.put
+
+    def slow(spill, number, maps):
+        time.sleep(0.3)
+        return real_put(spill, number, maps)
+
+    monkeypatch.setattr(ActivationSpill, "put", slow)
+    with ActivationSpill(tmp_path) as spill:
+        with pytest.raises(KeyboardInterrupt):
+            with spill.write_behind() as write:
+                write(0, batch(0))
+                write(1, batch(1))
+                raise KeyboardInterrupt
+        assert spill_threads() == []
+        assert 0 in spill and 1 not in spill  # the batch being written is finished, the one waiting dropped
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -205,7 +284,9 @@ def test_pass_two_reads_pass_one_bits_from_the_spill_not_a_second_forward(probe,
     assert_same(result, ld.dissect_activations(activations, probe, quantile=0.05, batch_size=6))
 
 
-def test_a_dissection_that_fails_in_pass_two_closes_its_spill_file(probe, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["put", "get"])  # pass one's writes (behind the model), pass two's reads
+def test_a_dissection_whose_spill_fails_raises_it_closes_the_file_and_stops_its_threads(probe, tmp_path, monkeypatch,
+                                                                                        method):
     opened: list[ActivationSpill] = []
     real_init = ActivationSpill.__init__
 
@@ -213,16 +294,17 @@ def test_a_dissection_that_fails_in_pass_two_closes_its_spill_file(probe, tmp_pa
         real_init(spill, *args, **kwargs)
         opened.append(spill)
 
-    def fail(spill, number, device):
-        raise RuntimeError("a read that fails")
+    def fail(spill, number, *args):
+        raise RuntimeError(f"a {method} that fails")
 
     monkeypatch.setattr(ActivationSpill, "__init__", recorded)
-    monkeypatch.setattr(ActivationSpill, "get", fail)
-    with pytest.raises(RuntimeError, match="a read that fails"):
-        ld.dissect(model(), probe, LAYERS, batch_size=6, activation_cache_bytes=0,
-                   activation_spill=tmp_path)
-    assert len(opened) == 1 and opened[0]._file is not None and opened[0]._file.closed
-    assert spill_threads() == []  # the read-ahead stopped too
+    monkeypatch.setattr(ActivationSpill, method, fail)
+    with pytest.raises(RuntimeError, match=f"a {method} that fails"):
+        ld.dissect(model(), probe, LAYERS, batch_size=6, activation_cache_bytes=0, activation_spill=tmp_path)
+    assert len(opened) == 1
+    file = opened[0]._file
+    assert (file is None and method == "put") or (file is not None and file.closed)  # pass one wrote it
+    assert spill_threads() == []  # the write-behind or the read-ahead stopped too
 
 
 def test_a_probe_that_fits_the_budget_never_touches_the_disk(probe, monkeypatch):

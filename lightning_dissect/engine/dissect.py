@@ -394,22 +394,24 @@ def _run(activations: Activations, probe: Probe, options: Options, *, device: to
         spill = resources.enter_context(ActivationSpill(activation_spill)) if activation_spill is not None else None
         first_pass = resources.enter_context(contextlib.closing(
             _read(probe, batches, device, images=images, labels=False)))
-        for number, (batch, inputs, _) in enumerate(first_pass):
-            raw = activations(batch, inputs)
-            if not layers:
-                layers = {name: LayerState(name, tuple(value.shape[1:]), len(probe), options, device)
-                          for name, value in raw.items()}
-            index = torch.tensor(batch, device=device)
-            maps = {name: layers[name].observe(value, batch, index) for name, value in raw.items()}
-            del raw, inputs
-            batch_bytes = sum(value.numel() * value.element_size() for value in maps.values())
-            if len(cache) == number and cached_bytes + batch_bytes <= activation_cache_bytes:
-                cache.append(maps)
-                cached_bytes += batch_bytes
-            elif spill is not None:
-                spill.put(number, maps)
-            del maps
-            bar.update(1)
+        # The spill's writes run behind the model (a thread), all done when the block ends.
+        with spill.write_behind() if spill is not None else contextlib.nullcontext() as spill_write:
+            for number, (batch, inputs, _) in enumerate(first_pass):
+                raw = activations(batch, inputs)
+                if not layers:
+                    layers = {name: LayerState(name, tuple(value.shape[1:]), len(probe), options, device)
+                              for name, value in raw.items()}
+                index = torch.tensor(batch, device=device)
+                maps = {name: layers[name].observe(value, batch, index) for name, value in raw.items()}
+                del raw, inputs
+                batch_bytes = sum(value.numel() * value.element_size() for value in maps.values())
+                if len(cache) == number and cached_bytes + batch_bytes <= activation_cache_bytes:
+                    cache.append(maps)
+                    cached_bytes += batch_bytes
+                elif spill_write is not None:
+                    spill_write(number, maps)
+                del maps
+                bar.update(1)
         if not layers:
             raise DissectionError("the probe set is empty: nothing to dissect")
 

@@ -3,11 +3,14 @@
 Pass two of a dissection needs every batch's unit maps again, exactly as pass one saw them (the
 thresholds were read from those values). The first batches stay in memory up to
 `activation_cache_bytes`; the rest are written here, raw, to one anonymous temporary file (unlinked
-at once, so nothing is left behind when the process ends, however it ends), and read back in order,
-the next batch by a background thread while pass two tallies the current one (`read_ahead`).
-Reading a batch back costs far less than running the model again for it, keeps memory bounded by
-three batches (one tallied, one read ahead, one being read), and gives pass two pass one's very bits
-(a second forward pass need not: cuDNN may choose another algorithm).
+at once, so nothing is left behind when the process ends, however it ends), by a background thread
+while pass one runs the model on the next batch (`write_behind`), and read back in order, the next
+batch by a background thread while pass two tallies the current one (`read_ahead`). Disk writes
+larger than the page cache absorbs go at the disk's own speed, and reads of a spill larger than the
+page cache too: the threads overlap them with the model and the tally instead of adding them. Reading
+a batch back costs far less than running the model again for it, keeps memory bounded by three
+batches in either pass (one computed, one waiting, one being written or read), and gives pass two
+pass one's very bits (a second forward pass need not: cuDNN may choose another algorithm).
 
 The disk is not filled: a batch is written only while the folder's disk keeps `reserve_bytes` free
 after it, and a write that fails (a full disk, a quota) is undone. A batch not written is run
@@ -19,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import warnings
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +122,47 @@ class ActivationSpill:
             return False
         self._batches[number] = stored
         return True
+
+    @contextlib.contextmanager
+    def write_behind(self) -> Generator[Callable[[int, dict[str, torch.Tensor]], None], None, None]:
+        """`put` on a background thread: `with spill.write_behind() as write: write(number, maps)` copies the
+        maps to the host and returns while the thread writes the batch before (a write waits for room only
+        while one batch is queued), so the disk's writes overlap the caller's work instead of adding to it.
+
+        The batches are put in the order given, and all of them are once the block ends: then `number in
+        spill` says which were written (as `put`'s result would). An error of `put` is raised by the next
+        `write` or at the block's end; when the block ends with an error the batches still queued are not
+        written. The maps given must not change afterwards (the thread reads them).
+        """
+        pending: queue.Queue = queue.Queue(maxsize=1)
+        failures: list[BaseException] = []
+        stop = threading.Event()
+
+        def work() -> None:
+            while (item := pending.get()) is not None:
+                if not (failures or stop.is_set()):
+                    try:
+                        self.put(*item)
+                    except BaseException as error:  # raised in the caller's thread
+                        failures.append(error)
+
+        def write(number: int, maps: dict[str, torch.Tensor]) -> None:
+            if failures:
+                raise failures[0]
+            pending.put((number, {name: value.detach().to("cpu") for name, value in maps.items()}))
+
+        thread = threading.Thread(target=work, name="spill-write", daemon=True)
+        thread.start()
+        try:
+            yield write
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            pending.put(None)
+            thread.join()
+        if failures:
+            raise failures[0]
 
     def get(self, number: int, device: torch.device | str) -> dict[str, torch.Tensor]:
         """Batch `number`'s maps on `device`, bit for bit as they were put."""

@@ -106,7 +106,8 @@ def best_of(repeats: int, run: Callable[[], float]) -> float:
 
 
 def machine() -> str:
-    """One line naming the machine: CPU model and cores (or GPU), torch version and threads."""
+    """One line naming the machine: CPU model and cores (or GPU), torch version and threads, the OpenMP and
+    allocator settings."""
     model = platform.processor() or "unknown CPU"
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
@@ -116,7 +117,20 @@ def machine() -> str:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{model}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; Python {platform.python_version()}")
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; allocator {allocator()}; "
+            f"Python {platform.python_version()}")
+
+
+ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
+"""The environment variables that change how the process's memory is allocated: on a machine where a page
+fault is slow, whether freed memory is reused or given back and faulted in again moves a CPU forward
+pass by up to 2x (docs/performance.md, "Page faults")."""
+
+
+def allocator() -> str:
+    """The allocator settings of `ALLOCATOR_SETTINGS` in the environment, or "default"."""
+    found = [f"{name}={os.environ[name]}" for name in ALLOCATOR_SETTINGS if os.environ.get(name)]
+    return ", ".join(found) or "default"
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -99,7 +99,8 @@ class ImageTransform:
             images = F.interpolate(images, size=self.size, mode="bilinear", align_corners=False, antialias=True)
         mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        return (images - mean) / std
+        # One new batch-sized tensor, not two: `(images - mean) / std` with the same operations, the same bits.
+        return (images - mean).div_(std)
 
     def __repr__(self) -> str:
         return f"ImageTransform(mean={self.mean}, std={self.std}, size={self.size})"

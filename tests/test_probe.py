@@ -511,6 +511,25 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
                                                                  reason="no CUDA device"))]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_image_transform_normalises_as_written_bit_for_bit_and_leaves_its_input_alone(device):
+    """`(x - mean) / std` per channel, spelled out channel by channel in float32 (the transform makes one
+    new tensor and divides it in place: the same two roundings), on values a uint8 image gives and on
+    arbitrary floats."""
+    generator = torch.Generator().manual_seed(0)
+    mean, std = (0.3, 0.55, 0.47), (0.21, 0.33, 0.29)
+    transform = ld.ImageTransform(mean, std)
+    for images in (torch.randint(0, 256, (4, 3, 9, 7), generator=generator).float().div_(255),
+                   torch.randn(2, 3, 5, 6, generator=generator) * 3):
+        images = images.to(device)
+        before = images.clone()
+        expected = torch.stack([(images[:, c] - torch.tensor(mean[c], device=device))
+                                / torch.tensor(std[c], device=device) for c in range(3)], dim=1)
+        got = transform(images)
+        assert torch.equal(got, expected)
+        assert torch.equal(images, before)
+
+
 @pytest.fixture
 def cached_probes(random_dataset, tmp_path):
     """The same mapped probe kept whole on the device, and read from the cache batch by batch."""

@@ -124,7 +124,7 @@ def machine() -> str:
 ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
 """The environment variables that change how the process's memory is allocated: on a machine where a page
 fault is slow, whether freed memory is reused or given back and faulted in again moves a CPU forward
-pass by up to 2x (docs/performance.md, "Page faults")."""
+pass by about 2x on this project's machine (docs/performance.md, "Page faults and the allocator")."""
 
 
 def allocator() -> str:

@@ -262,6 +262,52 @@ def test_tally_metric_equals_the_dense_tally_and_merges_across_shards(random_dat
     assert int(restored.intersection.sum()) == 0 and int(restored.unit_area.sum()) == 0
 
 
+@pytest.mark.parametrize("threads, groups, share", [(4, 4, 1), (4, 2, 2)])
+def test_the_tally_on_worker_threads_counts_what_the_dense_tally_counts_and_leaves_the_callers_threads_alone(
+        random_dataset, monkeypatch, threads, groups, share):
+    """Image groups counted on worker threads, each with its share of the intra-op threads: the same sums
+    (integers, in any order), and the calling thread's count as it was, even after `torch.set_num_threads`
+    (which a new thread's first operation would otherwise copy over the worker's share)."""
+    from lightning_dissect.engine import tally as tally_module
+    from lightning_dissect.engine.tally_threads import tally_threads
+
+    probe = ld.ProbeSet(random_dataset, cache_dir=False)
+    maps = coarse_maps(len(probe), 5, 4, seed=5)
+    thresholds = dense_thresholds(maps, 0.1)
+    monkeypatch.setattr(tally_module, "MASK_IMAGES", 2)  # batches of 7: four groups, the last of one image
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with tally_threads(torch.device("cpu"), groups) as workers:
+            assert workers is not None
+            assert workers.submit(torch.get_num_threads).result() == share
+            tally = IoUTally(thresholds, probe.label_category, len(probe.categories), "lite")
+            for batch, positions in batches(maps, 7):
+                tally.update(batch, *tally_inputs(probe, positions, "cpu"), workers=workers)
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    expected = dense_tally(maps, thresholds, probe.label_maps, probe.image_labels, probe.label_category,
+                           len(probe.categories), "lite")
+    assert torch.equal(tally.intersection, expected[0]) and torch.equal(tally.unit_area, expected[1])
+
+
+def test_the_tally_runs_on_the_calling_thread_off_the_cpu_or_with_one_thread():
+    from lightning_dissect.engine.tally_threads import tally_threads
+
+    with tally_threads(torch.device("cuda"), 4) as workers:  # a device object needs no CUDA
+        assert workers is None
+    with tally_threads(torch.device("cpu"), 1) as workers:
+        assert workers is None
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tally_threads(torch.device("cpu"), 4) as workers:
+            assert workers is None
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- a user's own loop
 
 def test_a_users_own_loop_gives_the_engines_numbers(random_dataset):

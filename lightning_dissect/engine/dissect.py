@@ -24,6 +24,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -56,7 +57,8 @@ from lightning_dissect.engine.rotation import Rotation, as_rotation, rotate_unit
 from lightning_dissect.engine.scores import category_best, iou, summarize, unit_labels
 from lightning_dissect.engine.spill import ActivationSpill, spill_folder
 from lightning_dissect.engine.sync import Synchronizer, default_synchronizer, rank_zero_buffers, sync_states
-from lightning_dissect.engine.tally import DENOMINATORS, Denominator, IoUTally
+from lightning_dissect.engine.tally import DENOMINATORS, MASK_IMAGES, Denominator, IoUTally
+from lightning_dissect.engine.tally_threads import tally_threads
 from lightning_dissect.engine.thresholds import ActivationThresholds, quantile_from_top
 from lightning_dissect.engine.top_images import TopImages, unpack_top_images
 
@@ -320,10 +322,12 @@ class LayerState:
         self.tally = IoUTally(thresholds, label_category, num_categories, self.options.denominator,
                               sync_on_compute=False).to(thresholds.device)
 
-    def count(self, maps: torch.Tensor, labels: Sequence[torch.Tensor]) -> None:
-        """Pass two: add a batch's unit maps to the tally; `labels` are its `LABEL_TENSORS`."""
+    def count(self, maps: torch.Tensor, labels: Sequence[torch.Tensor], workers: Executor | None = None) -> None:
+        """Pass two: add a batch's unit maps to the tally; `labels` are its `LABEL_TENSORS`, `workers` the
+        tally's threads (`engine.tally_threads`)."""
         assert self.tally is not None, "start_tally runs between the passes"
-        self.tally.update(maps, *labels)
+        label_maps, image_labels, present, image_level_present = labels
+        self.tally.update(maps, label_maps, image_labels, present, image_level_present, workers=workers)
 
     def numbers(self, synchronizer: Synchronizer, probe: Probe, data: Mapping[str, torch.Tensor]) -> LayerNumbers:
         """Assembly: every number of SEMANTICS §4 and §5 from the sums over every process."""
@@ -429,6 +433,7 @@ def _run(activations: Activations, probe: Probe, options: Options, *, device: to
         # The spilled batches come back in order, the next one read from the disk while this one is tallied.
         spilled = (resources.enter_context(contextlib.closing(spill.read_ahead(range(kept, stored), device)))
                    if spill is not None and stored > kept else None)
+        workers = resources.enter_context(tally_threads(device, -(-options.batch_size // MASK_IMAGES)))
         for number, (batch, inputs, labels) in enumerate(itertools.chain(first_part, second_part)):
             assert labels is not None
             if number < kept:
@@ -439,7 +444,7 @@ def _run(activations: Activations, probe: Probe, options: Options, *, device: to
             else:
                 maps = {name: layers[name].unit_maps(value) for name, value in activations(batch, inputs).items()}
             for name, value in maps.items():
-                layers[name].count(value, labels)
+                layers[name].count(value, labels, workers)
             del maps, inputs, labels
             bar.update(1)
     bar.close()

@@ -10,6 +10,8 @@ labels (which cover every pixel). :class:`IoUTally` keeps the two sums as a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from concurrent.futures import Executor
 from typing import Any, Literal, get_args
 
 import torch
@@ -145,7 +147,7 @@ class IoUTally(Metric):
                        dist_reduce_fx="sum", persistent=True)
 
     def update(self, activations: torch.Tensor, label_maps: torch.Tensor, image_labels: torch.Tensor,
-               present: torch.Tensor, image_level_present: torch.Tensor) -> None:
+               present: torch.Tensor, image_level_present: torch.Tensor, workers: Executor | None = None) -> None:
         """Add one batch of images.
 
         Args:
@@ -155,18 +157,24 @@ class IoUTally(Metric):
             present: bool `(B, num_categories)`, category presence (paper rule).
             image_level_present: bool `(B, num_categories)`, categories of the
                 image-level labels (lite rule).
+            workers: threads to count the image groups on (`engine.tally_threads`); None: this thread.
         """
         size = (label_maps.shape[-2], label_maps.shape[-1])
-        # A few images at a time: the mask pixels of a group are far fewer than of a batch, and the worst
-        # group of a larger probe set is little worse than a typical one, so memory stays flat as the
-        # probe grows. The sums are exact either way.
-        for start in range(0, activations.shape[0], MASK_IMAGES):
+
+        def count(start: int) -> tuple[torch.Tensor, torch.Tensor]:
             end = start + MASK_IMAGES
             maps, pixels = mask_pixels(activations[start:end], self.thresholds, size)
-            intersection, unit_area = count_masks(maps, pixels, label_maps[start:end], image_labels[start:end],
-                                                  present[start:end], image_level_present[start:end],
-                                                  self.label_category, self.num_units, self.num_categories,
-                                                  self.denominator)
+            return count_masks(maps, pixels, label_maps[start:end], image_labels[start:end], present[start:end],
+                               image_level_present[start:end], self.label_category, self.num_units,
+                               self.num_categories, self.denominator)
+
+        # A few images at a time: the mask pixels of a group are far fewer than of a batch, and the worst
+        # group of a larger probe set is little worse than a typical one, so memory stays flat as the
+        # probe grows. The sums are exact integers, the same in any order.
+        starts = range(0, activations.shape[0], MASK_IMAGES)
+        counts: Iterable[tuple[torch.Tensor, torch.Tensor]] = (
+            workers.map(count, starts) if workers is not None else map(count, starts))
+        for intersection, unit_area in counts:
             self.intersection += intersection
             self.unit_area += unit_area
 

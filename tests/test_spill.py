@@ -14,6 +14,7 @@ import torch
 
 import lightning_dissect as ld
 from lightning_dissect.engine import spill as spill_module
+from lightning_dissect.engine.activation_cache import ActivationCache
 from lightning_dissect.engine.spill import ActivationSpill
 from lightning_dissect.probe import ProbeSet
 from tests.conftest import DEVICES, random_broden
@@ -262,10 +263,42 @@ def test_spilled_recomputed_and_kept_activations_give_the_same_dissection(probe,
     assert os.listdir(tmp_path) == []
 
 
-def test_pass_two_reads_pass_one_bits_from_the_spill_not_a_second_forward(probe, tmp_path):
-    """A model whose outputs change from call to call (a nondeterministic kernel, say): with the spill,
-    pass two tallies exactly the maps the thresholds were read from, so the dissection is the one of the
-    activations pass one saw."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_memory_cache_keeps_copies_of_the_leading_batches_that_fit_and_lets_them_go_after_the_last(device):
+    """Batches of 3, 3, 3 and 2 images at 48 bytes an image: a budget of two batches' bytes keeps two, one byte
+    less keeps one, and a batch after one that did not fit is never kept. The kept maps are copies (the
+    tensors handed in can change or go), come back bit for bit, and the blocks go with the last one taken."""
+    sizes = [3, 3, 3, 2]
+
+    def maps(number: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(number)
+        return {"a": torch.randn(sizes[number], 2, 2, 2, generator=generator).to(device),
+                "b": torch.randn(sizes[number], 1, 2, 2, generator=generator).to(device)}
+
+    for budget, fits in ((6 * 48, 2), (6 * 48 - 1, 1), (0, 0), (11 * 48, 4)):
+        cache = ActivationCache(budget, sizes)
+        originals = [maps(number) for number in range(len(sizes))]
+        kept = [cache.keep(number, batch)
+                for number, batch in enumerate(originals)]
+        assert kept == [number < fits for number in range(len(sizes))] and len(cache) == fits
+        for batch in originals:
+            for value in batch.values():
+                value.fill_(7.0)  # the caller's tensors change: the kept copies do not
+        for number in range(fits):
+            assert cache.blocks  # held until the last kept batch is taken
+            same_bits(cache.take(number), maps(number))
+        assert cache.blocks == {}
+        with pytest.raises(IndexError, match=f"batch {fits} is not kept"):
+            cache.take(fits)
+    in_order = ActivationCache(11 * 48, sizes)  # a batch after one that was not kept is not kept either
+    assert [in_order.keep(number, maps(number)) for number in (1, 0, 2)] == [False, True, False]
+
+
+@pytest.mark.parametrize("kept", ["spill", "memory"])
+def test_pass_two_reads_pass_one_bits_not_a_second_forward(probe, tmp_path, kept):
+    """A model whose outputs change from call to call (a nondeterministic kernel, say): with the spill, or
+    every batch kept in memory, pass two tallies exactly the maps the thresholds were read from, so the
+    dissection is the one of the activations pass one saw."""
     net, seen = model(), {name: [] for name in LAYERS}
     calls = {"n": 0}
 
@@ -277,9 +310,13 @@ def test_pass_two_reads_pass_one_bits_from_the_spill_not_a_second_forward(probe,
     for name in LAYERS:
         net.get_submodule(name).register_forward_hook(
             lambda module, inputs, output, name=name: seen[name].append(output.detach().clone()))
-    result = ld.dissect(net, probe, LAYERS, quantile=0.05, batch_size=6, activation_cache_bytes=0,
-                        activation_spill=tmp_path)
-    assert result.settings["activations_spilled"] == 7
+    budget = dict(activation_cache_bytes=0, activation_spill=tmp_path) if kept == "spill" else dict(
+        activation_spill=False)
+    result = ld.dissect(net, probe, LAYERS, quantile=0.05, batch_size=6, **budget)
+    if kept == "spill":
+        assert result.settings["activations_spilled"] == 7
+    else:
+        assert result.settings["activations_cached"]
     activations = {name: torch.cat(outputs[1:]) for name, outputs in seen.items()}  # [0]: the check pass
     assert_same(result, ld.dissect_activations(activations, probe, quantile=0.05, batch_size=6))
 

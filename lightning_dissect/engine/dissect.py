@@ -7,9 +7,11 @@ combined across processes (`engine/sync.py`) and the thresholds read out.
 Pass two makes the masks against those thresholds and tallies intersections
 and areas (`engine/tally.py`); assembly turns the sums into IoU, labels and
 scores (`engine/scores.py`). Between the passes the layers' activations are
-kept up to `activation_cache_bytes` (the first batches, in full); pass two runs
-the model again for the batches beyond it, so memory never grows with the probe
-set beyond the threshold state and that budget. The probe is read batch by
+kept up to `activation_cache_bytes` (the first batches, in full, copied into one
+block per layer: `engine/activation_cache.py`), the next ones spilled to disk
+(`engine/spill.py`); pass two runs the model again only for batches the disk did
+not take, so memory never grows with the probe set beyond the threshold state and
+that budget. The probe is read batch by
 batch (`Probe.stream`: the next batch read ahead while the current one is
 computed on), in both passes; see docs/performance.md for what each part costs.
 
@@ -32,6 +34,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import nn
 
+from lightning_dissect.engine.activation_cache import ActivationCache
 from lightning_dissect.engine.capture import (
     LayerCapture,
     as_unit_maps,
@@ -392,8 +395,7 @@ def _run(activations: Activations, probe: Probe, options: Options, *, device: to
     layers: dict[str, LayerState] = {}
     # Pass two needs pass one's unit maps again: the first batches' stay in memory up to the budget, the
     # next ones go to the spill file while the disk takes them, and only the rest are computed again.
-    cache: list[dict[str, torch.Tensor]] = []
-    cached_bytes = 0
+    cache = ActivationCache(activation_cache_bytes, [len(batch) for batch in batches])
     with contextlib.ExitStack() as resources:
         spill = resources.enter_context(ActivationSpill(activation_spill)) if activation_spill is not None else None
         first_pass = resources.enter_context(contextlib.closing(
@@ -408,11 +410,7 @@ def _run(activations: Activations, probe: Probe, options: Options, *, device: to
                 index = torch.tensor(batch, device=device)
                 maps = {name: layers[name].observe(value, batch, index) for name, value in raw.items()}
                 del raw, inputs
-                batch_bytes = sum(value.numel() * value.element_size() for value in maps.values())
-                if len(cache) == number and cached_bytes + batch_bytes <= activation_cache_bytes:
-                    cache.append(maps)
-                    cached_bytes += batch_bytes
-                elif spill_write is not None:
+                if not cache.keep(number, maps) and spill_write is not None:
                     spill_write(number, maps)
                 del maps
                 bar.update(1)
@@ -437,7 +435,7 @@ def _run(activations: Activations, probe: Probe, options: Options, *, device: to
         for number, (batch, inputs, labels) in enumerate(itertools.chain(first_part, second_part)):
             assert labels is not None
             if number < kept:
-                maps, cache[number] = cache[number], {}  # freed as soon as it is tallied
+                maps = cache.take(number)
             elif number < stored:
                 assert spilled is not None
                 maps = next(spilled)

@@ -31,8 +31,11 @@ for decoding also the largest worker process's peak (`getrusage(RUSAGE_CHILDREN)
   the model (the forward pass reads the probe there; the dissection reads it and does its own work) and
   each dissection against the plain pass at the dissection's own model speed (its model time plus the
   plain pass's time outside the model): a machine whose speed drifts between two passes minutes apart
-  moves that far less than the pair's ratio. The time step runs with the OpenMP wait policy of the
-  caller's environment (printed with the machine): unset, as for most users, unless the machine is shared.
+  moves that far less than the pair's ratio. Per pass it also prints the model's milliseconds per image,
+  the process's page faults per image while the model ran, and the machine's steal time (`/proc/stat`),
+  which tell a model slowed by fresh memory or by the host from a slower machine. The time step runs
+  with the OpenMP wait policy of the caller's environment (printed with the machine): unset, as for most
+  users, unless the machine is shared.
 
 Between two sizes the tables give the memory each peak adds per added image, against the bytes the
 top-k threshold state adds per image (the one part of a dissection that must grow with N).
@@ -196,24 +199,38 @@ class ForwardClock:
     """The seconds a model spends in its forward passes inside a dissection: from the model's forward
     pre-hook to the output of `last`, the last dissected layer, where the engine stops the pass (or to
     the model's output, for a pass that runs to the end). Registered before the dissection's own hooks,
-    so its hook on `last` runs first. On CUDA it measures launches, not the device's work."""
+    so its hook on `last` runs first. On CUDA it measures launches, not the device's work. Also the
+    process's minor page faults in those windows (`faults`; any thread's, the model's own threads
+    first of all): where a fault is slow, they tell a model slowed by fresh memory from a slower machine."""
 
     def __init__(self, model: nn.Module, last: nn.Module) -> None:
-        self.seconds, self._started = 0.0, None
+        self.seconds, self.faults, self._started, self._faulted = 0.0, 0, None, 0
         self._handles = [model.register_forward_pre_hook(self._start), last.register_forward_hook(self._stop),
                          model.register_forward_hook(self._stop)]
 
     def _start(self, *_: object) -> None:
+        self._faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         self._started = time.perf_counter()
 
     def _stop(self, *_: object) -> None:
         if self._started is not None:
             self.seconds += time.perf_counter() - self._started
+            self.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self._faulted
             self._started = None
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def steal_seconds() -> float:
+    """The CPU time this (virtual) machine's processors waited for the host so far (`/proc/stat`'s steal, all
+    processors together); NaN where it is not known. A pass with much of it ran on a machine slowed from outside."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def measure_time(config: dict) -> dict:
@@ -227,24 +244,32 @@ def measure_time(config: dict) -> dict:
     last = model.get_submodule(list(PROBE_LAYERS)[-1])
     forward_seconds(model, probe.subset(min(len(probe), 128)), 64, device)  # warm-up
     forwards, dissections, forwards_inside, inside, kept = [], [], [], [], ""
+    faults: list[tuple[int, int]] = []
+    steal: list[tuple[float, float]] = []
     for _ in range(config["repeats"]):
         clock = ForwardClock(model, last)
+        stolen = steal_seconds()
         forwards.append(forward_seconds(model, probe, 64, device))
+        forward_steal = steal_seconds() - stolen
         clock.remove()
         forwards_inside.append(clock.seconds)
+        forward_faults = clock.faults
         clock = ForwardClock(model, last)
+        stolen = steal_seconds()
         started = time.perf_counter()
         result = ld.dissect(model, probe, list(PROBE_LAYERS), batch_size=64, device=device)
         synchronize(device)
         dissections.append(time.perf_counter() - started)
+        steal.append((forward_steal, steal_seconds() - stolen))
         clock.remove()
         inside.append(clock.seconds)
+        faults.append((forward_faults, clock.faults))
         spilled, recomputed = result.settings["activations_spilled"], result.settings["activations_recomputed"]
         batches = -(-len(probe) // 64)
         kept = f"{batches - spilled - recomputed} / {spilled} / {recomputed}"
     return {"forward_seconds": min(forwards), "dissect_time_seconds": min(dissections), "kept": kept,
             "forwards": forwards, "dissections": dissections, "forwards_inside": forwards_inside,
-            "inside": inside, "n": len(probe)}
+            "inside": inside, "faults": faults, "steal": steal, "n": len(probe)}
 
 
 def _outside(m: dict, passes: str, inside: str) -> list[float]:
@@ -343,6 +368,15 @@ PROBE_STEPS: dict[str, ProbeStep] = {
         "x forward at the same model speed": lambda m: ", ".join(
             f"{dissect / (model + outside):.3f}" for dissect, model, outside
             in zip(m["dissections"], m["inside"], _outside(m, "forwards", "forwards_inside"))),
+        # Per repeat: the model's milliseconds per image in each pass, the page faults per image while the
+        # model ran, and the machine's steal time during each pass (why a model ran slower in one pass).
+        "model ms / image (forward, dissect)": lambda m: "; ".join(
+            f"{forward / m['n'] * 1e3:.1f}, {dissect / m['n'] * 1e3:.1f}"
+            for forward, dissect in zip(m["forwards_inside"], m["inside"])),
+        "faults / image in the model (forward, dissect)": lambda m: "; ".join(
+            f"{forward / m['n']:.0f}, {dissect / m['n']:.0f}" for forward, dissect in m["faults"]),
+        "steal s (forward, dissect)": lambda m: "; ".join(
+            f"{forward:.1f}, {dissect:.1f}" for forward, dissect in m["steal"]),
         "batches in memory / spilled / run again": lambda m: m["kept"],
     }),
 }

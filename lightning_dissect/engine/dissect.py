@@ -9,9 +9,9 @@ and areas (`engine/tally.py`); assembly turns the sums into IoU, labels and
 scores (`engine/scores.py`). Between the passes the layers' activations are
 kept up to `activation_cache_bytes` (the first batches, in full, copied into one
 block per layer: `engine/activation_cache.py`), the next ones spilled to disk
-(`engine/spill.py`); pass two runs the model again only for batches the disk did
-not take, so memory never grows with the probe set beyond the threshold state and
-that budget. The probe is read batch by
+(`engine/spill.py`); pass two runs the model again only for the batches neither
+kept nor spilled, so memory never grows with the probe set beyond the threshold
+state and that budget. The probe is read batch by
 batch (`Probe.stream`: the next batch read ahead while the current one is
 computed on), in both passes; see docs/performance.md for what each part costs.
 

@@ -278,8 +278,7 @@ def test_the_memory_cache_keeps_copies_of_the_leading_batches_that_fit_and_lets_
     for budget, fits in ((6 * 48, 2), (6 * 48 - 1, 1), (0, 0), (11 * 48, 4)):
         cache = ActivationCache(budget, sizes)
         originals = [maps(number) for number in range(len(sizes))]
-        kept = [cache.keep(number, batch)
-                for number, batch in enumerate(originals)]
+        kept = [cache.keep(number, batch) for number, batch in enumerate(originals)]
         assert kept == [number < fits for number in range(len(sizes))] and len(cache) == fits
         for batch in originals:
             for value in batch.values():
